@@ -1,0 +1,172 @@
+"""The public VSA function."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from fastwan.attention.ops import VSAFineFunction, fine_backend
+from fastwan.attention.reference import vsa_reference
+from fastwan.attention.tiling import (
+    get_tile_plan,
+    num_selected_tiles,
+    select_topk_tiles,
+    tile_counts_per_dim,
+)
+
+BACKENDS = ("auto", "reference", "torch", "triton", "flex")
+
+
+def _triple(name: str, value) -> tuple[int, int, int]:
+    try:
+        out = tuple(int(x) for x in value)
+    except TypeError:
+        raise ValueError(f"{name} must be three integers (t, h, w), got {value!r}") from None
+    if len(out) != 3 or any(x != y for x, y in zip(out, value)):
+        raise ValueError(f"{name} must be three integers (t, h, w), got {value!r}")
+    if any(x <= 0 for x in out):
+        raise ValueError(f"{name} must be positive in every dimension, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA devices, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA when Triton is installed, else ``torch``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor and the triton package (got device "
+            f"{device}); on CPU set TRITON_INTERPRET=1 before starting Python, or use "
+            "backend='torch'"
+        )
+    return backend
+
+
+def _validate(q, k, v, gate, grid, tile_size, sparsity, topk):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, S, D], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)) + ((("gate", gate),) if gate is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; "
+                f"{name} must match q's [B, H, S, D]"
+            )
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; cast it to match")
+        if t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; move it to q's device"
+            )
+    grid = _triple("grid", grid)
+    tile_size = _triple("tile_size", tile_size)
+    S = q.shape[2]
+    if math.prod(grid) != S:
+        raise ValueError(
+            f"grid {grid} holds {math.prod(grid)} tokens but q has S={S}; pass the latent "
+            "token grid (T, H/patch, W/patch) whose product is the sequence length"
+        )
+    n = math.prod(tile_counts_per_dim(grid, tile_size))
+    if (sparsity is None) == (topk is None):
+        raise ValueError("pass exactly one of sparsity= (fraction of key tiles skipped) or topk=")
+    if sparsity is not None:
+        if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        k_sel = num_selected_tiles(n, float(sparsity))
+    else:
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+        if topk > n:
+            raise ValueError(
+                f"topk={topk} exceeds the {n} tiles of grid {grid} with tile_size {tile_size}; "
+                f"use topk <= {n}"
+            )
+        k_sel = topk
+    return grid, tile_size, k_sel
+
+
+def video_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int, int],
+    tile_size: tuple[int, int, int] = (4, 4, 4),
+    sparsity: float | None = None,
+    topk: int | None = None,
+    gate: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Video Sparse Attention (VSA) over a raster-ordered video token grid.
+
+    Args:
+        q, k, v: ``[B, H, S, D]`` with ``S = T * Hh * Ww`` tokens in raster (t, h, w) order.
+        grid: the token grid ``(T, Hh, Ww)``.
+        tile_size: tile shape ``(t, h, w)``; edge tiles may be partial.
+        sparsity: fraction of key tiles each query tile skips, in ``[0, 1)``; keeps
+            ``k = clamp(ceil((1 - sparsity) * N), 1, N)`` of the ``N`` tiles.
+        topk: the number of key tiles to keep, instead of ``sparsity``.
+        gate: optional ``[B, H, S, D]``; adds ``gate * coarse`` (the tile-level attention
+            output broadcast to its query tile's tokens). ``None``: fine stage only.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton``, ``flex``
+            or ``reference`` (dense masked float32 oracle, small shapes).
+        return_indices: also return the selected key tiles ``[B, H, N, k]`` (int64,
+            ascending per query tile).
+
+    Returns:
+        ``[B, H, S, D]`` in raster order (and the indices when asked). With
+        ``sparsity=0`` and no gate the result equals dense attention.
+    """
+    grid, tile_size, k_sel = _validate(q, k, v, gate, grid, tile_size, sparsity, topk)
+    name = resolve_backend(backend, q.device)
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    if name == "reference":
+        out, idx = vsa_reference(
+            q, k, v, grid=grid, tile_size=tile_size, topk=k_sel, gate=gate, scale=scale
+        )
+        return (out, idx) if return_indices else out
+
+    slots = fine_backend(name).slots_for(math.prod(tile_size))
+    plan = get_tile_plan(grid, tile_size, slots=slots, device=q.device)
+    # Coarse stage in float32: N x N is small and the selection should not flip with dtype.
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc = plan.tile_mean(q.to(cdt)), plan.tile_mean(k.to(cdt))  # [B, H, N, D]
+    scores_c = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, N, N]
+    idx = select_topk_tiles(scores_c, k_sel)  # [B, H, N, k]
+
+    out_t, _ = VSAFineFunction.apply(
+        plan.tile(q), plan.tile(k), plan.tile(v), idx.to(torch.int32), plan.counts,
+        plan.slots, scale, name,
+    )
+    out = plan.untile(out_t)  # [B, H, S, D]
+    if gate is not None:
+        vc = plan.tile_mean(v.to(cdt))
+        coarse = torch.softmax(scores_c, dim=-1) @ vc  # [B, H, N, D]
+        out = out + gate * coarse.to(q.dtype).index_select(-2, plan.token_tile)
+    return (out, idx) if return_indices else out

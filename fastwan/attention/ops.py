@@ -1,0 +1,97 @@
+"""Operator layers of the VSA fine stage (flash-attention style).
+
+1. ``torch.library.custom_op`` ops ``fastwan::vsa_fine_fwd`` / ``fastwan::vsa_fine_bwd`` with
+   fake implementations, so ``torch.compile`` traces through them without graph breaks.
+2. ``VSAFineFunction``: the autograd function pairing them.
+3. The public ``video_sparse_attention`` (``fastwan.attention.api``) builds on 2.
+
+The ``backend`` string picks the implementation module at call time: ``torch``
+(block gather), ``triton`` (GPU kernels; CPU under the Triton interpreter) or ``flex``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_BACKEND_MODULES = {
+    "torch": "fastwan.attention.torch_backend",
+    "triton": "fastwan.attention.triton_backend",
+    "flex": "fastwan.attention.flex_backend",
+}
+
+
+def fine_backend(name: str):
+    """The module implementing ``fine_forward`` / ``fine_backward`` for backend ``name``."""
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+@torch.library.custom_op("fastwan::vsa_fine_fwd", mutates_args=())
+def vsa_fine_fwd(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    slots: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-stage forward. Shapes: q_t/k_t/v_t [B, H, N*slots, D], idx [B, H, N, k],
+    counts [N]. Returns out [B, H, N*slots, D] and lse [B, H, N*slots] (float32; float64
+    for float64 inputs)."""
+    return fine_backend(backend).fine_forward(
+        q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), idx, counts, slots, scale
+    )
+
+
+@vsa_fine_fwd.register_fake
+def _(q_t, k_t, v_t, idx, counts, slots, scale, backend):
+    lse_dtype = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q_t), q_t.new_empty(q_t.shape[:-1], dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastwan::vsa_fine_bwd", mutates_args=())
+def vsa_fine_bwd(
+    do: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    slots: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fine-stage backward: (dq, dk, dv), each shaped like its input."""
+    return fine_backend(backend).fine_backward(
+        do.contiguous(), q_t, k_t, v_t, out, lse, idx, counts, slots, scale
+    )
+
+
+@vsa_fine_bwd.register_fake
+def _(do, q_t, k_t, v_t, out, lse, idx, counts, slots, scale, backend):
+    return torch.empty_like(q_t), torch.empty_like(k_t), torch.empty_like(v_t)
+
+
+class VSAFineFunction(torch.autograd.Function):
+    """Autograd for the fine stage; the selection ``idx`` is not differentiated."""
+
+    @staticmethod
+    def forward(ctx, q_t, k_t, v_t, idx, counts, slots, scale, backend):
+        out, lse = vsa_fine_fwd(q_t, k_t, v_t, idx, counts, slots, scale, backend)
+        ctx.save_for_backward(q_t, k_t, v_t, out, lse, idx, counts)
+        ctx.slots, ctx.scale, ctx.backend = slots, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q_t, k_t, v_t, out, lse, idx, counts = ctx.saved_tensors
+        dq, dk, dv = vsa_fine_bwd(
+            do, q_t, k_t, v_t, out, lse, idx, counts, ctx.slots, ctx.scale, ctx.backend
+        )
+        return dq, dk, dv, None, None, None, None, None

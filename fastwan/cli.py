@@ -1,0 +1,44 @@
+"""``fastwan`` command line: one subcommand per module in ``fastwan.commands``.
+
+Each module defines ``register(subparsers)``, which adds its parser and sets ``func``;
+heavy imports stay inside the command functions so ``fastwan --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, in the order ``--help`` lists them.
+COMMAND_MODULES = [
+    "fastwan.commands.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastwan",
+        description="Sparse distillation (DMD2 + VSA) for Wan video diffusion transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # bad input: a clear message, no traceback
+        print(f"fastwan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``fastwan`` CLI (see ``fastwan.cli``)."""
