@@ -1,0 +1,1 @@
+"""Flow-matching math and samplers."""
