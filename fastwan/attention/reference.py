@@ -50,7 +50,7 @@ def vsa_reference(
     scale: float | None = None,
     indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference VSA on ``[B, H, S, D]`` inputs, computed in float32.
+    """Reference VSA on ``[B, H, S, D]`` inputs, computed in float32 (float64 for float64).
 
     ``indices`` ([B, H, N, k]) forces a selection (to compare kernels given the same
     tiles); by default the top-``topk`` tiles of the coarse scores are chosen. Returns the
@@ -63,10 +63,11 @@ def vsa_reference(
             "use backend='torch' for sequences this long"
         )
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     tile_of, n = token_tiles(grid, tile_size)
     tile_of = tile_of.to(q.device)
-    member = torch.nn.functional.one_hot(tile_of, n).T.float()  # [N, S]
+    member = torch.nn.functional.one_hot(tile_of, n).T.to(acc)  # [N, S]
     member = member / member.sum(-1, keepdim=True)
     qc, kc, vc = member @ qf, member @ kf, member @ vf  # [B, H, N, D]
     scores_c = qc @ kc.transpose(-1, -2) * scale  # [B, H, N, N]
@@ -84,5 +85,5 @@ def vsa_reference(
     out = p @ vf
     if gate is not None:
         coarse = torch.softmax(scores_c, dim=-1) @ vc  # [B, H, N, D]
-        out = out + gate.float() * coarse[:, :, tile_of]
+        out = out + gate.to(acc) * coarse[:, :, tile_of]
     return out.to(q.dtype), indices
