@@ -26,10 +26,20 @@ def attention_outputs_and_grads(fn, q, k, v, do, extra=()):
     return [out.detach(), *grads]
 
 
+def round_to(dtype, *tensors):
+    """Inputs representable at ``dtype``, as float64: every oracle sees the same values as
+    the low-precision run, so the measured error is the computation's, not the inputs'."""
+    return [t.to(dtype).double() for t in tensors]
+
+
 def dense_errors(q, k, v, do, dtype) -> list[float]:
-    """Errors of ``scaled_dot_product_attention`` at ``dtype`` against float64 (out, dq, dk, dv)."""
-    ref = attention_outputs_and_grads(F.scaled_dot_product_attention, q.double(), k.double(),
-                                      v.double(), do.double())
-    low = attention_outputs_and_grads(F.scaled_dot_product_attention, q.to(dtype), k.to(dtype),
-                                      v.to(dtype), do.to(dtype))
+    """Errors of ``scaled_dot_product_attention`` at ``dtype`` against float64 (out, dq, dk, dv),
+    on inputs first rounded to ``dtype``."""
+    q, k, v, do = round_to(dtype, q, k, v, do)
+    ref = attention_outputs_and_grads(
+        F.scaled_dot_product_attention, q.double(), k.double(), v.double(), do.double()
+    )
+    low = attention_outputs_and_grads(
+        F.scaled_dot_product_attention, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype)
+    )
     return [rel_err(a, b) for a, b in zip(low, ref)]

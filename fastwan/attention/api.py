@@ -7,12 +7,13 @@ import os
 
 import torch
 
-from fastwan.attention.ops import VSAFineFunction, fine_backend
+from fastwan.attention.ops import VSAFineFunction
 from fastwan.attention.reference import vsa_reference
 from fastwan.attention.tiling import (
     get_tile_plan,
     num_selected_tiles,
     select_topk_tiles,
+    slots_for,
     tile_counts_per_dim,
 )
 
@@ -152,8 +153,9 @@ def video_sparse_attention(
         )
         return (out, idx) if return_indices else out
 
-    slots = fine_backend(name).slots_for(math.prod(tile_size))
-    plan = get_tile_plan(grid, tile_size, slots=slots, device=q.device)
+    plan = get_tile_plan(
+        grid, tile_size, slots=slots_for(name, math.prod(tile_size)), device=q.device
+    )
     # Coarse stage in float32: N x N is small and the selection should not flip with dtype.
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc = plan.tile_mean(q.to(cdt)), plan.tile_mean(k.to(cdt))  # [B, H, N, D]
@@ -161,8 +163,14 @@ def video_sparse_attention(
     idx = select_topk_tiles(scores_c, k_sel)  # [B, H, N, k]
 
     out_t, _ = VSAFineFunction.apply(
-        plan.tile(q), plan.tile(k), plan.tile(v), idx.to(torch.int32), plan.counts,
-        plan.slots, scale, name,
+        plan.tile(q),
+        plan.tile(k),
+        plan.tile(v),
+        idx.to(torch.int32),
+        plan.counts,
+        plan.slots,
+        scale,
+        name,
     )
     out = plan.untile(out_t)  # [B, H, S, D]
     if gate is not None:

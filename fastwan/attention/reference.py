@@ -20,7 +20,12 @@ def token_tiles(grid, tile_size) -> tuple[torch.Tensor, int]:
     tt, th, tw = tile_size
     nh, nw = -(-H // th), -(-W // tw)
     n = -(-T // tt) * nh * nw
-    ids = [((t // tt) * nh + h // th) * nw + w // tw for t in range(T) for h in range(H) for w in range(W)]
+    ids = [
+        ((t // tt) * nh + h // th) * nw + w // tw
+        for t in range(T)
+        for h in range(H)
+        for w in range(W)
+    ]
     return torch.tensor(ids, dtype=torch.long), n
 
 

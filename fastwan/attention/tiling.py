@@ -117,6 +117,17 @@ def get_tile_plan(
     return _build_plan(grid, tile_size, int(slots), torch.device(device or "cpu"))
 
 
+def slots_for(backend: str, tile_numel: int) -> int:
+    """Tiled-layout positions per tile for a fine-stage backend.
+
+    The block gather needs none beyond the tile; Triton's ``tl.dot``/``tl.arange`` need a
+    power of two of at least 16.
+    """
+    if backend == "triton":
+        return max(16, 1 << (tile_numel - 1).bit_length())
+    return tile_numel
+
+
 def num_selected_tiles(num_tiles: int, sparsity: float) -> int:
     """k = clamp(ceil((1 - sparsity) * num_tiles), 1, num_tiles)."""
     # Rounding first keeps float noise ((1 - 0.8) * 10 = 2.0000000000000004) from adding a tile.

@@ -70,8 +70,10 @@ def fine_forward(
         kbias = bias[idx_l[:, n0:n1]].reshape(m, 1, K * slots)
         q = qb[:, n0:n1].reshape(m, slots, D)
         s = torch.baddbmm(kbias, q.to(acc), ks.to(acc).transpose(1, 2), alpha=scale)
+        # A chunk holds whole rows, so normalise exactly rather than through exp(s - lse):
+        # an lse rounded at |s| ~ 1e3 scales a row of P by (1 + 1e-4), which dS amplifies.
         lse_c = torch.logsumexp(s, dim=-1)  # [m, slots]
-        p = torch.exp(s - lse_c.unsqueeze(-1))
+        p = torch.softmax(s, dim=-1)
         o = torch.bmm(p.to(vs.dtype) if vs.dtype != torch.float64 else p, vs)
         out[:, n0:n1] = o.view(BH, n1 - n0, slots, D).to(out.dtype)
         lse[:, n0:n1] = lse_c.view(BH, n1 - n0, slots)
@@ -96,9 +98,7 @@ def fine_backward(
     kb = k_t.reshape(BH * N, slots, D)
     vb = v_t.reshape(BH * N, slots, D)
     dob = do.reshape(BH, N, slots, D)
-    lseb = lse.reshape(BH, N, slots)
     acc = _acc_dtype(q_t.dtype)
-    delta = (do.to(acc) * out.to(acc)).sum(-1).reshape(BH, N, slots)  # rowsum(dO * O)
     dq = torch.empty(BH, N, slots, D, device=q_t.device, dtype=acc)
     dk = torch.zeros(BH * N, slots, D, device=q_t.device, dtype=acc)
     dv = torch.zeros(BH * N, slots, D, device=q_t.device, dtype=acc)
@@ -113,10 +113,13 @@ def fine_backward(
         q = qb[:, n0:n1].reshape(m, slots, D).to(acc)
         g = dob[:, n0:n1].reshape(m, slots, D).to(acc)
         s = torch.baddbmm(kbias, q, ks.transpose(1, 2), alpha=scale)
-        p = torch.exp(s - lseb[:, n0:n1].reshape(m, slots, 1).to(acc))  # [m, slots, K * slots]
+        p = torch.softmax(s, dim=-1)  # [m, slots, K * slots], exact rows (see forward)
         dv_sel = torch.bmm(p.transpose(1, 2), g)  # [m, K * slots, D]
         dp = torch.bmm(g, vs.transpose(1, 2))
-        ds = p.mul_(dp.sub_(delta[:, n0:n1].reshape(m, slots, 1)))
+        # rowsum(P * dP) from the recomputed P: equal to rowsum(dO * O) but free of O's
+        # rounding, which matters for low-precision outputs and peaked softmax.
+        delta = (p * dp).sum(-1, keepdim=True)
+        ds = p.mul_(dp.sub_(delta))
         dq[:, n0:n1] = torch.bmm(ds, ks).mul_(scale).view(BH, n1 - n0, slots, D)
         dk_sel = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
         rows = sel.reshape(-1)
@@ -128,8 +131,3 @@ def fine_backward(
         dk.view(shape).to(k_t.dtype),
         dv.view(shape).to(v_t.dtype),
     )
-
-
-def slots_for(tile_numel: int) -> int:
-    """Tiled-layout positions per tile: the block gather needs no padding beyond the tile."""
-    return tile_numel

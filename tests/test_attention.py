@@ -1,0 +1,346 @@
+"""VSA: tiling, selection, torch backend vs the reference oracle, validation, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _rules import FACTOR, attention_outputs_and_grads, dense_errors, rel_err, round_to
+
+from fastwan.attention import get_tile_plan, num_selected_tiles, video_sparse_attention
+from fastwan.attention.reference import token_tiles, topk_by_rank, vsa_reference
+from fastwan.attention.tiling import select_topk_tiles
+from fastwan.attention.torch_backend import fine_backward, fine_forward
+
+
+def _qkv(B, H, S, D, scale=1.0, seed=0, dtype=torch.float64, n=3):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(B, H, S, D, generator=g, dtype=dtype) for _ in range(n)]
+    out[0] = out[0] * scale  # scale q and k: sharper softmax, as large activations give
+    out[1] = out[1] * scale
+    return out
+
+
+# ---------------------------------------------------------------------------- tiling
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (5, 10, 13), (4, 8, 8), (1, 1, 1)])
+@pytest.mark.parametrize("tile", [(4, 4, 4), (2, 3, 3), (1, 2, 5)])
+def test_tile_untile_are_inverse_permutations(grid, tile):
+    plan = get_tile_plan(grid, tile)
+    S = math.prod(grid)
+    x = torch.arange(S).view(1, 1, S, 1)
+    assert torch.equal(plan.untile(plan.tile(x)), x)
+    # every raster token sits in exactly one valid slot
+    valid_slots = plan.gather_index[plan.slot_valid]
+    assert torch.equal(torch.sort(valid_slots).values, torch.arange(S))
+    assert torch.equal(plan.scatter_index.sort().values, torch.nonzero(plan.slot_valid)[:, 0])
+
+
+@pytest.mark.parametrize("grid,tile", [((3, 5, 7), (4, 4, 4)), ((5, 6, 9), (2, 3, 4))])
+def test_tiles_in_thw_order_raster_inside(grid, tile):
+    plan = get_tile_plan(grid, tile)
+    ref_tiles, n = token_tiles(grid, tile)
+    assert plan.num_tiles == n
+    assert torch.equal(plan.token_tile, ref_tiles)
+    assert torch.equal(plan.counts.long(), torch.bincount(ref_tiles, minlength=n))
+    T, H, W = grid
+    # inside each tile, valid slots hold raster-increasing tokens, then padding
+    slots = plan.gather_index.view(n, plan.slots)
+    valid = plan.slot_valid.view(n, plan.slots)
+    for t in range(n):
+        c = int(plan.counts[t])
+        assert valid[t, :c].all() and not valid[t, c:].any()
+        assert torch.all(slots[t, 1:c] > slots[t, : c - 1])
+    # tile order is t-major: the first token of tile i+1 along w is further right
+    nt, nh, nw = plan.tiles_per_dim
+    assert (nt, nh, nw) == tuple(-(-g // s) for g, s in zip(grid, tile))
+    first = slots[:, 0]
+    w_of = first % W
+    assert torch.all(w_of.view(nt, nh, nw)[..., 1:] > w_of.view(nt, nh, nw)[..., :-1])
+
+
+def test_plan_is_cached():
+    assert get_tile_plan((3, 5, 7), (4, 4, 4)) is get_tile_plan((3, 5, 7), (4, 4, 4))
+    assert get_tile_plan((3, 5, 7), (4, 4, 4)) is not get_tile_plan((3, 5, 7), (2, 2, 2))
+
+
+def test_tile_mean_over_valid_tokens_only():
+    grid, tile = (3, 5, 7), (4, 4, 4)
+    plan = get_tile_plan(grid, tile)
+    x = torch.randn(1, 1, 105, 3, dtype=torch.float64)
+    m = plan.tile_mean(x)
+    for t in range(plan.num_tiles):
+        tok = (plan.token_tile == t).nonzero()[:, 0]
+        torch.testing.assert_close(m[0, 0, t], x[0, 0, tok].mean(0))
+
+
+@pytest.mark.parametrize(
+    "n,sparsity,k", [(10, 0.8, 2), (10, 0.0, 10), (10, 0.95, 1), (7, 0.5, 4), (100, 0.9, 10)]
+)
+def test_num_selected_tiles(n, sparsity, k):
+    assert num_selected_tiles(n, sparsity) == k
+
+
+def test_topk_ties_go_to_lower_index():
+    scores = torch.tensor([[[[1.0, 3.0, 3.0, 2.0, 3.0]]]])
+    assert select_topk_tiles(scores, 2).tolist() == [[[[1, 2]]]]
+    assert select_topk_tiles(scores, 4).tolist() == [[[[1, 2, 3, 4]]]]
+    zeros = torch.zeros(1, 1, 2, 6)
+    assert select_topk_tiles(zeros, 3).tolist() == [[[[0, 1, 2], [0, 1, 2]]]]
+
+
+def test_selection_matches_independent_topk():
+    grid, D = (5, 10, 13), 32
+    q, k, v = _qkv(2, 3, math.prod(grid), D, seed=1)
+    _, idx = video_sparse_attention(
+        q, k, v, grid=grid, sparsity=0.7, backend="torch", return_indices=True
+    )
+    plan = get_tile_plan(grid, (4, 4, 4))
+    # independent: coarse means by loops over coordinates, top-k by rank counting
+    tiles, n = token_tiles(grid, (4, 4, 4))
+    qc = torch.stack([q[:, :, tiles == t].mean(2) for t in range(n)], 2)
+    kc = torch.stack([k[:, :, tiles == t].mean(2) for t in range(n)], 2)
+    chosen = topk_by_rank(qc @ kc.transpose(-1, -2) / math.sqrt(D), idx.shape[-1])
+    expect = torch.nonzero(chosen)[:, -1].view_as(idx)
+    assert plan.num_tiles == n and torch.equal(idx, expect)
+
+
+# ------------------------------------------------------------ torch backend vs oracle
+
+CASES = [
+    # grid, tile, B, H, D, sparsity, scale
+    ((3, 5, 7), (4, 4, 4), 2, 2, 64, 0.0, 1.0),
+    ((3, 5, 7), (4, 4, 4), 2, 2, 64, 0.5, 10.0),
+    ((5, 10, 13), (4, 4, 4), 2, 2, 128, 0.8, 1.0),
+    ((5, 10, 13), (4, 4, 4), 1, 2, 40, 0.9, 30.0),
+    ((2, 30, 52), (4, 4, 4), 1, 1, 64, 0.9, 1.0),
+    ((2, 30, 52), (4, 4, 4), 1, 2, 64, 0.5, 10.0),
+    ((5, 6, 9), (2, 3, 3), 2, 2, 72, 0.8, 1.0),
+    ((3, 5, 7), (1, 2, 2), 1, 3, 64, 0.5, 30.0),
+]
+
+
+@pytest.mark.parametrize("grid,tile,B,H,D,sparsity,scale", CASES)
+def test_torch_backend_fp32_matches_reference(grid, tile, B, H, D, sparsity, scale):
+    """fp32 torch backend vs the float64 oracle, forward and grads of q, k, v, gate;
+    error <= FACTOR x dense SDPA's fp32 error on the same inputs."""
+    S = math.prod(grid)
+    q, k, v, gate, do = _qkv(B, H, S, D, scale=scale, seed=sum(grid) + D, n=5)
+    q, k, v, gate, do = round_to(torch.float32, q, k, v, 0.5 * gate, do)
+    _, idx = video_sparse_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        grid=grid,
+        tile_size=tile,
+        sparsity=sparsity,
+        backend="torch",
+        return_indices=True,
+    )
+    k_sel = idx.shape[-1]
+
+    def fast(q, k, v, g):
+        return video_sparse_attention(
+            q, k, v, grid=grid, tile_size=tile, topk=k_sel, gate=g, backend="torch"
+        )
+
+    def oracle(q, k, v, g):  # same selection as the fp32 run, computed in float64
+        return vsa_reference(q, k, v, grid=grid, tile_size=tile, topk=k_sel, gate=g, indices=idx)[0]
+
+    got = attention_outputs_and_grads(
+        fast, q.float(), k.float(), v.float(), do.float(), (gate.float(),)
+    )
+    ref = attention_outputs_and_grads(oracle, q, k, v, do, (gate,))
+    dense = dense_errors(q, k, v, do, torch.float32)
+    for name, a, b, d in zip(["out", "dq", "dk", "dv"], got, ref, dense):
+        assert rel_err(a, b) <= FACTOR * d + 1e-6, (name, rel_err(a, b), d)
+    assert rel_err(got[4], ref[4]) <= FACTOR * dense[0] + 1e-6  # gate grad
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])
+def test_torch_backend_bf16_tolerance_rule(scale):
+    grid, D = (3, 5, 7), 64
+    q, k, v, do = round_to(torch.bfloat16, *_qkv(1, 2, math.prod(grid), D, scale=scale, n=4))
+    _, idx = video_sparse_attention(
+        q.bfloat16(),
+        k.bfloat16(),
+        v.bfloat16(),
+        grid=grid,
+        sparsity=0.5,
+        backend="torch",
+        return_indices=True,
+    )
+
+    def fast(q, k, v):
+        return video_sparse_attention(q, k, v, grid=grid, topk=idx.shape[-1], backend="torch")
+
+    def oracle(q, k, v):
+        return vsa_reference(q, k, v, grid=grid, topk=idx.shape[-1], indices=idx)[0]
+
+    got = attention_outputs_and_grads(fast, q.bfloat16(), k.bfloat16(), v.bfloat16(), do.bfloat16())
+    ref = attention_outputs_and_grads(oracle, q, k, v, do)
+    dense = dense_errors(q, k, v, do, torch.bfloat16)
+    for name, a, b, d in zip(["out", "dq", "dk", "dv"], got, ref, dense):
+        assert rel_err(a, b) <= FACTOR * d, (name, rel_err(a, b), d)
+
+
+def test_float64_gradcheck():
+    grid = (2, 3, 5)
+    q, k, v, g = (t.requires_grad_() for t in _qkv(1, 2, 30, 8, seed=3, n=4))
+    f = lambda q, k, v, g: video_sparse_attention(  # noqa: E731
+        q, k, v, grid=grid, tile_size=(2, 2, 2), sparsity=0.5, gate=g, backend="torch"
+    )
+    assert torch.autograd.gradcheck(f, (q, k, v, g))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_sparsity_zero_equals_dense(backend):
+    grid = (3, 5, 7)
+    q, k, v, do = _qkv(2, 2, 105, 64, seed=4, n=4)
+    out = attention_outputs_and_grads(
+        lambda q, k, v: video_sparse_attention(q, k, v, grid=grid, sparsity=0.0, backend=backend),
+        q,
+        k,
+        v,
+        do,
+    )
+    ref = attention_outputs_and_grads(F.scaled_dot_product_attention, q, k, v, do)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_sparsity_changes_the_output():
+    grid = (5, 10, 13)
+    q, k, v = _qkv(1, 2, 650, 32, seed=5, dtype=torch.float32)
+    dense = video_sparse_attention(q, k, v, grid=grid, sparsity=0.0, backend="torch")
+    sparse = video_sparse_attention(q, k, v, grid=grid, sparsity=0.9, backend="torch")
+    assert rel_err(sparse, dense) > 1e-2
+
+
+def test_gate_adds_broadcast_coarse_attention():
+    grid = (3, 5, 7)
+    q, k, v = _qkv(1, 1, 105, 16, seed=6)
+    plan = get_tile_plan(grid, (4, 4, 4))
+    base = video_sparse_attention(q, k, v, grid=grid, sparsity=0.5, backend="torch")
+    ones = torch.ones_like(q)
+    gated = video_sparse_attention(q, k, v, grid=grid, sparsity=0.5, gate=ones, backend="torch")
+    qc, kc, vc = plan.tile_mean(q), plan.tile_mean(k), plan.tile_mean(v)
+    coarse = torch.softmax(qc @ kc.transpose(-1, -2) / 4.0, -1) @ vc  # [1, 1, N, 16]
+    torch.testing.assert_close(gated - base, coarse[:, :, plan.token_tile])
+    zero = video_sparse_attention(q, k, v, grid=grid, sparsity=0.5, gate=0 * ones, backend="torch")
+    torch.testing.assert_close(zero, base, rtol=0, atol=0)
+
+
+def test_deterministic_across_runs():
+    grid = (5, 6, 9)
+    q, k, v, g, do = _qkv(2, 2, 270, 32, seed=8, dtype=torch.float32, n=5)
+
+    def run():
+        return attention_outputs_and_grads(
+            lambda q, k, v, g: video_sparse_attention(
+                q, k, v, grid=grid, sparsity=0.6, gate=g, backend="torch"
+            ),
+            q,
+            k,
+            v,
+            do,
+            (g,),
+        )
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_chunking_does_not_change_results():
+    """Small chunk budgets (bounded memory) give the same numbers as one big chunk."""
+    grid, tile = (5, 10, 13), (4, 4, 4)
+    q, k, v, do = _qkv(2, 2, 650, 32, seed=9, dtype=torch.float32, n=4)
+    plan = get_tile_plan(grid, tile)
+    qt, kt, vt = plan.tile(q), plan.tile(k), plan.tile(v)
+    idx = torch.randint(
+        0, plan.num_tiles, (2, 2, plan.num_tiles, 4), generator=torch.Generator().manual_seed(0)
+    )
+    idx = torch.sort(idx, -1).values.to(torch.int32)
+    args = (idx, plan.counts, plan.slots, 0.2)
+    big = fine_forward(qt, kt, vt, *args, chunk_bytes=2**40)
+    small = fine_forward(qt, kt, vt, *args, chunk_bytes=1)  # one query tile per chunk
+    torch.testing.assert_close(big, small, rtol=1e-6, atol=1e-6)
+    gb = fine_backward(plan.tile(do), qt, kt, vt, *big, *args, chunk_bytes=2**40)
+    gs = fine_backward(plan.tile(do), qt, kt, vt, *big, *args, chunk_bytes=1)
+    torch.testing.assert_close(gb, gs, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    grid = (3, 5, 7)
+    q, k, v, g = _qkv(1, 2, 105, 32, seed=10, dtype=torch.float32, n=4)
+
+    def f(q, k, v, g):
+        return video_sparse_attention(q, k, v, grid=grid, sparsity=0.5, gate=g, backend="torch")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    out = compiled(*leaves)
+    torch.testing.assert_close(out, f(q, k, v, g))
+    out.square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    f(*ref_leaves).square().sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------- errors
+
+Q = torch.zeros(1, 2, 105, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(grid=(3, 5, 6), sparsity=0.5), "grid"),
+        (dict(grid=(3, 5), sparsity=0.5), "grid"),
+        (dict(grid=(3, 5, 7), tile_size=(4, 0, 4), sparsity=0.5), "tile_size"),
+        (dict(grid=(3, 5, 7), tile_size=(4, -1, 4), sparsity=0.5), "tile_size"),
+        (dict(grid=(3, 5, 7), sparsity=1.0), "sparsity"),
+        (dict(grid=(3, 5, 7), sparsity=-0.1), "sparsity"),
+        (dict(grid=(3, 5, 7), topk=0), "topk"),
+        (dict(grid=(3, 5, 7), topk=99), "topk"),
+        (dict(grid=(3, 5, 7), topk=2, sparsity=0.5), "exactly one"),
+        (dict(grid=(3, 5, 7)), "exactly one"),
+        (dict(grid=(3, 5, 7), sparsity=0.5, gate=torch.zeros(1, 2, 104, 16)), "gate"),
+        (dict(grid=(3, 5, 7), sparsity=0.5, gate=torch.zeros(1, 2, 105, 16).double()), "gate"),
+        (dict(grid=(3, 5, 7), sparsity=0.5, backend="cuda"), "backend"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        video_sparse_attention(Q, Q, Q, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "k,v,match",
+    [
+        (torch.zeros(1, 2, 104, 16), Q, "k has shape"),
+        (Q, torch.zeros(1, 2, 105, 8), "v has shape"),
+        (Q.double(), Q, "k has dtype"),
+        (Q, Q.to(torch.int64), "floating-point"),
+        (Q[0], Q, "shape \\[B, H, S, D\\]"),
+    ],
+)
+def test_mismatched_tensors_raise(k, v, match):
+    with pytest.raises(ValueError, match=match):
+        video_sparse_attention(Q, k, v, grid=(3, 5, 7), sparsity=0.5)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        video_sparse_attention(Q, Q, Q, grid=(3, 5, 7), sparsity=0.5, backend="triton")
+
+
+def test_reference_refuses_huge_masks():
+    big = torch.zeros(1, 1, 32760, 8)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        video_sparse_attention(big, big, big, grid=(21, 30, 52), sparsity=0.9, backend="reference")
