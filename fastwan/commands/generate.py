@@ -1,0 +1,172 @@
+"""``fastwan generate``: prompts in, MP4/GIF files out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate videos from text prompts with a Wan / FastWan checkpoint",
+        description=(
+            "Generate videos with a Diffusers-format Wan folder (or hub id / preset name). "
+            "FastWan checkpoints run 3 DMD steps with VSA; Wan checkpoints many UniPC steps "
+            "with CFG and dense attention, unless overridden."
+        ),
+    )
+    p.add_argument("--model", required=True, help="pipeline folder, hub repo id or preset name")
+    p.add_argument("--preset", default=None, help="preset name (default: recognised from the model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", type=Path, help="a text file: one prompt per line (# comments)")
+    p.add_argument("--negative-prompt", default=None, help="default: the preset's (used with CFG)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("output.mp4"),
+        help="output file (.mp4/.gif); with several prompts, NAME_000.mp4, NAME_001.mp4, ...",
+    )
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--fps", type=float, default=None, help="default: the preset's")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="multi-step sampling with this many steps (the checkpoint's scheduler or --sampler)",
+    )
+    p.add_argument(
+        "--timesteps",
+        default=None,
+        help="few-step DMD timesteps, comma-separated (FastWan default: 1000,757,522)",
+    )
+    p.add_argument("--sampler", choices=("dmd", "euler", "unipc", "scheduler"), default=None)
+    p.add_argument("--guidance-scale", type=float, default=None, help="> 1 enables CFG")
+    p.add_argument("--flow-shift", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first video; +1 per prompt")
+    p.add_argument("--attention", choices=("vsa", "dense"), default=None)
+    p.add_argument("--sparsity", type=float, default=None, help="VSA sparsity in [0, 1)")
+    p.add_argument(
+        "--vsa-backend",
+        default="auto",
+        choices=("auto", "torch", "triton", "flex", "reference"),
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
+    p.add_argument("--cpu-offload", action="store_true", help="move each component to the GPU only for its stage")
+    p.add_argument("--max-sequence-length", type=int, default=512)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-empty lines of a prompt file, ``#`` lines skipped."""
+    if not path.is_file():
+        raise ValueError(f"--prompts file {str(path)!r} does not exist")
+    prompts = [
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not prompts:
+        raise ValueError(f"--prompts file {str(path)!r} holds no prompt (one per line)")
+    return prompts
+
+
+def parse_timesteps(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--timesteps must be comma-separated numbers, got {text!r}") from None
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i:03d}{output.suffix}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastwan.pipeline import VideoGenerator
+    from fastwan.video_io import MP4_SUFFIXES, save_video
+
+    if args.output.suffix.lower() not in MP4_SUFFIXES + (".gif",):
+        raise ValueError(f"--output must end in .mp4 or .gif, got {str(args.output)!r}")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt must not be empty")
+    timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
+    generator = VideoGenerator.from_pretrained(
+        args.model,
+        preset=args.preset,
+        attention=args.attention,
+        sparsity=args.sparsity,
+        backend=args.vsa_backend,
+        device=args.device,
+        dtype=args.dtype,
+        cpu_offload=args.cpu_offload,
+    )
+    attn = generator.attention
+    mode = attn["mode"] + (f" (sparsity {attn['sparsity']:g})" if attn["mode"] == "vsa" else "")
+    print(f"model: {generator.preset.name} from {generator.components.path}; attention: {mode}")
+
+    paths = output_paths(args.output, len(prompts))
+    rows = []
+    for i, (prompt, path) in enumerate(zip(prompts, paths)):
+        bar = tqdm(
+            desc=f"video {i + 1}/{len(prompts)}", unit="step", disable=args.no_progress,
+            file=sys.stderr,
+        )
+
+        def on_step(info: dict, bar=bar) -> None:
+            bar.total = info["total"]
+            bar.update(1)
+
+        try:
+            out = generator.generate(
+                prompt,
+                args.negative_prompt,
+                height=args.height,
+                width=args.width,
+                num_frames=args.num_frames,
+                num_inference_steps=args.steps,
+                timesteps=timesteps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed + i,
+                sampler=args.sampler,
+                flow_shift=args.flow_shift,
+                max_sequence_length=args.max_sequence_length,
+                callback=on_step,
+            )
+        finally:
+            bar.close()
+        save_video(out.video, path, fps=args.fps or out.fps)
+        f, h, w, _ = out.video.shape
+        print(f"wrote {path} ({f} frames, {w}x{h}, {out.sampler} at t={_fmt_ts(out.timesteps)})")
+        rows.append((path, out.timings))
+
+    print("timing (s):   text_encode   denoise    decode     total")
+    for path, t in rows:
+        print(
+            f"  {path.name:<12}{t['text_encode']:>10.2f}{t['denoise']:>10.2f}"
+            f"{t['decode']:>10.2f}{t['total']:>10.2f}"
+        )
+    if len(rows) > 1:
+        tot = {k: sum(t[k] for _, t in rows) for k in ("text_encode", "denoise", "decode", "total")}
+        print(
+            f"  {'all':<12}{tot['text_encode']:>10.2f}{tot['denoise']:>10.2f}"
+            f"{tot['decode']:>10.2f}{tot['total']:>10.2f}"
+        )
+    return 0
+
+
+def _fmt_ts(ts: list[float]) -> str:
+    if len(ts) > 6:
+        return f"[{ts[0]:g}, {ts[1]:g}, ..., {ts[-1]:g}] ({len(ts)} steps)"
+    return "[" + ", ".join(f"{t:g}" for t in ts) + "]"
