@@ -344,3 +344,44 @@ def test_reference_refuses_huge_masks():
     big = torch.zeros(1, 1, 32760, 8)
     with pytest.raises(ValueError, match="backend='torch'"):
         video_sparse_attention(big, big, big, grid=(21, 30, 52), sparsity=0.9, backend="reference")
+
+
+# ------------------------------------------------------------------------------ flex
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize(
+    "grid,tile,sparsity", [((3, 5, 7), (4, 4, 4), 0.5), ((5, 6, 9), (2, 3, 3), 0.8)]
+)
+def test_flex_forward_matches_reference(grid, tile, sparsity):
+    q, k, v, g = _qkv(2, 2, math.prod(grid), 32, seed=11, dtype=torch.float32, n=4)
+    out, idx = video_sparse_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        tile_size=tile,
+        sparsity=sparsity,
+        gate=g,
+        backend="flex",
+        return_indices=True,
+    )
+    ref, ref_idx = vsa_reference(
+        q.double(),
+        k.double(),
+        v.double(),
+        grid=grid,
+        tile_size=tile,
+        topk=idx.shape[-1],
+        gate=g.double(),
+    )
+    assert torch.equal(idx, ref_idx)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_flex_backward_on_cpu_is_a_clear_error():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 105, 16, dtype=torch.float32))
+    out = video_sparse_attention(q, k, v, grid=(3, 5, 7), sparsity=0.5, backend="flex")
+    with pytest.raises(ValueError, match="backend='torch'"):
+        out.sum().backward()

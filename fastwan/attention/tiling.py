@@ -120,10 +120,10 @@ def get_tile_plan(
 def slots_for(backend: str, tile_numel: int) -> int:
     """Tiled-layout positions per tile for a fine-stage backend.
 
-    The block gather needs none beyond the tile; Triton's ``tl.dot``/``tl.arange`` need a
-    power of two of at least 16.
+    The block gather needs none beyond the tile; Triton's ``tl.dot``/``tl.arange`` (ours
+    and FlexAttention's) need a power of two of at least 16.
     """
-    if backend == "triton":
+    if backend in ("triton", "flex"):
         return max(16, 1 << (tile_numel - 1).bit_length())
     return tile_numel
 
