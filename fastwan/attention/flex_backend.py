@@ -59,7 +59,8 @@ def _attend(q_t, k_t, v_t, idx, counts, slots, scale):
 
 
 def fine_forward(q_t, k_t, v_t, idx, counts, slots, scale):
-    out, lse = _attend(q_t, k_t, v_t, idx, counts, slots, scale)
+    # Autograd is VSAFineFunction's: flex must not see requires_grad (CPU refuses it).
+    out, lse = _attend(q_t.detach(), k_t.detach(), v_t.detach(), idx, counts, slots, scale)
     return out.to(q_t.dtype), lse.float()
 
 
