@@ -1,0 +1,877 @@
+"""Typed training configuration: dataclasses that validate themselves, YAML recipes.
+
+A :class:`Recipe` has one section per concern; YAML recipes in ``recipes/`` fill it::
+
+    model:    teacher / student / critic weights (Diffusers folders or Hub ids), dtypes
+    train:    method (dmd | flow), steps, batch sizes, seed, precision, EMA, intervals
+    parallel: world size and the device mesh (replicate x shard x sequence_parallel)
+    data:     dataset path, text-only, CFG dropout, workers, clip size
+    optim:    generator and critic optimisers (lr, betas, decay, clipping, LR schedule)
+    dmd:      few-step timesteps, critic/generator ratio, timestep range, CFG, rollout
+    vsa:      Video Sparse Attention: sparsity, tile, backend, sparsity schedule
+
+Every dataclass checks itself in ``__post_init__`` and raises :class:`ConfigError` (a
+``ValueError``) whose message starts with the dotted field (``optim.generator.lr``) and
+says how to fix it. :class:`Recipe` adds the checks that span sections (global batch =
+micro batch x accumulation x data-parallel size, ...).
+
+``load_recipe(path, overrides)`` reads YAML and applies dotted overrides such as
+``--optim.generator.lr=2e-5`` or ``train.max_steps=10``; values are parsed by the field's
+type (ints, floats -- including PyYAML's unparsed ``1e-5`` --, bools, lists, ``null``).
+``dump_recipe`` writes a recipe back to YAML; loading the dump gives an equal recipe.
+
+Guidance convention: ``dmd.guidance_scale`` is the *standard* CFG scale ``w`` in
+``uncond + w (cond - uncond)`` (1 = no guidance). FastVideo's ``real_score_guidance_scale``
+``w'`` means ``cond + w' (cond - uncond)``, i.e. ``w = w' + 1``: the published FastWan
+recipes' 3.5 is 4.5 here (see :func:`fastwan.methods.losses.fastvideo_to_standard_guidance`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ConfigError",
+    "DMDConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimConfigs",
+    "ParallelConfig",
+    "Recipe",
+    "TrainConfig",
+    "VSAConfig",
+    "dump_recipe",
+    "load_recipe",
+    "parse_overrides",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "torch_dtype",
+]
+
+# Mirrors fastwan.attention.api.BACKENDS (not imported: configs must not pull in torch);
+# a test keeps the two equal.
+ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "flex")
+
+DTYPES = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``str()`` is ``"<dotted.field>: <what is wrong and the fix>"``."""
+
+    def __init__(self, field_name: str, message: str, where: str = ""):
+        self.field_name = field_name
+        self.message = message
+        self.where = where
+        super().__init__(f"{self.path}: {message}")
+
+    @property
+    def path(self) -> str:
+        return f"{self.where}.{self.field_name}" if self.where else self.field_name
+
+    def at(self, section: str) -> ConfigError:
+        """The same error with ``where`` replaced by the dotted section path."""
+        return ConfigError(self.field_name, self.message, section)
+
+
+def _fail(obj: Any, name: str, message: str) -> typing.NoReturn:
+    raise ConfigError(name, message, type(obj).__name__)
+
+
+def _check_range(
+    obj: Any,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    fix: str = "",
+) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(obj, name, f"must be a finite number, got {value!r}")
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi)
+    )
+    if bad:
+        if hi is None:
+            want = f"{'>' if lo_open else '>='} {lo:g}"
+        elif lo is None:
+            want = f"{'<' if hi_open else '<='} {hi:g}"
+        else:
+            want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        _fail(obj, name, f"must be {want}, got {value!r}{fix}")
+
+
+def _check_int(obj: Any, name: str, minimum: int, fix: str = "") -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(obj, name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        _fail(obj, name, f"must be >= {minimum}, got {value}{fix}")
+
+
+def _check_choice(obj: Any, name: str, choices: Sequence[str]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        _fail(obj, name, f"must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_path(obj: Any, name: str, optional: bool, fix: str) -> None:
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        _fail(obj, name, f"must be a non-empty path or id, got {value!r}; {fix}")
+
+
+def torch_dtype(name: str) -> Any:
+    """``"fp32"`` / ``"bf16"`` -> ``torch.float32`` / ``torch.bfloat16`` (imports torch lazily)."""
+    import torch
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, table))}, got {name!r}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load. Paths are Diffusers folders or Hugging Face Hub ids.
+
+    ``teacher`` is the frozen "real score" network. The generator (student) and the
+    critic ("fake score") start from ``student`` / ``critic``, or from the teacher when
+    those are ``None`` (the FastWan recipes start all three from the same weights).
+    """
+
+    teacher: str
+    student: str | None = None
+    critic: str | None = None
+    # Dtype of the trainable networks' master weights (optimizer states follow them).
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    # Dtype the frozen teacher is stored in (it has no optimizer state).
+    teacher_dtype: Literal["fp32", "bf16"] = "bf16"
+
+    def __post_init__(self) -> None:
+        fix = "give a Diffusers folder or Hub id such as 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
+        _check_path(self, "teacher", optional=False, fix=fix)
+        _check_path(self, "student", optional=True, fix=fix + " (or null: the teacher)")
+        _check_path(self, "critic", optional=True, fix=fix + " (or null: the teacher)")
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "teacher_dtype", DTYPES)
+
+    @property
+    def student_path(self) -> str:
+        return self.student if self.student is not None else self.teacher
+
+    @property
+    def critic_path(self) -> str:
+        return self.critic if self.critic is not None else self.teacher
+
+
+@dataclass
+class VSAConfig:
+    """Video Sparse Attention in the generator's self-attention.
+
+    ``sparsity`` is the fraction of key/value tiles each query tile skips
+    (``k = clamp(ceil((1 - sparsity) * num_kv_tiles), 1, num_kv_tiles)``). The sparsity
+    schedule (used by ``flow`` fine-tuning, where a dense model learns to attend
+    sparsely) ramps from 0 to ``sparsity`` by ``decay_rate`` every ``decay_interval``
+    steps: ``min(sparsity, decay_rate * (step // decay_interval))``; ``decay_rate = 0``
+    means no ramp (``sparsity`` from step 0, as in sparse distillation).
+    """
+
+    enabled: bool = True
+    sparsity: float = 0.9
+    tile_size: tuple[int, int, int] = (4, 4, 4)
+    backend: Literal["auto", "reference", "torch", "triton", "flex"] = "auto"
+    decay_rate: float = 0.0
+    decay_interval: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range(
+            self, "sparsity", 0.0, 1.0, hi_open=True, fix=" (0 keeps every tile; 0.9 skips 90%)"
+        )
+        if isinstance(self.tile_size, list):  # accept a list from Python callers
+            self.tile_size = tuple(self.tile_size)  # type: ignore[assignment]
+        ts = self.tile_size
+        if (
+            not isinstance(ts, tuple)
+            or len(ts) != 3
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ts)
+        ):
+            _fail(
+                self,
+                "tile_size",
+                f"must be three positive ints [t, h, w], got {ts!r}; VSA uses [4, 4, 4]",
+            )
+        _check_choice(self, "backend", ATTENTION_BACKENDS)
+        _check_range(self, "decay_rate", 0.0, 1.0, fix=" (0 disables the ramp)")
+        _check_int(self, "decay_interval", 1)
+
+
+@dataclass
+class DMDConfig:
+    """Distribution Matching Distillation (DMD2) settings.
+
+    * ``denoising_timesteps``: the student's few-step schedule (timesteps in (0, 1000],
+      strictly decreasing); inference uses the same steps.
+    * ``generator_update_interval``: the generator is updated once every this many
+      training steps; the critic every step (DMD2's two-time-scale update rule).
+    * ``min_timestep_ratio`` / ``max_timestep_ratio``: the clamp range of the noise level
+      ``s`` at which teacher and critic are queried.
+    * ``guidance_scale``: the teacher's CFG scale in the *standard* convention
+      ``uncond + w (cond - uncond)`` (1 = none). FastVideo's ``real_score_guidance_scale``
+      3.5 equals 4.5 here (``w = w' + 1``).
+    * ``rollout``: how the student's input at a training step is made. ``data``: a
+      dataset latent noised to a random one of ``denoising_timesteps``. ``simulate``: the
+      student runs its own few-step sampler from pure noise down to that timestep
+      (no video latents needed: data-free distillation from text embeddings).
+    * ``flow_shift``: timestep shift of the scheduler (Wan: 8 for 1.3B, 3 for 14B, 5 for
+      5B); also shifts the sampled training noise levels.
+    """
+
+    denoising_timesteps: list[int] = field(default_factory=lambda: [1000, 757, 522])
+    generator_update_interval: int = 5
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    guidance_scale: float = 4.5
+    rollout: Literal["data", "simulate"] = "data"
+    flow_shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        steps = self.denoising_timesteps
+        if (
+            not isinstance(steps, list)
+            or not steps
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in steps)
+        ):
+            _fail(self, "denoising_timesteps", f"must be a non-empty list of ints, got {steps!r}")
+        if any(not 0 < t <= 1000 for t in steps):
+            _fail(
+                self, "denoising_timesteps", f"every timestep must be in (0, 1000], got {steps!r}"
+            )
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            _fail(
+                self,
+                "denoising_timesteps",
+                f"must be strictly decreasing (noisiest first), got {steps!r}; "
+                "e.g. [1000, 757, 522]",
+            )
+        _check_int(self, "generator_update_interval", 1, fix=" (5 in DMD2 / FastWan)")
+        _check_range(self, "min_timestep_ratio", 0.0, 1.0)
+        _check_range(self, "max_timestep_ratio", 0.0, 1.0)
+        if self.min_timestep_ratio >= self.max_timestep_ratio:
+            _fail(
+                self,
+                "min_timestep_ratio",
+                f"must be < max_timestep_ratio ({self.max_timestep_ratio}), got "
+                f"{self.min_timestep_ratio}; the defaults are 0.02 and 0.98",
+            )
+        _check_range(
+            self,
+            "guidance_scale",
+            0.0,
+            None,
+            fix=" (standard CFG: 1 = no guidance; FastVideo's w' is w - 1)",
+        )
+        _check_choice(self, "rollout", ("data", "simulate"))
+        _check_range(self, "flow_shift", 0.0, None, lo_open=True, fix=" (1 = no shift)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule, for one network.
+
+    ``schedule``: ``constant``; ``warmup`` (linear warmup over ``warmup_steps``, then
+    constant); ``cosine`` (linear warmup, then cosine decay to ``min_lr_ratio * lr`` at
+    the last step). ``grad_clip``: max global gradient norm, ``None`` = no clipping.
+    """
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_range(self, "lr", 0.0, None, lo_open=True, fix=" (e.g. 1e-5)")
+        if isinstance(self.betas, list):  # accept a list from Python callers
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        b = self.betas
+        if (
+            not isinstance(b, tuple)
+            or len(b) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in b)
+            or any(not 0.0 <= x < 1.0 for x in b)
+        ):
+            _fail(self, "betas", f"must be two numbers in [0, 1), got {b!r}; e.g. [0.9, 0.999]")
+        _check_range(self, "eps", 0.0, None, lo_open=True)
+        _check_range(self, "weight_decay", 0.0, None)
+        if self.grad_clip is not None:
+            _check_range(
+                self, "grad_clip", 0.0, None, lo_open=True, fix=" (use null to disable clipping)"
+            )
+        _check_choice(self, "schedule", ("constant", "warmup", "cosine"))
+        _check_int(self, "warmup_steps", 0)
+        if self.schedule == "warmup" and self.warmup_steps == 0:
+            _fail(
+                self,
+                "warmup_steps",
+                "is 0 with schedule 'warmup'; set warmup_steps > 0 or schedule: constant",
+            )
+        _check_range(self, "min_lr_ratio", 0.0, 1.0)
+        if self.min_lr_ratio != 0.0 and self.schedule != "cosine":
+            _fail(
+                self,
+                "min_lr_ratio",
+                f"only applies to schedule 'cosine' (schedule is {self.schedule!r}); "
+                "set schedule: cosine or min_lr_ratio: 0",
+            )
+
+
+@dataclass
+class OptimConfigs:
+    """One optimiser per trainable network; ``critic`` is unused by ``flow``."""
+
+    generator: OptimConfig = field(default_factory=OptimConfig)
+    critic: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("generator", "critic"):
+            if not isinstance(getattr(self, name), OptimConfig):
+                _fail(self, name, f"must be an OptimConfig, got {type(getattr(self, name))}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    One *step* is one optimizer update of the trained network(s): for ``dmd`` one critic
+    update, plus a generator update every ``dmd.generator_update_interval`` steps; it
+    consumes ``global_batch_size`` samples, each data-parallel rank running
+    ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size``.
+    Intervals are in steps; 0 disables periodic validation / checkpoints.
+    """
+
+    method: Literal["dmd", "flow"] = "dmd"
+    max_steps: int = 1000
+    global_batch_size: int = 1
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 1000
+    # Autocast dtype of the forward passes (fp16 is not supported: no loss scaling).
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    # EMA of the generator's weights; None disables it.
+    ema_decay: float | None = None
+    ema_start_step: int = 0
+    log_interval: int = 10
+    validation_interval: int = 200
+    checkpoint_interval: int = 500
+    # Keep at most this many complete checkpoints (None: keep all).
+    checkpoints_total_limit: int | None = 3
+    output_dir: str = "outputs/run"
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_seeds: list[int] = field(default_factory=lambda: [1000])
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "method", ("dmd", "flow"))
+        _check_int(self, "max_steps", 1)
+        _check_int(self, "global_batch_size", 1)
+        _check_int(self, "micro_batch_size", 1)
+        _check_int(self, "gradient_accumulation_steps", 1)
+        _check_int(self, "seed", 0)
+        _check_choice(self, "mixed_precision", ("bf16", "fp32"))
+        if self.ema_decay is not None:
+            _check_range(
+                self,
+                "ema_decay",
+                0.0,
+                1.0,
+                lo_open=True,
+                hi_open=True,
+                fix=" (e.g. 0.999; null disables EMA)",
+            )
+        _check_int(self, "ema_start_step", 0)
+        _check_int(self, "log_interval", 1)
+        _check_int(self, "validation_interval", 0, fix=" (0 disables validation)")
+        _check_int(self, "checkpoint_interval", 0, fix=" (0 disables periodic checkpoints)")
+        if self.checkpoints_total_limit is not None:
+            _check_int(self, "checkpoints_total_limit", 1, fix=" (null keeps all)")
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            _fail(self, "output_dir", f"must be a non-empty path, got {self.output_dir!r}")
+        prompts = self.validation_prompts
+        if not isinstance(prompts, list) or any(not isinstance(p, str) for p in prompts):
+            _fail(self, "validation_prompts", f"must be a list of strings, got {prompts!r}")
+        seeds = self.validation_seeds
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+        ):
+            _fail(
+                self,
+                "validation_seeds",
+                f"must be a non-empty list of non-negative ints, got {seeds!r}",
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh ``[replicate, shard, sequence_parallel]`` over ``world_size`` ranks.
+
+    ``replicate x shard x sequence_parallel == world_size``. Parameters are sharded
+    (FSDP2) within a ``shard`` group (HSDP when ``replicate > 1``); a sequence-parallel
+    group (Ulysses) of ``sequence_parallel`` ranks splits one sample's tokens, so the
+    data-parallel size -- ranks that see different samples -- is ``replicate x shard``.
+    """
+
+    world_size: int = 1
+    replicate: int = 1
+    shard: int = 1
+    sequence_parallel: int = 1
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "replicate", "shard", "sequence_parallel"):
+            _check_int(self, name, 1)
+        _check_choice(self, "activation_checkpointing", ("none", "full", "selective"))
+        product = self.replicate * self.shard * self.sequence_parallel
+        if product != self.world_size:
+            other = self.shard * self.sequence_parallel
+            hint = (
+                f"; set replicate: {self.world_size // other}"
+                if self.world_size % other == 0
+                else f"; shard x sequence_parallel ({other}) must divide world_size"
+            )
+            _fail(
+                self,
+                "replicate",
+                f"replicate x shard x sequence_parallel = {self.replicate} x {self.shard} x "
+                f"{self.sequence_parallel} = {product} must equal world_size "
+                f"({self.world_size}){hint}",
+            )
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.replicate * self.shard
+
+
+@dataclass
+class DataConfig:
+    """Training data (parquet shards written by ``fastwan preprocess``) and clip size.
+
+    ``text_only``: the shards hold only text embeddings (data-free distillation; needs
+    ``dmd.rollout: simulate``). ``cfg_dropout``: probability of replacing a sample's
+    text condition by the empty/negative one (for ``flow``; 0 for distillation).
+    ``num_frames`` / ``height`` / ``width`` give the clip size in pixels (the latent
+    shape for simulated rollouts and validation videos).
+    """
+
+    path: str | None = None
+    text_only: bool = False
+    cfg_dropout: float = 0.0
+    num_workers: int = 4
+    num_frames: int = 61
+    height: int = 448
+    width: int = 832
+
+    def __post_init__(self) -> None:
+        _check_path(
+            self,
+            "path",
+            optional=True,
+            fix="give the folder of parquet shards (or null to pass it later)",
+        )
+        if not isinstance(self.text_only, bool):
+            _fail(self, "text_only", f"must be true or false, got {self.text_only!r}")
+        _check_range(self, "cfg_dropout", 0.0, 1.0, hi_open=True)
+        _check_int(self, "num_workers", 0)
+        _check_int(self, "num_frames", 1)
+        if (self.num_frames - 1) % 4:
+            _fail(
+                self,
+                "num_frames",
+                f"must be 4k + 1 (the Wan VAE compresses time 4x), got {self.num_frames}; "
+                f"e.g. {4 * ((self.num_frames - 1) // 4) + 1}",
+            )
+        for name in ("height", "width"):
+            _check_int(self, name, 16)
+            if getattr(self, name) % 16:
+                _fail(
+                    self, name, f"must be a multiple of 16 (VAE x patch), got {getattr(self, name)}"
+                )
+
+
+@dataclass
+class Recipe:
+    """A whole training configuration; checks that span sections run here."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfigs = field(default_factory=OptimConfigs)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    vsa: VSAConfig = field(default_factory=VSAConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _SECTION_TYPES[f.name]
+            if not isinstance(value, expected):
+                raise ConfigError(
+                    f.name, f"must be a {expected.__name__}, got {type(value).__name__}"
+                )
+        t, p = self.train, self.parallel
+        dp = p.data_parallel_size
+        expected_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp
+        if t.global_batch_size != expected_batch:
+            per_rank = t.global_batch_size / dp
+            hint = ""
+            if per_rank == int(per_rank) and int(per_rank) % t.micro_batch_size == 0:
+                hint = (
+                    f"; for this mesh set train.gradient_accumulation_steps: "
+                    f"{int(per_rank) // t.micro_batch_size}"
+                )
+            raise ConfigError(
+                "global_batch_size",
+                f"{t.global_batch_size} must equal train.micro_batch_size x "
+                f"train.gradient_accumulation_steps x data-parallel size (parallel.replicate x "
+                f"parallel.shard) = {t.micro_batch_size} x {t.gradient_accumulation_steps} x "
+                f"{dp} = {expected_batch}{hint}",
+                "train",
+            )
+        if t.method == "dmd" and self.data.text_only and self.dmd.rollout != "simulate":
+            raise ConfigError(
+                "rollout",
+                "is 'data' but data.text_only is true: a data rollout noises video latents, "
+                "which a text-only dataset lacks; set dmd.rollout: simulate",
+                "dmd",
+            )
+        if t.method == "flow" and self.data.text_only:
+            raise ConfigError(
+                "text_only",
+                "is true but train.method is 'flow', which regresses on video latents; "
+                "use a dataset with latents (data.text_only: false)",
+                "data",
+            )
+        for role in ("generator", "critic"):
+            opt = getattr(self.optim, role)
+            if opt.warmup_steps > t.max_steps:
+                raise ConfigError(
+                    "warmup_steps",
+                    f"{opt.warmup_steps} exceeds train.max_steps ({t.max_steps}); lower it",
+                    f"optim.{role}",
+                )
+        if t.ema_start_step > t.max_steps:
+            raise ConfigError(
+                "ema_start_step",
+                f"{t.ema_start_step} exceeds max_steps ({t.max_steps}): EMA would never start",
+                "train",
+            )
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfigs,
+    "dmd": DMDConfig,
+    "vsa": VSAConfig,
+}
+
+
+# ------------------------------------------------------------------- dict <-> dataclass
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value or an override string to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.strip().lower() in _NONE)
+        ):
+            return None
+        if len(non_none) != 1:  # pragma: no cover - no such fields
+            raise TypeError(f"unsupported annotation {tp} for {path}")
+        return _coerce(value, non_none[0], path)
+    if value is None:
+        raise ConfigError(path, f"must be {_type_name(tp)}, got null", "")
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}; got {value!r}", "")
+    if origin in (list, tuple):
+        return _coerce_sequence(value, tp, origin, args, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(path, f"must be true or false, got {value!r}", "")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"must be an integer, got {value!r}", "")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(path, f"must be an integer, got {value!r}", "") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"must be an integer, got {value!r}", "")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"must be a number, got {value!r}", "")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(path, f"must be a number, got {value!r}", "")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(
+            path, f"must be a string, got {value!r} ({type(value).__name__}); quote it in YAML", ""
+        )
+    raise TypeError(f"unsupported annotation {tp} for {path}")  # pragma: no cover
+
+
+def _coerce_sequence(value: Any, tp: Any, origin: Any, args: tuple, path: str) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        parsed = yaml.safe_load(text) if text else []
+        if isinstance(parsed, list):
+            value = parsed
+        elif "," in text and args and args[0] in (int, float):
+            value = [x.strip() for x in text.split(",") if x.strip()]
+        else:
+            value = [parsed if args and args[0] in (int, float) else value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(path, f"must be a list, got {value!r}", "")
+    if origin is list:
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    # tuple[X, ...] or fixed-length tuple[X, Y, Z]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(path, f"must have {len(args)} items, got {len(value)}: {value!r}", "")
+    return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unknown_key_error(path: str, key: str, valid: Sequence[str]) -> ConfigError:
+    where = path or "the recipe"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    full = f"{path}.{key}" if path else key
+    return ConfigError(full, f"unknown key{hint}; valid keys in {where}: {', '.join(valid)}", "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    where = path or "the recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            path or "recipe", f"must be a mapping of keys to values, got {data!r}", ""
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key_error(path, str(key), list(fields))
+        sub = f"{path}.{key}" if path else key
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, sub) if _is_dataclass_type(tp) else _coerce(value, tp, sub)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            sub = f"{path}.{name}" if path else name
+            if _is_dataclass_type(hints[name]):  # a missing section: name its missing key
+                kwargs[name] = _build(hints[name], {}, sub)
+                continue
+            raise ConfigError(sub, f"is required; set it in {where} or with --{sub}=VALUE", "")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if err.where == cls.__name__ or not err.where:
+            raise err.at(path) from None
+        raise
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """Build and validate a :class:`Recipe` from nested dicts (YAML-like values)."""
+    return _build(Recipe, data, "")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Nested plain dicts / lists / scalars (tuples become lists), in field order."""
+    return _plain(recipe)
+
+
+# -------------------------------------------------------------------------- overrides
+
+
+def _split_override(item: str) -> tuple[list[str], str]:
+    text = item.strip()
+    stripped = text.lstrip("-")
+    if "=" not in stripped:
+        raise ValueError(
+            f"override {item!r} must look like section.key=value "
+            "(e.g. --optim.generator.lr=2e-5 or train.max_steps=10)"
+        )
+    key, value = stripped.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise ValueError(f"override {item!r} has an empty key; write section.key=value")
+    return parts, value
+
+
+def parse_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to the nested dict ``data`` (in place).
+
+    Keys are checked against the recipe schema (unknown ones raise with the valid keys of
+    that section); values stay strings here and are parsed by the field's type when the
+    recipe is built.
+    """
+    for item in overrides:
+        try:
+            _apply_override(data, item)
+        except ConfigError as err:
+            raise ConfigError(
+                err.field_name, f"{err.message} [override {item!r}]", err.where
+            ) from None
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Set one ``section.key=value`` in ``data``, checking the path against the schema."""
+    parts, value = _split_override(item)
+    cls: Any = Recipe
+    node = data
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        if part not in names:
+            raise _unknown_key_error(".".join(parts[:depth]), part, names)
+        tp = typing.get_type_hints(cls)[part]
+        here = ".".join(parts[: depth + 1])
+        if depth == len(parts) - 1:
+            if _is_dataclass_type(tp):
+                keys = ", ".join(f.name for f in dataclasses.fields(tp))
+                raise ConfigError(
+                    here, f"is a section, not a value; override one of its keys: {keys}", ""
+                )
+            node[part] = value
+            return
+        if not _is_dataclass_type(tp):
+            raise ConfigError(here, f"is a value, not a section; write {here}=VALUE", "")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        cls = tp
+
+
+# --------------------------------------------------------------------------------- YAML
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides, build and validate the :class:`Recipe`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"recipe file {str(path)!r} does not exist; see recipes/*.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}"
+        )
+    parse_overrides(data, overrides)
+    try:
+        return recipe_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(err.field_name, f"{err.message} [in {path}]", err.where) from None
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block-style mappings; lists of numbers on one line ([1000, 757, 522])."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = bool(data) and all(isinstance(x, (int, float)) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path | None = None) -> str:
+    """The recipe as YAML (section order kept); also written to ``path`` when given."""
+    text = yaml.dump(
+        recipe_to_dict(recipe),
+        Dumper=_RecipeDumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=100,
+        allow_unicode=True,
+    )
+    if path is not None:
+        Path(path).write_text(text)
+    return text
