@@ -43,12 +43,14 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA when Triton is installed, else ``torch``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``auto`` -> ``triton`` on CUDA when Triton is installed (float64 excepted), else
+    ``torch``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+        gpu = device.type == "cuda" and dtype != torch.float64 and triton_usable(device)
+        return "triton" if gpu else "torch"
     if backend == "triton" and not triton_usable(device):
         raise ValueError(
             f"backend='triton' needs a CUDA tensor and the triton package (got device "
@@ -143,7 +145,7 @@ def video_sparse_attention(
         ``sparsity=0`` and no gate the result equals dense attention.
     """
     grid, tile_size, k_sel = _validate(q, k, v, gate, grid, tile_size, sparsity, topk)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 

@@ -40,18 +40,23 @@ are finite but meaningless.
 Dtypes: float32, float16 and bfloat16 (float64 is not supported: use backend='torch').
 Scores, softmax and accumulators are float32; P and dS are cast to the operand dtype
 before their ``tl.dot`` (as flash attention does). float32 inputs use exact ("ieee") dots
-rather than TF32. On CPU the kernels run under the Triton interpreter
+rather than TF32: correct but slow on a GPU, and limited to head dim <= 128 there (shared
+memory); bfloat16 / float16 are the fast path. On CPU the kernels run under the Triton interpreter
 (``TRITON_INTERPRET=1``), which mishandles bfloat16 dots: test float32 / float16 there.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-# log2(e): scores are kept in base 2 so that tl.exp2 can be used. Kernels spell the
-# constants as literals (a plain Python global is not visible inside @triton.jit).
+from fastwan.attention.tiling import slots_for as tiling_slots_for
+
+# log2(e): scores are kept in base 2 so that tl.exp2 can be used. Kernels spell constants
+# as literals: @triton.jit code reads module globals only when they are tl.constexpr.
 LOG2E = 1.4426950408889634
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,8 +64,9 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 def slots_for(tile_numel: int) -> int:
     """Tiled-layout positions per tile: a power of two >= max(16, tile_numel), the smallest
-    block ``tl.dot`` and ``tl.arange`` accept (64 -> 64, 27 -> 32, 8 -> 16)."""
-    return max(16, triton.next_power_of_2(int(tile_numel)))
+    block ``tl.dot`` and ``tl.arange`` accept (64 -> 64, 27 -> 32, 8 -> 16). The rule lives
+    in :func:`fastwan.attention.tiling.slots_for`, which the public API calls."""
+    return tiling_slots_for("triton", tile_numel)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -108,9 +114,8 @@ def _fwd_kernel(
 
     acc = acc / l_i[:, None]
     tl.store(O + head + q_off, acc.to(O.dtype.element_ty), mask=d_ok[None, :])
-    tl.store(
-        LSE + bh * N * SLOTS + n * SLOTS + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453
-    )  # ln(2)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2): base 2 -> natural log
+    tl.store(LSE + bh * N * SLOTS + n * SLOTS + rows, lse)
 
 
 @triton.jit
@@ -136,7 +141,7 @@ def _dq_kernel(
     sel = IDX + (bh * N + n) * KSEL
 
     # Pass 1: row sums of P = exp2(s - lse2) and of P * dP. The saved lse is rounded
-    # (|s| ~ 1e3 at large activations), which scales a whole row of P by ~(1 + 1e-4), and
+    # (|s| ~ 1e3 at large activations), which scales a whole row of P by up to ~1e-3, and
     # rowsum(dO * O) carries O's low-precision rounding; dS = P (dP - delta) cancels and
     # amplifies both. Renormalising P and taking delta from the same P removes them.
     l_i = tl.zeros([SLOTS], tl.float32)
@@ -228,7 +233,7 @@ def _dkdv_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check(q_t: torch.Tensor, idx: torch.Tensor, slots: int) -> tuple[int, int, int, int, int]:
+def _check(q_t, k_t, v_t, idx, slots) -> tuple[int, int, int, int, int]:
     if q_t.dtype not in _SUPPORTED:
         raise ValueError(
             f"backend='triton' supports float32, float16 and bfloat16, got {q_t.dtype}; "
@@ -236,6 +241,10 @@ def _check(q_t: torch.Tensor, idx: torch.Tensor, slots: int) -> tuple[int, int, 
         )
     if slots < 16 or slots & (slots - 1):
         raise ValueError(f"slots must be a power of two >= 16 (see slots_for), got {slots}")
+    if k_t.shape != q_t.shape or v_t.shape != q_t.shape:
+        raise ValueError(f"q, k, v shapes differ: {q_t.shape}, {k_t.shape}, {v_t.shape}")
+    if k_t.dtype != q_t.dtype or v_t.dtype != q_t.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q_t.dtype}, {k_t.dtype}, {v_t.dtype}")
     B, H, Sp, D = q_t.shape
     if Sp % slots:
         raise ValueError(f"tiled length {Sp} is not a multiple of slots={slots}")
@@ -244,7 +253,18 @@ def _check(q_t: torch.Tensor, idx: torch.Tensor, slots: int) -> tuple[int, int, 
         raise ValueError(f"idx has shape {tuple(idx.shape)}, expected [{B}, {H}, {N}, k]")
     if Sp * D >= 2**31:  # in-head offsets are int32
         raise ValueError(f"one head holds {Sp} x {D} elements; at most 2**31 - 1 supported")
+    if q_t.is_cuda and q_t.dtype == torch.float32 and _block_d(D) > 128:
+        # Exact fp32 dots stage operands through shared memory: > 227 KiB at BLOCK_D 256.
+        raise ValueError(
+            f"backend='triton' runs float32 only up to head dim 128 (got {D}); use bfloat16 "
+            "or float16, or backend='torch'"
+        )
     return B, H, N, idx.shape[-1], D
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on whichever device happens to be current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_d(d: int) -> int:
@@ -295,19 +315,20 @@ def fine_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine-stage forward. Returns out [B, H, N*slots, D] (q's dtype), lse [B, H, N*slots]
     float32."""
-    B, H, N, K, D = _check(q_t, idx, slots)
+    B, H, N, K, D = _check(q_t, k_t, v_t, idx, slots)
     q_t, k_t, v_t = q_t.contiguous(), k_t.contiguous(), v_t.contiguous()
     idx = idx.to(device=q_t.device, dtype=torch.int32).contiguous()  # [B, H, N, k]
     counts = counts.to(device=q_t.device, dtype=torch.int32).contiguous()  # [N]
     out = torch.empty_like(q_t)  # [B, H, N*slots, D]
     lse = torch.empty(q_t.shape[:-1], device=q_t.device, dtype=torch.float32)
     block_d = _block_d(D)
-    _fwd_kernel[(N, B * H)](
-        q_t, k_t, v_t, out, lse, idx, counts,
-        N, K, D, float(scale) * LOG2E,
-        SLOTS=slots, BLOCK_D=block_d, PRECISION=_precision(q_t.dtype),
-        num_warps=_num_warps(block_d, 1), num_stages=2,
-    )  # fmt: skip
+    with _on_device(q_t):
+        _fwd_kernel[(N, B * H)](
+            q_t, k_t, v_t, out, lse, idx, counts,
+            N, K, D, float(scale) * LOG2E,
+            SLOTS=slots, BLOCK_D=block_d, PRECISION=_precision(q_t.dtype),
+            num_warps=_num_warps(block_d, 1), num_stages=2,
+        )  # fmt: skip
     return out, lse
 
 
@@ -326,7 +347,7 @@ def fine_backward(
     """Fine-stage backward: (dq, dk, dv) in the inputs' dtypes. Gradients of pad query
     rows are taken as zero (their outputs are discarded). ``out`` is not needed: delta
     comes from the recomputed probabilities (see ``_dq_kernel``)."""
-    B, H, N, K, D = _check(q_t, idx, slots)
+    B, H, N, K, D = _check(q_t, k_t, v_t, idx, slots)
     do, q_t, k_t, v_t = (t.contiguous() for t in (do, q_t, k_t, v_t))
     lse = lse.to(torch.float32).contiguous()  # [B, H, N*slots]
     idx = idx.to(device=q_t.device, dtype=torch.int32).contiguous()  # [B, H, N, k]
@@ -342,19 +363,20 @@ def fine_backward(
     dq = torch.empty_like(q_t)
     dk = torch.empty_like(k_t)
     dv = torch.empty_like(v_t)
-    _dq_kernel[grid](
-        q_t, k_t, v_t, do, lse, dq, lse2, delta, idx, counts,
-        N, K, D, qk_scale, float(scale),
-        SLOTS=slots, BLOCK_D=block_d, PRECISION=prec,
-        num_warps=_num_warps(block_d, 1), num_stages=2,
-    )  # fmt: skip
-    # Runs after _dq_kernel on the same stream: it reads lse2 and delta of every tile.
-    _dkdv_kernel[grid](
-        q_t, k_t, v_t, do, lse2, delta, dk, dv, offsets, q_tiles, counts,
-        N, D, qk_scale, float(scale),
-        SLOTS=slots, BLOCK_D=block_d, PRECISION=prec,
-        num_warps=_num_warps(block_d, 2), num_stages=2,
-    )  # fmt: skip
+    with _on_device(q_t):
+        _dq_kernel[grid](
+            q_t, k_t, v_t, do, lse, dq, lse2, delta, idx, counts,
+            N, K, D, qk_scale, float(scale),
+            SLOTS=slots, BLOCK_D=block_d, PRECISION=prec,
+            num_warps=_num_warps(block_d, 1), num_stages=2,
+        )  # fmt: skip
+        # Runs after _dq_kernel on the same stream: it reads lse2 and delta of every tile.
+        _dkdv_kernel[grid](
+            q_t, k_t, v_t, do, lse2, delta, dk, dv, offsets, q_tiles, counts,
+            N, D, qk_scale, float(scale),
+            SLOTS=slots, BLOCK_D=block_d, PRECISION=prec,
+            num_warps=_num_warps(block_d, 2), num_stages=2,
+        )  # fmt: skip
     return dq, dk, dv
 
 
