@@ -80,16 +80,19 @@ class _Chunks:
             return out
         return self.cast_bufs[i][:c].copy_(out)
 
-    def softmax_(self, q, ks, r0, r1, scale, i=0):
-        """Exact row softmax of the scaled scores, in place in score buffer i.
+    def softmax_(self, q_scaled, ks, r0, r1, with_lse: bool):
+        """Exact row softmax of ``q_scaled @ ks^T`` (q pre-multiplied by the softmax scale),
+        in place in the score buffer.
 
-        Returns P [c, slots, K * slots] and the row log-sum-exp [c, slots]."""
-        s = self.score_bufs[i][: r1 - r0]
+        Returns P [c, slots, K * slots] and, if asked, the row log-sum-exp [c, slots]."""
+        s = self.score_bufs[0][: r1 - r0]
         if self.bias is None:
-            torch.bmm(q, ks.transpose(1, 2), out=s).mul_(scale)
+            torch.bmm(q_scaled, ks.transpose(1, 2), out=s)
         else:
             kbias = self.bias[self.key_tile[r0:r1]].view(r1 - r0, 1, -1)
-            torch.baddbmm(kbias, q, ks.transpose(1, 2), alpha=scale, out=s)
+            torch.baddbmm(kbias, q_scaled, ks.transpose(1, 2), out=s)
+        if not with_lse:  # one fused kernel, in place (row-wise, so aliasing is safe)
+            return torch.ops.aten._softmax.out(s, -1, False, out=s), None
         row_max = s.amax(-1, keepdim=True)
         z = s.sub_(row_max).exp_().sum(-1, keepdim=True)
         return s.div_(z), (row_max + z.log()).squeeze(-1)
@@ -115,7 +118,8 @@ def fine_forward(
     for r0, r1 in ch:
         ks = ch.gather(kb, r0, r1, 0)  # [c, K * slots, D]
         vs = ch.gather(vb, r0, r1, 1)
-        p, lse[r0:r1] = ch.softmax_(qb[r0:r1].to(ch.acc), ks, r0, r1, scale)
+        q = qb[r0:r1].to(ch.acc) * scale  # [c, slots, D], small: scaling q beats scaling S
+        p, lse[r0:r1] = ch.softmax_(q, ks, r0, r1, with_lse=True)
         torch.bmm(p, vs, out=out[r0:r1])
     return out.view(B, H, Sp, D).to(q_t.dtype), lse.view(B, H, Sp)
 
@@ -151,9 +155,9 @@ def fine_backward(
         rows = ch.sel[r0:r1].reshape(-1)
         ks = ch.gather(kb, r0, r1, 0)
         vs = ch.gather(vb, r0, r1, 1)
-        q = qb[r0:r1].to(acc)
+        q = qb[r0:r1].to(acc) * scale  # pre-scaled: dK = dS^T (scale q) needs no rescale
         g = dob[r0:r1].to(acc)
-        p, _ = ch.softmax_(q, ks, r0, r1, scale)  # [n, slots, K * slots]
+        p, _ = ch.softmax_(q, ks, r0, r1, with_lse=False)  # [n, slots, K * slots]
         buf = dkv_sel[:n]
         torch.bmm(p.transpose(1, 2), g, out=buf)  # dV of the selected tiles
         dv.index_add_(0, rows, buf.view(n * K, slots, D))
@@ -162,7 +166,7 @@ def fine_backward(
         dp.mul_(p)
         dp.sub_(p.mul_(dp.sum(-1, keepdim=True)))
         torch.bmm(dp, ks, out=dq[r0:r1]).mul_(scale)
-        torch.bmm(dp.transpose(1, 2), q, out=buf).mul_(scale)  # dK of the selected tiles
+        torch.bmm(dp.transpose(1, 2), q, out=buf)  # dK of the selected tiles
         dk.index_add_(0, rows, buf.view(n * K, slots, D))
     shape = (B, H, Sp, D)
     return (
