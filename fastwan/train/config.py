@@ -482,7 +482,10 @@ class DataConfig:
     ``dmd.rollout: simulate``). ``cfg_dropout``: probability of replacing a sample's
     text condition by the empty/negative one (for ``flow``; 0 for distillation).
     ``num_frames`` / ``height`` / ``width`` give the clip size in pixels (the latent
-    shape for simulated rollouts and validation videos).
+    shape for simulated rollouts and validation videos). ``text_length``: tokens the text
+    embeddings are padded to (the model's text length; Wan: 512). ``on_error``: what a
+    corrupt shard or row does -- ``raise`` (an error naming the file and row) or ``skip``
+    (skipped and counted).
     """
 
     path: str | None = None
@@ -492,6 +495,8 @@ class DataConfig:
     num_frames: int = 61
     height: int = 448
     width: int = 832
+    text_length: int = 512
+    on_error: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
         _check_path(
@@ -504,6 +509,8 @@ class DataConfig:
             _fail(self, "text_only", f"must be true or false, got {self.text_only!r}")
         _check_range(self, "cfg_dropout", 0.0, 1.0, hi_open=True)
         _check_int(self, "num_workers", 0)
+        _check_int(self, "text_length", 1, fix=" (Wan's text encoder gives 512 tokens)")
+        _check_choice(self, "on_error", ("raise", "skip"))
         _check_int(self, "num_frames", 1)
         if (self.num_frames - 1) % 4:
             _fail(

@@ -1,0 +1,215 @@
+"""``fastwan preprocess`` (videos + captions -> latent shards) and ``fastwan preprocess-text``
+(prompts -> text-embedding shards for data-free distillation).
+
+Both are resumable: re-run the same command after an interruption and it continues where
+it stopped. Under ``torchrun`` every rank takes its share of the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) without it."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError("RANK and WORLD_SIZE must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder of parquet shards")
+    p.add_argument(
+        "--rows-per-shard", type=int, default=256, help="rows per parquet file (default 256)"
+    )
+    p.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan: 512)")
+    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("fp32", "bf16", "fp16"),
+        help="text encoder dtype (default bf16 on CUDA, fp32 on CPU); stored embeddings are fp32",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preprocess",
+        help="encode videos + captions into latent parquet shards (VAE + text encoder)",
+        description=(
+            "Decode each video, resample it to --fps, resize and centre-crop it to "
+            "--height x --width, cut it to --num-frames, VAE-encode it (posterior mean, "
+            "unnormalised) and text-encode its caption. Unreadable, missing and too-short "
+            "videos are skipped and listed in OUT/summary.json. Resumable."
+        ),
+    )
+    p.add_argument("--videos", type=Path, required=True, help="folder of the video files")
+    p.add_argument(
+        "--captions",
+        type=Path,
+        required=True,
+        help="captions file (.json/.jsonl/.csv): video path (relative to --videos) + caption",
+    )
+    p.add_argument(
+        "--model", required=True, help="Diffusers-format Wan folder (vae/, text_encoder/)"
+    )
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--num-frames", type=int, default=81, help="4k + 1 frames (default 81)")
+    p.add_argument("--fps", type=float, default=16.0, help="frame rate of the clips (default 16)")
+    p.add_argument(
+        "--vae-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="default fp32"
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="tiled VAE encoding (less memory)")
+    _common(p)
+    p.set_defaults(func=run_preprocess)
+
+    t = subparsers.add_parser(
+        "preprocess-text",
+        help="encode prompts into text-embedding parquet shards (data-free distillation)",
+        description=(
+            "Text-encode every prompt (one per line in .txt, or .json/.jsonl/.csv) into "
+            "text-only shards: id, text_embedding_*, caption, media_type. Resumable."
+        ),
+    )
+    t.add_argument("--prompts", type=Path, required=True, help="prompts file")
+    t.add_argument("--model", required=True, help="Diffusers-format Wan folder (text_encoder/)")
+    t.add_argument("--batch-size", type=int, default=16, help="prompts per encoder call")
+    _common(t)
+    t.set_defaults(func=run_preprocess_text)
+
+
+def _report(summary: dict, out: Path, what: str) -> None:
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_by_reason"].items())
+    print(
+        f"{what}: {summary['rows_written']} rows written ({summary['rows_total']} in {out}); "
+        f"{summary['skipped']} skipped" + (f" ({reasons})" if reasons else "")
+    )
+
+
+def _uncaptioned(videos: Path, named: set[str]) -> list[str]:
+    from fastwan.data.preprocess import VIDEO_SUFFIXES
+
+    found = [
+        p.relative_to(videos).as_posix()
+        for p in sorted(videos.rglob("*"))
+        if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+    ]
+    return [f for f in found if f not in named]
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastwan.data.encoders import (
+        WanTextEncoder,
+        WanVideoEncoder,
+        default_device,
+        resolve_dtype,
+    )
+    from fastwan.data.preprocess import check_clip_size, preprocess_videos
+    from fastwan.data.sources import load_captions
+    from fastwan.models.loading import resolve_model_path
+
+    rank, world = dist_env()
+    items = load_captions(args.captions, args.videos)
+    model = resolve_model_path(args.model)
+    device = default_device(args.device)
+    video_encoder = WanVideoEncoder.from_pretrained(
+        model, device=device, dtype=resolve_dtype(args.vae_dtype, device), tiling=args.vae_tiling
+    )
+    # Wan patchifies latents 2x2: pixel sizes must be multiples of 2 x the VAE stride.
+    check_clip_size(
+        args.height,
+        args.width,
+        args.num_frames,
+        args.fps,
+        spatial=2 * video_encoder.spatial_stride,
+        temporal=video_encoder.temporal_stride,
+    )
+    text_encoder = WanTextEncoder.from_pretrained(
+        model,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        max_length=args.max_sequence_length,
+    )
+    uncaptioned = _uncaptioned(args.videos, {item.file_name for item in items})
+    if uncaptioned:
+        print(f"note: {len(uncaptioned)} videos in {args.videos} have no caption; not used")
+    with torch.inference_mode():
+        summary = preprocess_videos(
+            items,
+            video_encoder,
+            text_encoder,
+            args.out,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            fps=args.fps,
+            rows_per_shard=args.rows_per_shard,
+            settings={
+                "model": str(model.resolve()),
+                "max_sequence_length": args.max_sequence_length,
+                "text_dtype": str(text_encoder.text_encoder.dtype).removeprefix("torch."),
+                "vae_dtype": args.vae_dtype,
+            },
+            rank=rank,
+            world_size=world,
+            progress=not args.no_progress,
+            summary_extra={
+                "videos_without_caption": len(uncaptioned),
+                "videos_without_caption_list": uncaptioned[:1000],
+            },
+        )
+    _report(summary, args.out, "preprocess")
+    if summary["skipped"]:
+        print(f"skipped videos and reasons: {args.out / 'summary.json'}", file=sys.stderr)
+    return 0
+
+
+def run_preprocess_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastwan.data.encoders import WanTextEncoder, default_device, resolve_dtype
+    from fastwan.data.preprocess import preprocess_prompts
+    from fastwan.data.sources import load_prompts
+    from fastwan.models.loading import resolve_model_path
+
+    rank, world = dist_env()
+    prompts = load_prompts(args.prompts)
+    model = resolve_model_path(args.model)
+    device = default_device(args.device)
+    encoder = WanTextEncoder.from_pretrained(
+        model,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        max_length=args.max_sequence_length,
+        batch_size=args.batch_size,
+    )
+    with torch.inference_mode():
+        summary = preprocess_prompts(
+            prompts,
+            encoder,
+            args.out,
+            rows_per_shard=args.rows_per_shard,
+            batch_size=args.batch_size,
+            settings={
+                "model": str(model.resolve()),
+                "max_sequence_length": args.max_sequence_length,
+                "text_dtype": str(encoder.text_encoder.dtype).removeprefix("torch."),
+            },
+            rank=rank,
+            world_size=world,
+            progress=not args.no_progress,
+        )
+    _report(summary, args.out, "preprocess-text")
+    return 0

@@ -1,0 +1,286 @@
+"""The encoders and the teacher of the data commands, built from a Diffusers-format Wan folder.
+
+* :class:`WanTextEncoder`: prompts -> UMT5 embeddings of the valid tokens ``[L_i, dim]``,
+  tokenised and cleaned exactly as :class:`fastwan.pipeline.VideoGenerator` does;
+* :class:`WanVideoEncoder`: frames ``[T, H, W, 3]`` uint8 -> the VAE posterior mean
+  ``[C, T', H', W']``, unnormalised;
+* :class:`TeacherSampler`: (prompt, seed) -> the teacher's multi-step CFG sample, as an
+  unnormalised latent ``[C, T, h, w]``.
+
+Only the components a command needs are loaded (preprocessing never loads the transformer).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TeacherSampler",
+    "WanTextEncoder",
+    "WanVideoEncoder",
+    "default_device",
+    "resolve_dtype",
+    "vae_latent_stats",
+]
+
+
+def default_device(device: str | None = None) -> torch.device:
+    """``device``, else CUDA (this process's ``LOCAL_RANK`` GPU under torchrun) or the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """fp32 / bf16 / fp16 by name; default bf16 on CUDA, fp32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _component_dir(path: Path, name: str, what: str) -> Path:
+    sub = path / name
+    if not sub.is_dir():
+        raise ValueError(
+            f"{str(path)!r} has no {name}/ folder; {what} needs a Diffusers-format Wan folder "
+            f"with {name}/ (pass the pipeline root with --model)"
+        )
+    return sub
+
+
+class WanTextEncoder:
+    """UMT5 text encoder: ``__call__(prompts) -> list of [L_i, dim]`` float32 CPU tensors.
+
+    Prompts are cleaned (:func:`fastwan.pipeline.clean_prompt`) and tokenised to
+    ``max_length`` as the Wan pipeline does; only each prompt's valid tokens are returned.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: torch.nn.Module,
+        *,
+        max_length: int = 512,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+    ) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.truncated = 0  # prompts cut to max_length so far
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_length: int = 512,
+        batch_size: int = 8,
+    ) -> WanTextEncoder:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from fastwan.models.loading import resolve_model_path
+
+        root = resolve_model_path(path)
+        dev = default_device(str(device) if device is not None else None)
+        dtype = dtype if dtype is not None else resolve_dtype(None, dev)
+        encoder = UMT5EncoderModel.from_pretrained(
+            str(_component_dir(root, "text_encoder", "text encoding")), dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(_component_dir(root, "tokenizer", "text encoding"))
+        )
+        return cls(
+            tokenizer,
+            encoder.to(dev),
+            max_length=max_length,
+            device=dev,
+            batch_size=batch_size,
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_encoder.config.d_model)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        from fastwan.pipeline import clean_prompt
+
+        if isinstance(prompts, str):
+            raise ValueError("encode_text takes a list of prompts, got one string")
+        out: list[torch.Tensor] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [clean_prompt(p) for p in prompts[start : start + self.batch_size]]
+            inputs = self.tokenizer(
+                batch,
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            ids, mask = inputs.input_ids, inputs.attention_mask  # [B, max_length]
+            hidden = self.text_encoder(
+                ids.to(self.device), mask.to(self.device)
+            ).last_hidden_state  # [B, max_length, dim]
+            lengths = mask.gt(0).sum(dim=1).tolist()
+            out += [h[:n].float().cpu() for h, n in zip(hidden, lengths)]  # [n, dim] each
+            full = self.tokenizer(batch, add_special_tokens=True).input_ids
+            cut = [p for p, t in zip(batch, full) if len(t) > self.max_length]
+            if cut:  # as the Wan pipeline does; say so rather than lose text silently
+                self.truncated += len(cut)
+                warnings.warn(
+                    f"{len(cut)} prompt(s) longer than {self.max_length} tokens were truncated "
+                    f"(e.g. {cut[0][:80]!r}...)",
+                    stacklevel=3,  # the caller of __call__ (past torch.no_grad's wrapper)
+                )
+        return out
+
+
+class WanVideoEncoder:
+    """Wan VAE encoder: ``__call__(frames [T, H, W, 3] uint8) -> [C, T', H', W']`` float32,
+    the posterior mean (unnormalised). ``T = 4k + 1``; ``H, W`` multiples of the stride."""
+
+    def __init__(self, vae: torch.nn.Module, *, device: str | torch.device = "cpu") -> None:
+        self.vae = vae.eval()
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        tiling: bool = False,
+    ) -> WanVideoEncoder:
+        from diffusers import AutoencoderKLWan
+
+        from fastwan.models.loading import resolve_model_path
+
+        root = resolve_model_path(path)
+        dev = default_device(str(device) if device is not None else None)
+        vae = AutoencoderKLWan.from_pretrained(
+            str(_component_dir(root, "vae", "video encoding")), torch_dtype=dtype
+        )
+        if tiling:
+            vae.enable_tiling()
+        return cls(vae.to(dev), device=dev)
+
+    @property
+    def temporal_stride(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def spatial_stride(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def latents_mean(self) -> list[float]:
+        return list(self.vae.config.latents_mean)
+
+    @property
+    def latents_std(self) -> list[float]:
+        return list(self.vae.config.latents_std)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4:
+            raise ValueError("frames must be a uint8 array [T, H, W, 3]")
+        t, h, w, c = frames.shape
+        st, ss = self.temporal_stride, self.spatial_stride
+        if c != 3 or (t - 1) % st or h % ss or w % ss:
+            raise ValueError(
+                f"frames {frames.shape} must be [{st}k + 1, H, W, 3] with H, W multiples of {ss}"
+            )
+        x = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None]  # [1, 3, T, H, W]
+        x = (x.float() / 127.5 - 1.0).to(self.vae.dtype)  # [-1, 1]
+        posterior = self.vae.encode(x).latent_dist
+        return posterior.mean[0].float().cpu()  # [C, T', H', W']
+
+
+def vae_latent_stats(path: str | Path) -> tuple[list[float], list[float]]:
+    """``(latents_mean, latents_std)`` from a Diffusers folder's ``vae/config.json`` (no
+    weights loaded): what :class:`fastwan.data.dataset.LatentDataset` normalises with."""
+    from fastwan.models.loading import resolve_model_path
+
+    root = resolve_model_path(path)
+    config_file = root / "vae" / "config.json"
+    if not config_file.is_file():
+        config_file = root / "config.json"  # the vae/ folder itself
+    if not config_file.is_file():
+        raise ValueError(f"{str(path)!r} has no vae/config.json; pass a Wan pipeline folder")
+    config = json.loads(config_file.read_text())
+    if "latents_mean" not in config or "latents_std" not in config:
+        raise ValueError(
+            f"{config_file} has no latents_mean / latents_std; pass them to the dataset yourself"
+        )
+    return list(config["latents_mean"]), list(config["latents_std"])
+
+
+class TeacherSampler:
+    """The teacher's sample of a prompt, unnormalised: ``__call__(prompt, seed)`` ->
+    ``[C, T, h, w]`` float32 on the CPU (``z * latents_std + latents_mean`` of the
+    generator's output, i.e. what ``vae.decode`` takes)."""
+
+    def __init__(
+        self,
+        generator: Any,  # fastwan.pipeline.VideoGenerator
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str | None = None,
+        flow_shift: float | None = None,
+        sampler: str = "scheduler",
+        max_sequence_length: int = 512,
+    ) -> None:
+        self.generator = generator
+        self.kwargs = dict(
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            flow_shift=flow_shift,
+            sampler=sampler,
+            max_sequence_length=max_sequence_length,
+        )
+        self.negative_prompt = negative_prompt
+        # Check the sizes now, not at the first prompt.
+        generator.latent_shape(1, height, width, num_frames)
+        config = generator.components.vae.config
+        self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(-1, 1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(config.latents_std, dtype=torch.float32).view(
+            -1, 1, 1, 1
+        )
+
+    def __call__(self, prompt: str, seed: int) -> torch.Tensor:
+        out = self.generator.generate(
+            prompt, self.negative_prompt, seed=int(seed), output_type="latent", **self.kwargs
+        )
+        z = out.latents[0].float()  # [C, T, h, w], normalised
+        return z / self._inv_std + self._mean  # unnormalised, as VideoGenerator.decode does

@@ -1,0 +1,263 @@
+"""Preprocessing: videos + captions -> latent shards; prompts -> text-embedding shards.
+
+The core functions take the encoders as callables, so they run with any model (or a test
+double):
+
+* ``encode_video(frames)``: frames ``[T, H, W, 3]`` uint8 -> latent ``[C, T', H', W']``, the
+  VAE posterior mean, unnormalised;
+* ``encode_text(prompts)``: ``list[str]`` -> one ``[L_i, dim]`` tensor per prompt, its valid
+  tokens only.
+
+:mod:`fastwan.data.encoders` builds both from a Diffusers-format Wan folder.
+
+A video that cannot be decoded, is too short, or is missing (and a caption that is empty)
+is skipped and recorded in the summary with its reason; it never stops the run and never
+leaves a partial row. Output is resumable (see :mod:`fastwan.data.parquet_io`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, ResumableOutput
+from fastwan.data.schema import text_row, video_row
+from fastwan.data.sources import PromptItem, VideoItem
+from fastwan.data.video_decode import VideoDecodeError, decode_clip
+
+__all__ = [
+    "DEFAULT_ROWS_PER_SHARD",
+    "EncodeText",
+    "EncodeVideo",
+    "VIDEO_SUFFIXES",
+    "check_clip_size",
+    "preprocess_prompts",
+    "preprocess_videos",
+    "save_empty_prompt",
+]
+
+EncodeVideo = Callable[[np.ndarray], torch.Tensor]  # [T, H, W, 3] uint8 -> [C, T', H', W']
+EncodeText = Callable[[list[str]], Sequence[torch.Tensor]]  # prompts -> [L_i, dim] each
+
+DEFAULT_ROWS_PER_SHARD = 256
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
+
+
+def check_clip_size(
+    height: int, width: int, num_frames: int, fps: float, spatial: int = 16, temporal: int = 4
+) -> None:
+    """Clip sizes the Wan VAE and patching accept: height/width multiples of ``spatial``
+    (VAE stride x patch size), ``num_frames = temporal * k + 1``; a ValueError naming the
+    option and the nearest valid values otherwise."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < spatial:
+            raise ValueError(f"--{name} must be an int >= {spatial}, got {value!r}")
+        if value % spatial:
+            lo = value // spatial * spatial
+            raise ValueError(
+                f"--{name} {value} must be a multiple of {spatial} (VAE stride x patch); "
+                f"use {lo} or {lo + spatial}"
+            )
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"--num-frames must be a positive int, got {num_frames!r}")
+    if (num_frames - 1) % temporal:
+        lo = (num_frames - 1) // temporal * temporal + 1
+        raise ValueError(
+            f"--num-frames {num_frames} must be {temporal}k + 1 (the VAE compresses time "
+            f"{temporal}x); use {lo} or {lo + temporal}"
+        )
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"--fps must be a positive number, got {fps!r}")
+
+
+def _as_latent(latent: Any, where: str) -> torch.Tensor:
+    if not isinstance(latent, torch.Tensor) or latent.dim() != 4:
+        shape = tuple(latent.shape) if hasattr(latent, "shape") else type(latent).__name__
+        raise ValueError(f"encode_video must return a [C, T, H, W] tensor, got {shape} ({where})")
+    latent = latent.detach().to("cpu", torch.float32)
+    if not torch.isfinite(latent).all():
+        raise ValueError(f"encode_video returned NaN/inf for {where}; check the VAE and its dtype")
+    return latent
+
+
+def _as_embeddings(embeds: Any, count: int, where: str) -> list[torch.Tensor]:
+    embeds = list(embeds)
+    if len(embeds) != count:
+        raise ValueError(f"encode_text returned {len(embeds)} embeddings for {count} prompts")
+    out = []
+    for e in embeds:
+        if not isinstance(e, torch.Tensor) or e.dim() != 2:
+            shape = tuple(e.shape) if hasattr(e, "shape") else type(e).__name__
+            raise ValueError(f"encode_text must return [L, dim] tensors, got {shape} ({where})")
+        out.append(e.detach().to("cpu", torch.float32))
+    return out
+
+
+def save_empty_prompt(job: ResumableOutput, encode_text: EncodeText) -> None:
+    """Store the empty prompt's embedding ``[L, dim]`` (the dataset's CFG-dropout text)."""
+    if job.rank == 0 and not (job.out_dir / EMPTY_PROMPT_FILE).is_file():
+        (empty,) = _as_embeddings(encode_text([""]), 1, "the empty prompt")
+        job.save_array(EMPTY_PROMPT_FILE, empty.numpy())
+
+
+def preprocess_videos(
+    items: Sequence[VideoItem],
+    encode_video: EncodeVideo,
+    encode_text: EncodeText,
+    out_dir: str | Path,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    fps: float,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    settings: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    summary_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Decode, resample to ``fps``, resize + centre-crop to ``height x width``, cut to
+    ``num_frames``, encode; write one row per (video, caption). Returns the summary
+    (also written to ``out_dir/summary.json``).
+
+    ``settings``: extra values recorded in ``dataset.json`` (e.g. the model) that a resumed
+    run must repeat. Under ``world_size`` > 1, this rank takes every ``world_size``-th video.
+    """
+    check_clip_size(height, width, num_frames, fps, spatial=1, temporal=1)
+    all_settings = dict(height=height, width=width, num_frames=num_frames, fps=float(fps))
+    all_settings.update(settings or {})
+    job = ResumableOutput(
+        out_dir,
+        "video",
+        all_settings,
+        rows_per_shard=rows_per_shard,
+        rank=rank,
+        world_size=world_size,
+    )
+    mine = list(items)[rank::world_size]
+    pending = [item for item in mine if any(not job.is_done(i) for i in item.ids)]
+    complete = False
+    try:
+        save_empty_prompt(job, encode_text)
+        bar = tqdm(pending, desc="preprocess", unit="video", disable=not progress, file=sys.stderr)
+        for item in bar:
+            _preprocess_one(job, item, encode_video, encode_text, all_settings)
+            bar.set_postfix(
+                rows=job.writer.rows_written + job.writer.pending,
+                skipped=len(job.skipped),
+                refresh=False,
+            )
+        complete = True
+    finally:
+        summary = job.finish(
+            total_items=len(mine),
+            complete=complete,
+            inputs_already_done=len(mine) - len(pending),
+            **(summary_extra or {}),
+        )
+    return summary
+
+
+def _preprocess_one(
+    job: ResumableOutput,
+    item: VideoItem,
+    encode_video: EncodeVideo,
+    encode_text: EncodeText,
+    s: Mapping[str, Any],
+) -> None:
+    todo = [(i, c) for i, c in zip(item.ids, item.captions) if not job.is_done(i)]
+    for row_id, caption in todo:
+        if not caption.strip():
+            job.skip(row_id, "empty_caption", f"{item.file_name}: the caption is empty")
+    todo = [(i, c) for i, c in todo if c.strip()]
+    if not todo:
+        return
+    if not item.path.is_file():
+        job.skip(item.file_name, "missing_file", f"{item.path}: no such file")
+        return
+    try:
+        clip = decode_clip(
+            item.path,
+            num_frames=s["num_frames"],
+            fps=s["fps"],
+            height=s["height"],
+            width=s["width"],
+        )
+    except VideoDecodeError as err:
+        job.skip(item.file_name, err.reason, str(err))
+        return
+    latent = _as_latent(encode_video(clip.frames), item.file_name)  # [C, T', H', W']
+    embeds = _as_embeddings(encode_text([c for _, c in todo]), len(todo), item.file_name)
+    for (row_id, caption), emb in zip(todo, embeds):
+        job.add(
+            video_row(
+                id=row_id,
+                latent=latent,
+                text_embedding=emb,  # [L, dim]
+                caption=caption,
+                file_name=item.file_name,
+                width=s["width"],
+                height=s["height"],
+                num_frames=s["num_frames"],
+                fps=s["fps"],
+            )
+        )
+
+
+def preprocess_prompts(
+    prompts: Sequence[PromptItem],
+    encode_text: EncodeText,
+    out_dir: str | Path,
+    *,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    batch_size: int = 16,
+    settings: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Text-only shards (data-free distillation): one row per prompt, ``batch_size``
+    prompts per ``encode_text`` call. Returns the summary."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    job = ResumableOutput(
+        out_dir,
+        "text",
+        dict(settings or {}),
+        rows_per_shard=rows_per_shard,
+        rank=rank,
+        world_size=world_size,
+    )
+    mine = list(prompts)[rank::world_size]
+    pending = [p for p in mine if not job.is_done(p.id)]
+    complete = False
+    try:
+        save_empty_prompt(job, encode_text)
+        with tqdm(
+            total=len(pending),
+            desc="encode prompts",
+            unit="prompt",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar:
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                embeds = _as_embeddings(
+                    encode_text([p.prompt for p in batch]), len(batch), f"prompt {batch[0].id}"
+                )
+                for item, emb in zip(batch, embeds):
+                    job.add(text_row(id=item.id, text_embedding=emb, caption=item.prompt))
+                bar.update(len(batch))
+        complete = True
+    finally:
+        summary = job.finish(
+            total_items=len(mine), complete=complete, inputs_already_done=len(mine) - len(pending)
+        )
+    return summary
