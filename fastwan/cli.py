@@ -12,6 +12,9 @@ import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
+    "fastwan.commands.generate",
+    "fastwan.commands.preprocess",
+    "fastwan.commands.synthesize",
     "fastwan.commands.bench",
 ]
 

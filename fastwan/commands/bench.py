@@ -6,6 +6,10 @@ import importlib
 
 BENCHMARKS = {
     "attention": ("fastwan.bench.attention", "dense SDPA vs VSA, forward and backward"),
+    "denoise": (
+        "fastwan.bench.denoise",
+        "one Wan transformer forward, dense vs VSA; projected 3-step VSA vs 50-step CFG",
+    ),
 }
 
 

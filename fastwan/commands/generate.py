@@ -18,7 +18,9 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="pipeline folder, hub repo id or preset name")
-    p.add_argument("--preset", default=None, help="preset name (default: recognised from the model)")
+    p.add_argument(
+        "--preset", default=None, help="preset name (default: recognised from the model)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", type=Path, help="a text file: one prompt per line (# comments)")
@@ -57,7 +59,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
-    p.add_argument("--cpu-offload", action="store_true", help="move each component to the GPU only for its stage")
+    p.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="move each component to the GPU only for its stage",
+    )
     p.add_argument("--max-sequence-length", type=int, default=512)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -120,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, (prompt, path) in enumerate(zip(prompts, paths)):
         bar = tqdm(
-            desc=f"video {i + 1}/{len(prompts)}", unit="step", disable=args.no_progress,
+            desc=f"video {i + 1}/{len(prompts)}",
+            unit="step",
+            disable=args.no_progress,
             file=sys.stderr,
         )
 

@@ -1,0 +1,318 @@
+"""Loading Wan pipelines from Diffusers-format folders (local, or the hub where reachable).
+
+A folder holds ``model_index.json`` and the components ``transformer/`` (diffusers'
+``WanTransformer3DModel``), ``vae/`` (``AutoencoderKLWan``), ``text_encoder/`` (transformers'
+``UMT5EncoderModel``), ``tokenizer/`` and ``scheduler/``. The transformer may carry VSA gates
+(``blocks.N.to_gate_compress.*``, FastWan's layout); diffusers ignores those keys, fastwan
+loads them into the gates it adds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastwan.models.presets import PRESETS, WanPreset, get_preset, infer_preset
+from fastwan.models.vsa import GATE_NAME, add_vsa_gates, set_attention
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+_GATE_KEY = re.compile(rf"^blocks\.(\d+)\.{GATE_NAME}\.(weight|bias)$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path_or_id: str | Path) -> Path:
+    """A local Diffusers folder as is; a preset name or hub repo id downloaded through
+    ``huggingface_hub`` (a clear error when there is no network)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {str(path)!r} is a file; pass the pipeline folder")
+        return path
+    name = str(path_or_id)
+    try:
+        repo_id = get_preset(name).hub_id
+    except ValueError:
+        repo_id = name if _REPO_ID.match(name) and not name.startswith(".") else None
+    if repo_id is None:
+        raise ValueError(
+            f"model folder {name!r} does not exist; pass a local Diffusers-format Wan folder "
+            f"(with model_index.json), a hub repo id, or a preset name from {sorted(PRESETS)}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, unknown repo, no permission: all need a local path
+        raise ValueError(
+            f"could not download {repo_id!r} from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Without a "
+            f"network, fetch it elsewhere (e.g. `hf download {repo_id} --local-dir DIR`), copy "
+            "DIR here and pass its local path instead (--model DIR)"
+        ) from err
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    """``model_index.json`` of a pipeline folder, checked for the components fastwan needs."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(
+            f"{str(path)!r} has no model_index.json: pass the root of a Diffusers-format Wan "
+            "pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
+            "scheduler/)"
+        )
+    index = json.loads(index_file.read_text())
+    for name in COMPONENTS:
+        if index.get(name) in (None, [None, None]) or not (path / name).is_dir():
+            raise ValueError(
+                f"{str(path)!r} is missing the {name!r} component (folder {name}/ and its "
+                f"model_index.json entry); fastwan needs {list(COMPONENTS)}"
+            )
+    return index
+
+
+def _transformer_dir(path: Path) -> Path:
+    """Accept the pipeline folder or its transformer/ subfolder."""
+    if (path / "model_index.json").is_file():
+        path = path / "transformer"
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} holds no transformer (config.json missing); pass a pipeline folder "
+            "or its transformer/ subfolder"
+        )
+    return path
+
+
+def _weight_files(transformer_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for single-file and sharded checkpoints."""
+    index = transformer_dir / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: transformer_dir / f for k, f in weight_map.items()}
+    single = transformer_dir / WEIGHTS_NAME
+    if not single.is_file():
+        raise ValueError(
+            f"{str(transformer_dir)!r} has no {WEIGHTS_NAME} (or sharded index); fastwan loads "
+            "safetensors weights only"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def read_gate_tensors(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The ``blocks.N.to_gate_compress.{weight,bias}`` tensors a checkpoint stores (may be
+    empty); reads only those tensors, however large the checkpoint."""
+    from safetensors import safe_open
+
+    transformer_dir = _transformer_dir(Path(transformer_dir))
+    by_file: dict[Path, list[str]] = {}
+    for key, file in _weight_files(transformer_dir).items():
+        if _GATE_KEY.match(key):
+            by_file.setdefault(file, []).append(key)
+    out = {}
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def load_gate_weights(transformer: nn.Module, gate_tensors: dict[str, torch.Tensor]) -> int:
+    """Copy gate tensors into the transformer's gates (added, zero, where missing); return
+    how many blocks received a gate."""
+    gates = add_vsa_gates(transformer)
+    loaded = set()
+    with torch.no_grad():
+        for key, tensor in gate_tensors.items():
+            match = _GATE_KEY.match(key)
+            if match is None:
+                raise ValueError(f"{key!r} is not a gate key blocks.N.{GATE_NAME}.(weight|bias)")
+            n, which = int(match.group(1)), match.group(2)
+            if n >= len(gates):
+                raise ValueError(
+                    f"checkpoint has a gate for block {n} but the transformer has {len(gates)} "
+                    "blocks; the gate weights belong to a different model"
+                )
+            param = getattr(gates[n], which)
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"{key} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(param.shape)}; the gate weights belong to a different model"
+                )
+            param.copy_(tensor)
+            loaded.add(n)
+    return len(loaded)
+
+
+class _DropUnusedWeightsReport:
+    """A logging filter for diffusers' "weights ... were not used" warning."""
+
+    def filter(self, record) -> bool:
+        return "were not used when initializing" not in record.getMessage()
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attention: str = "dense",
+    sparsity: float | None = None,
+    tile_size: tuple[int, int, int] = (4, 4, 4),
+    backend: str = "auto",
+) -> nn.Module:
+    """Load a ``WanTransformer3DModel`` with its VSA gates (zero when the checkpoint has
+    none) and set its self-attention (``"dense"``, or ``"vsa"`` with ``sparsity``).
+
+    ``path``: a pipeline folder or its ``transformer/`` subfolder.
+    """
+    import logging
+    import warnings
+
+    from diffusers import WanTransformer3DModel
+
+    tdir = _transformer_dir(Path(path))
+    # diffusers reports checkpoint keys it does not know. The gates are fastwan's to load:
+    # drop diffusers' report and repeat it here for any other unknown key.
+    stored = set(_weight_files(tdir))
+    hush = _DropUnusedWeightsReport()
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_log.addFilter(hush)
+    try:
+        transformer = WanTransformer3DModel.from_pretrained(str(tdir), torch_dtype=dtype)
+    finally:
+        diffusers_log.removeFilter(hush)
+    ignored = getattr(WanTransformer3DModel, "_keys_to_ignore_on_load_unexpected", None) or []
+    unknown = sorted(
+        k
+        for k in stored - set(transformer.state_dict())
+        if not _GATE_KEY.match(k) and not any(re.search(p, k) for p in ignored)
+    )
+    if unknown:
+        warnings.warn(
+            f"{len(unknown)} weights in {str(tdir)!r} were not used by WanTransformer3DModel: "
+            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}",
+            stacklevel=2,
+        )
+    if device is not None:
+        transformer = transformer.to(device)
+    load_gate_weights(transformer, read_gate_tensors(tdir))
+    set_attention(transformer, attention, sparsity=sparsity, tile_size=tile_size, backend=backend)
+    return transformer.eval()
+
+
+def load_scheduler(path: str | Path, flow_shift: float | None = None):
+    """The pipeline's diffusers scheduler, with the flow shift replaced when given."""
+    import diffusers
+
+    sdir = Path(path) / "scheduler"
+    config_file = sdir / "scheduler_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{str(sdir)!r} has no scheduler_config.json")
+    name = json.loads(config_file.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"unknown scheduler class {name!r} in {str(config_file)!r}")
+    scheduler = cls.from_pretrained(str(sdir))
+    return with_flow_shift(scheduler, flow_shift) if flow_shift is not None else scheduler
+
+
+def with_flow_shift(scheduler, flow_shift: float):
+    """A fresh copy of a flow-matching scheduler with its shift set to ``flow_shift``
+    (UniPC calls it ``flow_shift``, FlowMatchEuler ``shift``)."""
+    if flow_shift <= 0:
+        raise ValueError(f"flow_shift must be > 0, got {flow_shift!r}")
+    config = scheduler.config
+    if "flow_shift" in config:
+        return type(scheduler).from_config(config, flow_shift=float(flow_shift))
+    if "shift" in config:
+        return type(scheduler).from_config(config, shift=float(flow_shift))
+    raise ValueError(f"{type(scheduler).__name__} has no flow shift; use a flow-matching scheduler")
+
+
+@dataclass
+class WanComponents:
+    """Everything a Wan text-to-video pipeline folder holds, loaded."""
+
+    path: Path
+    model_index: dict[str, Any]
+    preset: WanPreset
+    transformer: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+
+    @property
+    def expand_timesteps(self) -> bool:
+        """Wan2.2 TI2V: one timestep per latent token (diffusers' ``expand_timesteps``)."""
+        return bool(self.model_index.get("expand_timesteps", self.preset.expand_timesteps))
+
+
+def load_components(
+    path_or_id: str | Path,
+    *,
+    preset: str | WanPreset | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    attention: str = "dense",
+    sparsity: float | None = None,
+    tile_size: tuple[int, int, int] = (4, 4, 4),
+    backend: str = "auto",
+) -> WanComponents:
+    """Load all components on the CPU (the caller moves them); the preset is given, or
+    recognised from the folder name / hub id, or from the transformer's architecture."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    path = resolve_model_path(path_or_id)
+    index = read_model_index(path)
+    tdir = path / "transformer"
+    gate_tensors = read_gate_tensors(tdir)
+    if isinstance(preset, WanPreset):
+        chosen = preset
+    elif preset is not None:
+        chosen = get_preset(preset)
+    else:
+        config = json.loads((tdir / "config.json").read_text())
+        chosen = _infer_from(path_or_id, path, config, bool(gate_tensors))
+    transformer = load_transformer(
+        path,
+        dtype=dtype,
+        attention=attention,
+        sparsity=sparsity,
+        tile_size=tile_size,
+        backend=backend,
+    )
+    vae = AutoencoderKLWan.from_pretrained(str(path / "vae"), torch_dtype=vae_dtype).eval()
+    text_encoder = UMT5EncoderModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return WanComponents(
+        path=path,
+        model_index=index,
+        preset=chosen,
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=load_scheduler(path),
+    )
+
+
+def _infer_from(source, path: Path, config: dict, has_gates: bool) -> WanPreset:
+    # A hub snapshot's folder is named by a commit hash, so the name the user gave comes
+    # first; a local folder's own name (e.g. .../FastWan2.1-T2V-1.3B-Diffusers) next.
+    try:
+        return get_preset(path.name)
+    except ValueError:
+        return infer_preset(str(source), config, has_gates)

@@ -1,0 +1,221 @@
+"""Presets: the defaults each supported Wan / FastWan checkpoint is run with.
+
+A preset names a checkpoint (its hub id), its architecture (to recognise a local folder)
+and how to sample it: the few-step DMD timesteps and VSA for FastWan, many UniPC steps
+with CFG and dense attention for the original Wan models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Wan's default negative prompt (English rendering, as in the diffusers Wan docs).
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, "
+    "ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, "
+    "disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
+FASTWAN_TIMESTEPS = (1000, 757, 522)
+
+
+@dataclass(frozen=True)
+class WanPreset:
+    """Defaults of one checkpoint. ``timesteps`` set means few-step DMD sampling."""
+
+    name: str
+    hub_id: str
+    # Architecture, used to recognise a local folder's transformer config.
+    dim: int
+    num_layers: int
+    in_channels: int
+    num_heads: int
+    ffn_dim: int
+    # Sampling defaults.
+    flow_shift: float
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    timesteps: tuple[int, ...] | None = None  # few-step DMD timesteps in [0, 1000]
+    num_inference_steps: int = 50  # multi-step sampling when ``timesteps`` is None
+    guidance_scale: float = 5.0  # > 1 enables CFG with the negative prompt
+    attention: str = "dense"  # "vsa" or "dense"
+    sparsity: float = 0.0  # VSA sparsity when attention == "vsa"
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per latent token
+    vae_stride: tuple[int, int, int] = (4, 8, 8)  # VAE downsampling (t, h, w)
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def few_step(self) -> bool:
+        return self.timesteps is not None
+
+    def latent_shape(
+        self, height: int | None = None, width: int | None = None, num_frames: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """Latent ``[C, T, h, w]`` of a video (the preset's size by default)."""
+        height = self.height if height is None else height
+        width = self.width if width is None else width
+        num_frames = self.num_frames if num_frames is None else num_frames
+        st, sh, sw = self.vae_stride
+        for name, value, multiple in (("height", height, 2 * sh), ("width", width, 2 * sw)):
+            if value <= 0 or value % multiple:
+                raise ValueError(
+                    f"{name}={value} must be a positive multiple of {multiple} for {self.name}"
+                )
+        if num_frames <= 0 or (num_frames - 1) % st:
+            raise ValueError(f"num_frames={num_frames} must be 1 + a multiple of {st}")
+        return (self.in_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
+
+    def replace(self, **changes) -> WanPreset:
+        """A copy with some fields changed (validated like a new preset)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown preset fields {unknown}; valid fields: {_field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_frames", "fps", "num_inference_steps", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"preset {self.name!r}: {name} must be a positive int, got {value!r}"
+                )
+        if self.attention not in ("vsa", "dense"):
+            raise ValueError(f"preset {self.name!r}: attention must be 'vsa' or 'dense'")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"preset {self.name!r}: sparsity must be in [0, 1)")
+        if self.flow_shift <= 0:
+            raise ValueError(f"preset {self.name!r}: flow_shift must be > 0")
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(WanPreset)]
+
+
+_WAN21_13B = dict(
+    dim=1536, num_layers=30, in_channels=16, num_heads=12, ffn_dim=8960, flow_shift=8.0
+)
+_WAN21_14B = dict(
+    dim=5120, num_layers=40, in_channels=16, num_heads=40, ffn_dim=13824, flow_shift=3.0
+)
+_WAN22_5B = dict(
+    dim=3072,
+    num_layers=30,
+    in_channels=48,
+    num_heads=24,
+    ffn_dim=14336,
+    vae_stride=(4, 16, 16),
+    flow_shift=5.0,
+    expand_timesteps=True,
+)
+_480P = dict(height=480, width=832, num_frames=81, fps=16)
+_704P = dict(height=704, width=1280, num_frames=121, fps=24)
+
+PRESETS: dict[str, WanPreset] = {
+    p.name: p
+    for p in (
+        WanPreset("wan2.1-t2v-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **_WAN21_13B, **_480P),
+        WanPreset("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", **_WAN21_14B, **_480P),
+        WanPreset("wan2.2-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", **_WAN22_5B, **_704P),
+        WanPreset(
+            "fastwan2.1-t2v-1.3b",
+            "FastVideo/FastWan2.1-T2V-1.3B-Diffusers",
+            **_WAN21_13B,
+            **_480P,
+            timesteps=FASTWAN_TIMESTEPS,
+            guidance_scale=1.0,
+            attention="vsa",
+            sparsity=0.8,
+        ),
+        WanPreset(
+            "fastwan2.1-t2v-14b-480p",
+            "FastVideo/FastWan2.1-T2V-14B-480P-Diffusers",
+            **_WAN21_14B,
+            **_480P,
+            timesteps=FASTWAN_TIMESTEPS,
+            guidance_scale=1.0,
+            attention="vsa",
+            sparsity=0.8,
+            aliases=("fastwan2.1-t2v-14b",),
+        ),
+        WanPreset(
+            "fastwan2.2-ti2v-5b-fullattn",
+            "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
+            **_WAN22_5B,
+            **_704P,
+            timesteps=FASTWAN_TIMESTEPS,
+            guidance_scale=1.0,
+            attention="dense",
+            aliases=("fastwan2.2-ti2v-5b",),
+        ),
+    )
+}
+
+
+def transformer_config(preset: WanPreset, num_layers: int | None = None) -> dict:
+    """diffusers ``WanTransformer3DModel`` config of a preset's architecture (e.g. to build
+    it with random weights for a benchmark); ``num_layers`` keeps only the first blocks."""
+    layers = preset.num_layers if num_layers is None else num_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=preset.num_heads,
+        attention_head_dim=preset.dim // preset.num_heads,
+        in_channels=preset.in_channels,
+        out_channels=preset.in_channels,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=preset.ffn_dim,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def _normalise(name: str) -> str:
+    """'FastVideo/FastWan2.1-T2V-1.3B-Diffusers' -> 'fastwan2.1-t2v-1.3b'."""
+    key = name.strip().rstrip("/").split("/")[-1].lower().replace("_", "-")
+    return key[: -len("-diffusers")] if key.endswith("-diffusers") else key
+
+
+def get_preset(name: str) -> WanPreset:
+    """The preset called ``name`` (case-insensitive; a hub id or folder name works too)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"preset must be a non-empty string, got {name!r}")
+    key = _normalise(name)
+    for preset in PRESETS.values():
+        if key == preset.name or key in preset.aliases or key == _normalise(preset.hub_id):
+            return preset
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+
+
+def infer_preset(source: str, transformer_config: dict, has_gates: bool) -> WanPreset:
+    """Find the preset of a checkpoint: by its name (hub id or folder name), else by its
+    architecture (a FastWan preset when the checkpoint carries VSA gates)."""
+    try:
+        return get_preset(source)
+    except ValueError:
+        pass
+    dim = transformer_config.get("num_attention_heads", 0) * transformer_config.get(
+        "attention_head_dim", 0
+    )
+    arch = (dim, transformer_config.get("num_layers"), transformer_config.get("in_channels"))
+    matches = [p for p in PRESETS.values() if (p.dim, p.num_layers, p.in_channels) == arch]
+    if matches:
+        # A gated checkpoint was trained with VSA: prefer the FastWan preset of its size.
+        preferred = [p for p in matches if (p.attention == "vsa") == has_gates]
+        return (preferred or matches)[0]
+    raise ValueError(
+        f"cannot tell which model {source!r} is (transformer dim {dim}, "
+        f"{transformer_config.get('num_layers')} layers, "
+        f"{transformer_config.get('in_channels')} latent channels); pass preset= (--preset) one of "
+        f"{sorted(PRESETS)}"
+    )

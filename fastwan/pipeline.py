@@ -1,0 +1,456 @@
+"""VideoGenerator: a prompt in, a video out, for Wan and FastWan checkpoints.
+
+text encoder (UMT5) -> sampler (3-step DMD with VSA for FastWan; many-step UniPC with CFG
+and dense attention for Wan) -> VAE decode. The components are diffusers' and transformers'
+own classes; the math mirrors diffusers' ``WanPipeline``, so with dense attention and the
+same scheduler, seed and timesteps both produce the same video.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fastwan.diffusion.samplers import (
+    Callback,
+    cfg,
+    flow_timesteps,
+    sample_dmd,
+    sample_euler,
+    sample_scheduler,
+)
+from fastwan.models.loading import WanComponents, load_components, with_flow_shift
+from fastwan.models.presets import WanPreset
+from fastwan.models.vsa import get_attention, set_attention
+
+SAMPLER_NAMES = ("dmd", "euler", "unipc", "scheduler")
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.bfloat16`` or a name: fp32 / bf16 / fp16 (or float32 / bfloat16 / float16)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def clean_prompt(text: str) -> str:
+    """The Wan pipeline's prompt cleaning: ftfy when installed, HTML unescaping,
+    whitespace collapsing (identical text reaches the tokenizer as in diffusers)."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    lo = max(multiple, value // multiple * multiple)
+    hi = -(-value // multiple) * multiple
+    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :meth:`VideoGenerator.generate`."""
+
+    frames: np.ndarray | None  # [B, F, H, W, 3] float32 in [0, 1]; None for output_type="latent"
+    latents: torch.Tensor  # [B, C, T, h, w] float32 on the CPU: the denoised latents
+    timings: dict[str, float]  # seconds: text_encode, denoise, decode, total
+    prompts: list[str]
+    seed: int | None
+    fps: int
+    sampler: str
+    timesteps: list[float] = field(default_factory=list)  # the timesteps the model saw
+
+    @property
+    def video(self) -> np.ndarray:
+        """The first video, ``[F, H, W, 3]``."""
+        if self.frames is None:
+            raise ValueError("no frames: generate(..., output_type='np') decodes them")
+        return self.frames[0]
+
+
+class VideoGenerator:
+    """Text-to-video with a Wan / FastWan Diffusers checkpoint.
+
+    >>> gen = VideoGenerator.from_pretrained("FastVideo/FastWan2.1-T2V-1.3B-Diffusers")
+    >>> out = gen.generate("a red fox running through snow", seed=0)
+    >>> save_video(out.video, "fox.mp4", fps=out.fps)
+    """
+
+    def __init__(
+        self,
+        components: WanComponents,
+        *,
+        device: str | torch.device | None = None,
+        cpu_offload: bool = False,
+    ) -> None:
+        self.components = components
+        self.device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        # Offloading only means something when the compute device is not the CPU.
+        self.cpu_offload = bool(cpu_offload) and self.device.type != "cpu"
+        if not self.cpu_offload:
+            for module in (components.text_encoder, components.transformer, components.vae):
+                module.to(self.device)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        preset: str | WanPreset | None = None,
+        attention: str | None = None,
+        sparsity: float | None = None,
+        tile_size: Sequence[int] = (4, 4, 4),
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        vae_dtype: str | torch.dtype = torch.float32,
+        cpu_offload: bool = False,
+    ) -> VideoGenerator:
+        """Load a Diffusers-format Wan folder (or hub id / preset name).
+
+        attention: ``"vsa"`` or ``"dense"``; default the preset's (VSA for FastWan).
+        sparsity: VSA sparsity; default the preset's. dtype: default bf16 on CUDA, fp32 on
+        CPU (the VAE runs in ``vae_dtype``). cpu_offload: keep components on the CPU and
+        move each to ``device`` only for its stage.
+        """
+        dev = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        components = load_components(
+            path_or_id, preset=preset, dtype=parse_dtype(dtype), vae_dtype=parse_dtype(vae_dtype)
+        )
+        p = components.preset
+        mode = attention if attention is not None else p.attention
+        if mode == "vsa" and sparsity is None and p.attention == "vsa":
+            sparsity = p.sparsity
+        set_attention(
+            components.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
+        )
+        return cls(components, device=dev, cpu_offload=cpu_offload)
+
+    @property
+    def preset(self) -> WanPreset:
+        return self.components.preset
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.components.transformer
+
+    def set_attention(
+        self,
+        mode: str,
+        *,
+        sparsity: float | None = None,
+        tile_size: Sequence[int] = (4, 4, 4),
+        backend: str = "auto",
+    ) -> None:
+        """Switch the transformer's self-attention (``"vsa"`` / ``"dense"``) in place."""
+        set_attention(
+            self.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
+        )
+
+    @property
+    def attention(self) -> dict:
+        return get_attention(self.transformer)
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def vae_scale(self) -> tuple[int, int]:
+        """(temporal, spatial) downsampling of the VAE."""
+        cfg_ = self.components.vae.config
+        return int(cfg_.scale_factor_temporal), int(cfg_.scale_factor_spatial)
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple:
+        """``[B, C, T, h, w]`` for a video, or a ValueError naming the nearest valid sizes."""
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        st, ss = self.vae_scale
+        _, ph, pw = self.transformer.config.patch_size
+        for name, value, p in (("height", height, ph), ("width", width, pw)):
+            multiple = ss * p
+            if value % multiple:
+                raise ValueError(
+                    f"{name}={value} is not a multiple of {multiple} (VAE x{ss} times patch "
+                    f"{p}); the nearest valid {name}: {_nearest_multiples(value, multiple)}"
+                )
+        if (num_frames - 1) % st:
+            lo = (num_frames - 1) // st * st + 1
+            raise ValueError(
+                f"num_frames={num_frames} must be 1 + a multiple of {st} (the VAE's temporal "
+                f"factor); the nearest valid num_frames: {lo} or {lo + st}"
+            )
+        channels = self.transformer.config.in_channels
+        return (batch, channels, (num_frames - 1) // st + 1, height // ss, width // ss)
+
+    # ----------------------------------------------------------------- stages
+    @contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if not self.cpu_offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """UMT5 embeddings ``[B, L, text_dim]``: padding positions beyond each prompt's
+        tokens are zeroed, as the Wan pipeline does."""
+        tok = self.components.tokenizer
+        inputs = tok(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids, inputs.attention_mask  # [B, L]
+        lengths = mask.gt(0).sum(dim=1)  # [B]
+        with self._on_device(self.components.text_encoder) as encoder:
+            hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
+        keep = (
+            torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+            < lengths.to(hidden.device)[:, None]
+        )  # [B, L]
+        return hidden * keep[..., None].to(hidden.dtype)  # [B, L, text_dim]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents ``[B, C, T, h, w]`` -> frames ``[B, F, H, W, 3]`` float32 in [0, 1]."""
+        vae = self.components.vae
+        with self._on_device(vae):
+            z = latents.to(self.device, vae.dtype)
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+            # Divide by 1/std (not multiply by std) to match diffusers' rounding exactly.
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(
+                z.device, z.dtype
+            )
+            video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # [B, 3, F, H, W]
+        video = (video * 0.5 + 0.5).clamp(0, 1)
+        return video.permute(0, 2, 3, 4, 1).float().cpu().numpy()  # [B, F, H, W, 3]
+
+    def _model_fn(self, cond: torch.Tensor, expand: bool, grid_tokens: int):
+        transformer = self.transformer
+        dtype = transformer.dtype
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if expand:  # Wan2.2 TI2V: the same timestep for every latent token
+                t = t.to(torch.float32)[:, None].expand(x.shape[0], grid_tokens)  # [B, S]
+            return transformer(
+                hidden_states=x.to(dtype),
+                timestep=t,
+                encoder_hidden_states=cond,
+                return_dict=False,
+            )[0]
+
+        return model_fn
+
+    # ----------------------------------------------------------------- generate
+    def _plan_sampler(self, sampler, timesteps, num_inference_steps):
+        p = self.preset
+        if timesteps is not None and num_inference_steps is not None:
+            raise ValueError(
+                "pass either timesteps= (few-step DMD) or num_inference_steps= (multi-step), "
+                "not both"
+            )
+        if sampler is None:
+            if timesteps is not None or (num_inference_steps is None and p.few_step):
+                sampler = "dmd"
+            else:
+                sampler = "scheduler"
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+        if sampler == "dmd":
+            if num_inference_steps is not None:
+                raise ValueError("the dmd sampler takes timesteps=, not num_inference_steps=")
+            if timesteps is None:
+                if not p.few_step:
+                    raise ValueError(
+                        f"preset {p.name!r} has no few-step timesteps; pass timesteps= (e.g. "
+                        "[1000, 757, 522]) or use sampler='scheduler'"
+                    )
+                timesteps = p.timesteps
+            return sampler, list(timesteps), None
+        if timesteps is not None:
+            raise ValueError(f"sampler {sampler!r} takes num_inference_steps=, not timesteps=")
+        steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+        return sampler, None, steps
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        flow_shift: float | None = None,
+        max_sequence_length: int = 512,
+        output_type: str = "np",
+        callback: Callback | None = None,
+    ) -> GenerationOutput:
+        """Generate one video per prompt.
+
+        Sizes default to the preset's. ``timesteps`` -> few-step DMD; ``num_inference_steps``
+        -> multi-step (``sampler``: ``"scheduler"``, the checkpoint's diffusers scheduler,
+        UniPC for Wan; ``"unipc"``; or ``"euler"``); neither -> the preset's way.
+        ``guidance_scale`` > 1 runs CFG with ``negative_prompt`` (default: the preset's).
+        Randomness comes from ``generator``, else a CPU generator seeded with ``seed``.
+        """
+        t_start = time.perf_counter()
+        p = self.preset
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(x, str) and x.strip() for x in prompts):
+            raise ValueError("prompt must be a non-empty string or a list of them")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
+            raise ValueError(f"max_sequence_length must be an int, got {max_sequence_length!r}")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        height = p.height if height is None else height
+        width = p.width if width is None else width
+        num_frames = p.num_frames if num_frames is None else num_frames
+        shape = self.latent_shape(len(prompts), height, width, num_frames)
+        name, ts, steps = self._plan_sampler(sampler, timesteps, num_inference_steps)
+        scale = p.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if scale <= 0:
+            raise ValueError(f"guidance_scale must be > 0 (1 disables CFG), got {scale!r}")
+        shift = p.flow_shift if flow_shift is None else float(flow_shift)
+        if shift <= 0:
+            raise ValueError(f"flow_shift must be > 0, got {shift!r}")
+        own_generator = generator is not None
+        if generator is None:
+            if seed is None:
+                raise ValueError("pass seed= (an int) or generator= (a torch.Generator)")
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+
+        timings = {}
+        t0 = time.perf_counter()
+        cond = self.encode_prompt(prompts, max_sequence_length)
+        uncond = None
+        if scale > 1.0:
+            neg = p.negative_prompt if negative_prompt is None else negative_prompt
+            negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+            if len(negs) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negs)} entries for {len(prompts)} prompts; pass "
+                    "one string or one per prompt"
+                )
+            uncond = self.encode_prompt(negs, max_sequence_length)
+        self._sync()
+        timings["text_encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tdtype = self.transformer.dtype
+        cond = cond.to(self.device, tdtype)
+        grid_tokens = _grid_tokens(shape, self.transformer.config.patch_size)
+        expand = self.components.expand_timesteps
+        model_fn = self._model_fn(cond, expand, grid_tokens)
+        if uncond is not None:
+            model_fn = cfg(
+                model_fn, self._model_fn(uncond.to(self.device, tdtype), expand, grid_tokens), scale
+            )
+        seen: list[float] = []
+
+        def traced(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # one call per step
+            seen.append(float(t.reshape(-1)[0]))
+            return model_fn(x, t)
+
+        noise = torch.randn(
+            shape, generator=generator, device=generator.device, dtype=torch.float32
+        )
+        noise = noise.to(self.device)  # [B, C, T, h, w]
+        with torch.no_grad(), self._on_device(self.transformer):
+            if name == "dmd":
+                latents = sample_dmd(traced, noise, ts, generator, callback=callback)
+            elif name == "euler":
+                latents = sample_euler(
+                    traced, noise, flow_timesteps(steps, shift), generator, callback=callback
+                )
+            else:
+                scheduler = self.components.scheduler
+                if name == "unipc":
+                    from diffusers import UniPCMultistepScheduler
+
+                    scheduler = UniPCMultistepScheduler.from_config(
+                        scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True
+                    )
+                scheduler = with_flow_shift(scheduler, shift)  # a fresh, stateless copy
+                latents = sample_scheduler(
+                    traced, noise, steps, generator, scheduler=scheduler, callback=callback
+                )
+        self._sync()
+        timings["denoise"] = time.perf_counter() - t0
+
+        frames = None
+        t0 = time.perf_counter()
+        if output_type == "np":
+            frames = self.decode(latents)
+        self._sync()
+        timings["decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationOutput(
+            frames=frames,
+            latents=latents.float().cpu(),
+            timings=timings,
+            prompts=prompts,
+            seed=None if own_generator or seed is None else int(seed),
+            fps=p.fps,
+            sampler=name,
+            timesteps=seen,
+        )
+
+
+def _grid_tokens(shape: tuple, patch_size) -> int:
+    _, _, T, h, w = shape
+    p_t, p_h, p_w = patch_size
+    return (T // p_t) * (h // p_h) * (w // p_w)

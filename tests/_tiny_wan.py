@@ -1,0 +1,179 @@
+"""Builders of tiny Wan pipelines in the Diffusers folder layout, for fast CPU tests.
+
+Every component is a real diffusers / transformers class (WanTransformer3DModel,
+AutoencoderKLWan, UMT5EncoderModel, T5Tokenizer, UniPC or FlowMatchEuler scheduler), only
+tiny, with random weights, saved with ``WanPipeline.save_pretrained``. Reusable by any test
+that needs a Wan checkpoint on disk (loading, sampling, training, export).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# A small T5-style unigram vocabulary: whole words win over letters, so prompts tokenise
+# into a few ids; <pad> must be id 0 (the Wan pipeline masks padding with it).
+_WORDS = (
+    "a an the cat dog bird fish red blue green small big runs jumps flies swims sits on in "
+    "over under of and with sky field water road car ball tree house video walking slowly "
+    "fast bright dark low quality static blurry"
+).split()
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+TEXT_DIM = 32  # UMT5 d_model == the transformer's text_dim
+MAX_TEXT_LEN = 16  # a short text context keeps cross-attention cheap
+
+
+def tiny_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(_WORDS)]
+    vocab += [("\u2581", -60.0)] + [(c, -80.0) for c in _LETTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_TEXT_LEN)
+
+
+def tiny_text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_transformer_config(variant: str = "wan2.1", num_layers: int = 2) -> dict:
+    """Config of a tiny ``WanTransformer3DModel``: dim 32 (2 heads x 16), 2 layers."""
+    channels = 48 if variant == "wan2.2" else 16
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=channels,
+        out_channels=channels,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=64,
+    )
+
+
+def tiny_transformer(variant: str = "wan2.1", num_layers: int = 2):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**tiny_transformer_config(variant, num_layers)).eval()
+
+
+def tiny_vae(variant: str = "wan2.1"):
+    """Wan2.1: 16 channels, 4x8x8. Wan2.2 (TI2V 5B style): 48 channels, 4x16x16 with the
+    VAE's own 2x2 patchify."""
+    from diffusers import AutoencoderKLWan
+
+    if variant == "wan2.2":
+        return AutoencoderKLWan(
+            base_dim=3,
+            z_dim=48,
+            in_channels=12,
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            latents_mean=[0.1 * (i % 5) for i in range(48)],
+            latents_std=[1.0 + 0.05 * (i % 7) for i in range(48)],
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+        ).eval()
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def tiny_scheduler(kind: str = "unipc", shift: float = 3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift
+        )
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+    raise ValueError(f"scheduler kind must be 'unipc' or 'euler', got {kind!r}")
+
+
+def build_tiny_wan(
+    path: str | Path,
+    *,
+    variant: str = "wan2.1",
+    num_layers: int = 2,
+    scheduler: str = "unipc",
+    gates: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny Wan pipeline and save it in the Diffusers layout under ``path``.
+
+    gates: ``None`` (a plain Wan checkpoint) or ``"fastvideo"`` (random non-zero
+    ``blocks.N.to_gate_compress.{weight,bias}`` added to the transformer's safetensors
+    file, as FastWan releases store them). Returns ``path``.
+    """
+    from diffusers import WanPipeline
+
+    if variant not in ("wan2.1", "wan2.2"):
+        raise ValueError(f"variant must be 'wan2.1' or 'wan2.2', got {variant!r}")
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # module constructors draw from the global generator
+        tokenizer = tiny_tokenizer()
+        pipe = WanPipeline(
+            tokenizer=tokenizer,
+            text_encoder=tiny_text_encoder(len(tokenizer)),
+            vae=tiny_vae(variant),
+            scheduler=tiny_scheduler(scheduler),
+            transformer=tiny_transformer(variant, num_layers),
+            expand_timesteps=variant == "wan2.2",
+        )
+    pipe.save_pretrained(path)
+    if gates == "fastvideo":
+        add_fastvideo_gates(path / "transformer", seed=seed + 1)
+    elif gates is not None:
+        raise ValueError(f"gates must be None or 'fastvideo', got {gates!r}")
+    return path
+
+
+def add_fastvideo_gates(transformer_dir: str | Path, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Add random ``blocks.N.to_gate_compress.{weight,bias}`` to a saved transformer (the
+    FastVideo layout) and return the added tensors."""
+    from safetensors.torch import load_file, save_file
+
+    transformer_dir = Path(transformer_dir)
+    file = transformer_dir / "diffusion_pytorch_model.safetensors"
+    config = json.loads((transformer_dir / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    state = load_file(file)
+    g = torch.Generator().manual_seed(seed)
+    added = {}
+    for n in range(config["num_layers"]):
+        added[f"blocks.{n}.to_gate_compress.weight"] = 0.2 * torch.randn(dim, dim, generator=g)
+        added[f"blocks.{n}.to_gate_compress.bias"] = 0.2 * torch.randn(dim, generator=g)
+    state.update(added)
+    save_file(state, file, metadata={"format": "pt"})
+    return added
