@@ -93,9 +93,10 @@ class _Chunks:
             torch.baddbmm(kbias, q_scaled, ks.transpose(1, 2), out=s)
         if not with_lse:  # one fused kernel, in place (row-wise, so aliasing is safe)
             return torch.ops.aten._softmax.out(s, -1, False, out=s), None
-        row_max = s.amax(-1, keepdim=True)
-        z = s.sub_(row_max).exp_().sum(-1, keepdim=True)
-        return s.div_(z), (row_max + z.log()).squeeze(-1)
+        # lse = s_j - log p_j at the row's largest score, where p_j >= 1 / keys is precise.
+        row_max, arg = s.max(-1, keepdim=True)
+        p = torch.ops.aten._softmax.out(s, -1, False, out=s)
+        return p, (row_max - p.gather(-1, arg).log()).squeeze(-1)
 
 
 def fine_forward(
