@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _fastvideo_schema import FASTVIDEO_T2V as FASTVIDEO_T2V_FIELDS
 from _tiny_wan import TEXT_DIM, tiny_transformer
 
 from fastwan.data.dataset import LatentDataset, collate_samples
@@ -57,25 +58,7 @@ def _fastvideo_rows(start: int, count: int, latent_shape=LATENT, text_dtype="flo
     return rows
 
 
-FASTVIDEO_T2V = pa.schema(
-    [
-        ("id", pa.string()),
-        ("vae_latent_bytes", pa.binary()),
-        ("vae_latent_shape", pa.list_(pa.int64())),
-        ("vae_latent_dtype", pa.string()),
-        ("text_embedding_bytes", pa.binary()),
-        ("text_embedding_shape", pa.list_(pa.int64())),
-        ("text_embedding_dtype", pa.string()),
-        ("file_name", pa.string()),
-        ("caption", pa.string()),
-        ("media_type", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("num_frames", pa.int64()),
-        ("duration_sec", pa.float64()),
-        ("fps", pa.float64()),
-    ]
-)
+FASTVIDEO_T2V = pa.schema(FASTVIDEO_T2V_FIELDS)
 
 
 def _write(path, rows, row_group_size=None, schema=FASTVIDEO_T2V):

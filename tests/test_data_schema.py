@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _fastvideo_schema import FASTVIDEO_T2V, FASTVIDEO_TEXT_ONLY
 
 from fastwan.data.parquet_io import ResumableOutput, ShardWriter, list_parquet_files, read_ids
 from fastwan.data.schema import (
@@ -22,32 +23,6 @@ from fastwan.data.schema import (
     video_row,
 )
 from fastwan.data.sources import load_captions, load_prompts
-
-# FastVideo's pyarrow_schema_t2v / pyarrow_schema_text_only, spelled out independently.
-FASTVIDEO_T2V = [
-    ("id", pa.string()),
-    ("vae_latent_bytes", pa.binary()),
-    ("vae_latent_shape", pa.list_(pa.int64())),
-    ("vae_latent_dtype", pa.string()),
-    ("text_embedding_bytes", pa.binary()),
-    ("text_embedding_shape", pa.list_(pa.int64())),
-    ("text_embedding_dtype", pa.string()),
-    ("file_name", pa.string()),
-    ("caption", pa.string()),
-    ("media_type", pa.string()),
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("num_frames", pa.int64()),
-    ("duration_sec", pa.float64()),
-    ("fps", pa.float64()),
-]
-FASTVIDEO_TEXT_ONLY = [
-    ("id", pa.string()),
-    ("text_embedding_bytes", pa.binary()),
-    ("text_embedding_shape", pa.list_(pa.int64())),
-    ("text_embedding_dtype", pa.string()),
-    ("caption", pa.string()),
-]
 
 
 def _row(i: int = 0, c: int = 4, t: int = 2) -> dict:

@@ -46,10 +46,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """fp32 / bf16 / fp16 by name; default bf16 on CUDA, fp32 on the CPU."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
+    from fastwan.pipeline import parse_dtype
+
+    return parse_dtype(name)
 
 
 def _component_dir(path: Path, name: str, what: str) -> Path:
