@@ -158,25 +158,19 @@ def video_sparse_attention(
     plan = get_tile_plan(
         grid, tile_size, slots=slots_for(name, math.prod(tile_size)), device=q.device
     )
+    q_t, k_t, v_t = plan.tile(q), plan.tile(k), plan.tile(v)  # [B, H, N * slots, D]
     # Coarse stage in float32: N x N is small and the selection should not flip with dtype.
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc = plan.tile_mean(q.to(cdt)), plan.tile_mean(k.to(cdt))  # [B, H, N, D]
+    qc, kc = plan.tiled_mean(q_t.to(cdt)), plan.tiled_mean(k_t.to(cdt))  # [B, H, N, D]
     scores_c = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, N, N]
     idx = select_topk_tiles(scores_c, k_sel)  # [B, H, N, k]
 
     out_t, _ = VSAFineFunction.apply(
-        plan.tile(q),
-        plan.tile(k),
-        plan.tile(v),
-        idx.to(torch.int32),
-        plan.counts,
-        plan.slots,
-        scale,
-        name,
+        q_t, k_t, v_t, idx.to(torch.int32), plan.counts, plan.slots, scale, name
     )
-    out = plan.untile(out_t)  # [B, H, S, D]
     if gate is not None:
-        vc = plan.tile_mean(v.to(cdt))
+        vc = plan.tiled_mean(v_t.to(cdt))
         coarse = torch.softmax(scores_c, dim=-1) @ vc  # [B, H, N, D]
-        out = out + gate * coarse.to(q.dtype).index_select(-2, plan.token_tile)
+        out_t = out_t + plan.tile(gate) * plan.broadcast_tiles(coarse.to(q.dtype))
+    out = plan.untile(out_t)  # [B, H, S, D]
     return (out, idx) if return_indices else out

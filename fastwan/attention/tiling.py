@@ -30,6 +30,7 @@ class TilePlan:
     scatter_index: torch.Tensor  # [S] int64: slot of each raster token
     token_tile: torch.Tensor  # [S] int64: tile of each raster token
     counts: torch.Tensor  # [N] int32: valid tokens per tile
+    slot_weight: torch.Tensor  # [N * slots] float32: 1 / count on valid slots, 0 on pads
 
     @property
     def num_tiles(self) -> int:
@@ -50,9 +51,23 @@ class TilePlan:
 
     def tile_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over each tile's valid tokens: ``[B, H, S, D]`` -> ``[B, H, N, D]``."""
-        shape = (*x.shape[:-2], self.num_tiles, x.shape[-1])
-        total = x.new_zeros(shape).index_add(-2, self.token_tile, x)
-        return total / self.counts.to(x.dtype).unsqueeze(-1)
+        return self.tiled_mean(self.tile(x))
+
+    def tiled_mean(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Mean over each tile's valid slots of a tiled ``[.., N * slots, D]`` tensor.
+
+        A weighted sum over slots rather than ``index_add_``: CUDA's float atomics would
+        make the result (and the backward) differ from run to run.
+        """
+        w = self.slot_weight.to(x_t.dtype)
+        x_tiles = x_t.unflatten(-2, (self.num_tiles, self.slots))  # [.., N, slots, D]
+        return (x_tiles * w.view(self.num_tiles, self.slots, 1)).sum(-2)
+
+    def broadcast_tiles(self, x_c: torch.Tensor) -> torch.Tensor:
+        """Per-tile values ``[.., N, D]`` -> every slot of the tile ``[.., N * slots, D]``
+        (``expand``: its backward is a reduction, deterministic on every device)."""
+        shape = (*x_c.shape[:-1], self.slots, x_c.shape[-1])
+        return x_c.unsqueeze(-2).expand(shape).flatten(-3, -2)
 
 
 def tile_counts_per_dim(grid: Triple, tile_size: Triple) -> Triple:
@@ -99,6 +114,7 @@ def _build_plan(grid: Triple, tile_size: Triple, slots: int, device: torch.devic
         scatter_index=scatter_index.to(device),
         token_tile=token_tile.to(device),
         counts=counts.to(torch.int32).to(device),
+        slot_weight=(slot_valid / counts[slot_tile]).to(torch.float32).to(device),
     )
 
 
