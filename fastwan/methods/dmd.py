@@ -1,0 +1,284 @@
+"""``dmd``: sparse distillation (DMD2 + VSA) of a Wan teacher into a few-step student.
+
+Three networks, all built from the teacher transformer:
+
+* **generator** (student): a deep copy, VSA in self-attention at ``vsa.sparsity``
+  (dense when ``vsa.enabled`` is false), trainable;
+* **real score** (teacher): the given transformer itself, dense, frozen (``eval``,
+  ``requires_grad`` false), queried with classifier-free guidance on the negative prompt;
+* **fake score** (critic): a deep copy, dense, trainable.
+
+A student sample at a training step ("rollout"): one of ``dmd.denoising_timesteps`` ``t_k``
+is drawn; ``data``: a dataset latent is noised to ``t_k``; ``simulate``: the student runs
+its own few-step sampler from pure noise down to ``t_k`` (no gradient before ``t_k``).
+The student's x0 at ``t_k`` is the sample.
+
+* :meth:`DMDMethod.critic_step`: the critic's flow-matching loss on a fresh no-grad
+  student sample, re-noised at ``s`` from :func:`sample_dmd_timesteps` (DMD Sec. 3.2).
+* :meth:`DMDMethod.generator_step`: the student sample with grad, re-noised at ``s``;
+  the teacher's x0 with CFG, the critic's x0 without; :func:`dmd_generator_loss`
+  (DMD eq. 7-8).
+
+All noise comes from the ``torch.Generator`` passed to each call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
+from fastwan.methods.flow import (
+    _check_generator,
+    _param_device,
+    call_transformer,
+    draw_noise,
+    latents_of,
+    text_condition,
+)
+from fastwan.methods.losses import (
+    cfg_combine,
+    dmd_generator_loss,
+    flow_matching_loss,
+    sample_dmd_timesteps,
+)
+from fastwan.models.vsa import set_attention
+from fastwan.train.config import DMDConfig, VSAConfig
+
+__all__ = ["DMDMethod"]
+
+
+class DMDMethod:
+    """DMD2 with a VSA student.
+
+    Args:
+        teacher: the Wan transformer to distil; becomes the frozen real score (its
+            self-attention is set to dense). Student and critic are deep copies of it
+            unless given.
+        dmd: timesteps, timestep range, CFG scale, rollout, flow shift.
+        vsa: the student's sparse attention (``enabled`` false: a dense student).
+        negative_embedding: the negative prompt's embedding ``[L, dim]`` or ``[1, L, dim]``
+            (the teacher's "uncond" branch).
+        negative_mask: its token mask ``[L]`` or ``[1, L]`` (padding is zeroed); optional.
+        latent_shape: ``(C, T, H, W)`` of the latents the student generates; needed by
+            ``dmd.rollout: simulate`` on text-only batches (batches with latents give it).
+        student, critic: separately loaded networks (``model.student`` / ``model.critic``,
+            e.g. in the trainable dtype) to use instead of copies of the teacher; they are
+            set to VSA / dense and made trainable here.
+    """
+
+    name = "dmd"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        dmd: DMDConfig,
+        vsa: VSAConfig,
+        negative_embedding: torch.Tensor,
+        negative_mask: torch.Tensor | None = None,
+        latent_shape: tuple[int, int, int, int] | None = None,
+        student: nn.Module | None = None,
+        critic: nn.Module | None = None,
+    ) -> None:
+        for role, net in (("teacher", teacher), ("student", student), ("critic", critic)):
+            if (net is not None or role == "teacher") and not isinstance(net, nn.Module):
+                raise ValueError(f"{role} must be a torch.nn.Module, got {type(net).__name__}")
+        given = [net for net in (teacher, student, critic) if net is not None]
+        if len({id(net) for net in given}) != len(given):
+            raise ValueError(
+                "teacher, student and critic must be distinct modules (pass None to copy the "
+                "teacher)"
+            )
+        if not isinstance(dmd, DMDConfig):
+            raise ValueError(f"dmd must be a DMDConfig, got {type(dmd).__name__}")
+        if not isinstance(vsa, VSAConfig):
+            raise ValueError(f"vsa must be a VSAConfig, got {type(vsa).__name__}")
+        self.dmd = dmd
+        self.vsa = vsa
+        self.negative = self._negative(negative_embedding, negative_mask)  # [1, L, dim]
+        if latent_shape is not None:
+            latent_shape = tuple(latent_shape)
+            if len(latent_shape) != 4 or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in latent_shape
+            ):
+                raise ValueError(
+                    f"latent_shape must be four positive ints (C, T, H, W), got {latent_shape!r}"
+                )
+        self.latent_shape = latent_shape
+
+        self.student = student if student is not None else copy.deepcopy(teacher)
+        if vsa.enabled:
+            set_attention(
+                self.student,
+                "vsa",
+                sparsity=vsa.sparsity,
+                tile_size=vsa.tile_size,
+                backend=vsa.backend,
+            )
+        else:
+            set_attention(self.student, "dense")
+        self.student.requires_grad_(True).train()
+
+        self.critic = critic if critic is not None else copy.deepcopy(teacher)
+        set_attention(self.critic, "dense")
+        self.critic.requires_grad_(True).train()
+
+        self.teacher = teacher
+        set_attention(self.teacher, "dense")
+        self.teacher.requires_grad_(False).eval()
+
+    @staticmethod
+    def _negative(emb: Any, mask: Any) -> torch.Tensor:
+        if not isinstance(emb, torch.Tensor) or emb.dim() not in (2, 3):
+            raise ValueError(
+                "negative_embedding must be the negative prompt's embedding [L, dim] or "
+                f"[1, L, dim], got "
+                f"{tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}"
+            )
+        if emb.dim() == 3:
+            if emb.shape[0] != 1:
+                raise ValueError(
+                    f"negative_embedding must hold one prompt ([1, L, dim]), got {tuple(emb.shape)}"
+                )
+            emb = emb[0]
+        emb = emb.detach().clone()  # [L, dim]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.reshape(-1).shape[0] != emb.shape[0]:
+                raise ValueError(
+                    f"negative_mask must be [L] with L = {emb.shape[0]} (the embedding's "
+                    "length), or None"
+                )
+            emb = emb * mask.reshape(-1).bool()[:, None].to(emb.dtype)
+        return emb[None]  # [1, L, dim]
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def device(self) -> torch.device:
+        return _param_device(self.student)
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The trainable networks by optimizer role."""
+        return {"generator": self.student, "critic": self.critic}
+
+    def set_step(self, step: int) -> None:
+        """Nothing changes with the step: the student keeps ``vsa.sparsity`` throughout."""
+        del step
+
+    # ------------------------------------------------------------------ pieces
+    def _inputs(
+        self, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text condition [B, L, dim], negative [B, L', dim], data latents or None)."""
+        device = self.device
+        dtype = next(self.student.parameters()).dtype
+        cond = text_condition(batch, device, dtype)  # [B, L, dim]
+        b = cond.shape[0]
+        neg = self.negative.to(device=device, dtype=dtype).expand(b, -1, -1)  # [B, L', dim]
+        if neg.shape[-1] != cond.shape[-1]:
+            raise ValueError(
+                f"negative_embedding has dim {neg.shape[-1]} but the batch's text embeddings "
+                f"have {cond.shape[-1]}; encode both with the same text encoder"
+            )
+        latents = None
+        if self.dmd.rollout == "data":
+            latents = latents_of(batch, device)  # [B, C, T, H, W]
+            if latents.shape[0] != b:
+                raise ValueError(f"batch has {latents.shape[0]} latents but {b} text embeddings")
+        return cond, neg, latents
+
+    def _latent_shape(self, batch: Mapping[str, Any], b: int) -> tuple[int, ...]:
+        if batch.get("latents") is not None:
+            return tuple(batch["latents"].shape)
+        if self.latent_shape is None:
+            raise ValueError(
+                "dmd.rollout 'simulate' on a text-only batch needs latent_shape=(C, T, H, W) "
+                "when building DMDMethod (the shape of the latents to generate)"
+            )
+        return (b, *self.latent_shape)
+
+    def student_sample(
+        self,
+        batch: Mapping[str, Any],
+        generator: torch.Generator,
+        cond: torch.Tensor,
+        latents: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, float]:
+        """The student's x0 ``[B, C, T, H, W]`` at a random denoising timestep ``t_k``
+        (gradient flows only through the final student call); returns (x0, t_k)."""
+        steps = self.dmd.denoising_timesteps
+        device = self.device
+        k = int(torch.randint(len(steps), (1,), generator=generator, device=generator.device))
+        b = cond.shape[0]
+        if self.dmd.rollout == "data":
+            assert latents is not None
+            s_k = steps[k] / NUM_TRAIN_TIMESTEPS
+            eps = draw_noise(latents.shape, generator, device)  # [B, C, T, H, W]
+            x = add_noise(latents, eps, s_k)  # [B, C, T, H, W]
+        else:  # simulate: the student's own sampler from pure noise down to t_k
+            x = draw_noise(self._latent_shape(batch, b), generator, device)
+            with torch.no_grad():
+                for j in range(k):
+                    s_j = steps[j] / NUM_TRAIN_TIMESTEPS
+                    t_j = torch.full((b,), float(steps[j]), device=device)  # [B]
+                    x0 = x0_from_velocity(x, call_transformer(self.student, x, t_j, cond), s_j)
+                    eps = draw_noise(x0.shape, generator, device)
+                    x = add_noise(x0, eps, steps[j + 1] / NUM_TRAIN_TIMESTEPS)
+        t_k = torch.full((b,), float(steps[k]), device=device)  # [B]
+        v = call_transformer(self.student, x, t_k, cond)  # [B, C, T, H, W]
+        return x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), float(steps[k])
+
+    def _dmd_noise(self, b: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_dmd_timesteps(
+            b,
+            generator,
+            self.dmd.flow_shift,
+            self.dmd.min_timestep_ratio,
+            self.dmd.max_timestep_ratio,
+            self.device,
+        )  # s [B], t [B]
+
+    # ------------------------------------------------------------------ losses
+    def critic_step(
+        self, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Critic (fake score) flow-matching loss on a fresh no-grad student sample."""
+        _check_generator(generator)
+        cond, _neg, latents = self._inputs(batch)
+        with torch.no_grad():
+            x0_gen, t_k = self.student_sample(batch, generator, cond, latents)  # [B, C, T, H, W]
+        s, t = self._dmd_noise(x0_gen.shape[0], generator)  # [B], [B]
+        eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
+        x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
+        v = call_transformer(self.critic, x_t, t, cond)  # [B, C, T, H, W]
+        loss = flow_matching_loss(v, x0_gen, eps)
+        return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
+
+    def generator_step(
+        self, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Distribution-matching loss of the student (gradient only into the student)."""
+        _check_generator(generator)
+        cond, neg, latents = self._inputs(batch)
+        x0_gen, t_k = self.student_sample(batch, generator, cond, latents)  # with grad
+        s, t = self._dmd_noise(x0_gen.shape[0], generator)  # [B], [B]
+        eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
+        with torch.no_grad():
+            x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W]
+            x0_cond = x0_from_velocity(x_t, call_transformer(self.teacher, x_t, t, cond), s)
+            w = self.dmd.guidance_scale
+            if w == 1.0:
+                x0_real = x0_cond
+            else:
+                v_neg = call_transformer(self.teacher, x_t, t, neg)
+                x0_real = cfg_combine(x0_cond, x0_from_velocity(x_t, v_neg, s), w)
+            x0_fake = x0_from_velocity(x_t, call_transformer(self.critic, x_t, t, cond), s)
+        loss, g = dmd_generator_loss(x0_gen, x0_real, x0_fake, return_grad=True)
+        return loss, {
+            "rollout_timestep": t_k,
+            "timestep": float(t.mean()),
+            "dmd_grad_abs": float(g.abs().mean()),
+        }

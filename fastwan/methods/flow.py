@@ -1,0 +1,199 @@
+"""``flow``: flow-matching fine-tuning of one Wan transformer, dense or with VSA.
+
+The network is trained in place with the rectified-flow loss
+(:func:`fastwan.methods.losses.flow_matching_loss`): ``x_t = (1 - s) x0 + s eps`` with
+``s`` uniform after the timestep shift, target ``v = eps - x0``. With VSA enabled its
+sparsity follows the schedule of :func:`fastwan.train.schedules.vsa_sparsity_from_config`
+(a dense model learns to attend sparsely as the sparsity ramps up).
+
+Also home of the helpers every method shares: reading the text condition from a batch,
+calling a Wan transformer on latents, drawing noise from an explicit generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastwan.diffusion.flow import add_noise
+from fastwan.methods.losses import flow_matching_loss, sample_dmd_timesteps
+from fastwan.models.vsa import set_attention
+from fastwan.train.config import VSAConfig
+from fastwan.train.schedules import vsa_sparsity_from_config
+
+__all__ = ["FlowMethod", "call_transformer", "draw_noise", "latents_of", "text_condition"]
+
+
+def _check_generator(generator: Any) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator, got {type(generator).__name__}; "
+            "pass torch.Generator().manual_seed(seed)"
+        )
+
+
+def draw_noise(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` from ``generator`` (drawn on its device)."""
+    eps = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return eps.to(device)
+
+
+def text_condition(
+    batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The batch's prompt embeddings ``[B, L, dim]`` with padding zeroed by ``text_mask``.
+
+    ``batch["text_embedding"]`` ``[B, L, dim]`` and (optional) ``batch["text_mask"]``
+    ``[B, L]`` (true = token), as :func:`fastwan.data.dataset.collate_samples` makes them.
+    Padding positions are zeroed, as the Wan pipeline does before the transformer.
+    """
+    if "text_embedding" not in batch:
+        raise ValueError(
+            "batch lacks 'text_embedding' [B, L, dim]; build batches with "
+            "fastwan.data.dataset.collate_samples (or add the prompt embeddings)"
+        )
+    emb = batch["text_embedding"]
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 3:
+        raise ValueError(
+            f"batch['text_embedding'] must be a [B, L, dim] tensor, got "
+            f"{tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}"
+        )
+    emb = emb.to(device=device, dtype=dtype)  # [B, L, dim]
+    mask = batch.get("text_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(emb.shape[:2]):
+            raise ValueError(
+                f"batch['text_mask'] must be a [B, L] = {tuple(emb.shape[:2])} tensor, got "
+                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+            )
+        emb = emb * mask.to(device=device).bool()[..., None].to(dtype)  # [B, L, dim]
+    return emb
+
+
+def latents_of(batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """``batch["latents"]`` ``[B, C, T, H, W]`` as float32 on ``device``."""
+    lat = batch.get("latents")
+    if lat is None:
+        raise ValueError(
+            "batch lacks 'latents' [B, C, T, H, W]: this method needs video latents; use a "
+            "dataset with latents (data.text_only: false) or dmd.rollout: simulate"
+        )
+    if not isinstance(lat, torch.Tensor) or lat.dim() != 5:
+        raise ValueError(
+            f"batch['latents'] must be a [B, C, T, H, W] tensor, got "
+            f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}"
+        )
+    return lat.to(device=device, dtype=torch.float32)
+
+
+def call_transformer(
+    net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
+    """Velocity ``v = eps - x0`` of a Wan transformer at latents ``x`` ``[B, C, T, H, W]``,
+    timesteps ``t`` ``[B]`` in [0, 1000] and text ``cond`` ``[B, L, dim]``; float32."""
+    dtype = next(net.parameters()).dtype
+    out = net(
+        hidden_states=x.to(dtype),
+        timestep=t.to(torch.float32),
+        encoder_hidden_states=cond.to(dtype),
+        return_dict=False,
+    )[0]
+    return out.to(torch.float32)  # [B, C, T, H, W]
+
+
+def _param_device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+class FlowMethod:
+    """Flow-matching training of ``transformer`` (trained in place).
+
+    Args:
+        transformer: a Wan transformer (e.g. from :func:`fastwan.models.load_transformer`).
+        vsa: VSA settings; ``vsa.enabled`` false trains dense attention, else VSA at the
+            scheduled sparsity (:meth:`set_step` applies it).
+        flow_shift: timestep shift of the sampled noise levels (Wan: 8 / 3 / 5).
+        min_ratio, max_ratio: clamp range of the noise level ``s``.
+    """
+
+    name = "flow"
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vsa: VSAConfig,
+        flow_shift: float = 3.0,
+        min_ratio: float = 0.0,
+        max_ratio: float = 1.0,
+    ) -> None:
+        if not isinstance(transformer, nn.Module):
+            raise ValueError(
+                f"transformer must be a torch.nn.Module, got {type(transformer).__name__}"
+            )
+        if not isinstance(vsa, VSAConfig):
+            raise ValueError(f"vsa must be a VSAConfig, got {type(vsa).__name__}")
+        if not flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0 (1 = no shift), got {flow_shift!r}")
+        if not 0.0 <= min_ratio <= max_ratio <= 1.0:
+            raise ValueError(
+                f"need 0 <= min_ratio <= max_ratio <= 1, got {min_ratio!r}, {max_ratio!r}"
+            )
+        self.model = transformer
+        self.vsa = vsa
+        self.flow_shift = float(flow_shift)
+        self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
+        self.model.requires_grad_(True)
+        self.model.train()
+        self.sparsity: float | None = None
+        self.set_step(0)
+
+    @property
+    def device(self) -> torch.device:
+        return _param_device(self.model)
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The trainable networks by optimizer role."""
+        return {"generator": self.model}
+
+    def set_step(self, step: int) -> None:
+        """Apply the VSA sparsity of training step ``step`` (0-based) to the model."""
+        if not self.vsa.enabled:
+            if self.sparsity is None:
+                set_attention(self.model, "dense")
+                self.sparsity = 0.0
+            return
+        sparsity = vsa_sparsity_from_config(step, self.vsa)
+        if sparsity != self.sparsity:
+            set_attention(
+                self.model,
+                "vsa",
+                sparsity=sparsity,
+                tile_size=self.vsa.tile_size,
+                backend=self.vsa.backend,
+            )
+            self.sparsity = sparsity
+
+    def loss(
+        self, batch: Mapping[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Flow-matching loss on ``batch`` (latents + text); noise from ``generator``."""
+        _check_generator(generator)
+        device = self.device
+        dtype = next(self.model.parameters()).dtype
+        x0 = latents_of(batch, device)  # [B, C, T, H, W]
+        cond = text_condition(batch, device, dtype)  # [B, L, dim]
+        if cond.shape[0] != x0.shape[0]:
+            raise ValueError(f"batch has {x0.shape[0]} latents but {cond.shape[0]} text embeddings")
+        s, t = sample_dmd_timesteps(
+            x0.shape[0], generator, self.flow_shift, self.min_ratio, self.max_ratio, device
+        )  # [B], [B]
+        eps = draw_noise(x0.shape, generator, device)  # [B, C, T, H, W]
+        x_t = add_noise(x0, eps, s)  # [B, C, T, H, W]
+        v = call_transformer(self.model, x_t, t, cond)  # [B, C, T, H, W]
+        loss = flow_matching_loss(v, x0, eps)
+        return loss, {"timestep": float(t.mean())}

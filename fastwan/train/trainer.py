@@ -1,0 +1,351 @@
+"""The training loop shared by every method (``dmd``, ``flow``).
+
+One *step* (``train.max_steps`` of them) is one optimizer update of the critic (``dmd``)
+or of the trained network (``flow``), plus, for ``dmd``, a generator update on the steps
+where ``step % dmd.generator_update_interval == 0`` (``step`` = steps completed before
+this one, so the first step updates both). Each step consumes
+``train.gradient_accumulation_steps`` micro-batches from the data; under ``dmd`` the
+generator and the critic see the same micro-batches (generator first, so the critic
+learns on the updated generator).
+
+Per network: AdamW with its ``optim.<role>`` settings, a ``LambdaLR`` schedule from
+:mod:`fastwan.train.schedules` that steps with that network's own updates, gradient-norm
+clipping (``grad_clip``; the norm is logged either way).
+
+All randomness of the methods comes from one ``torch.Generator`` seeded with
+``train.seed``. A checkpoint (:meth:`Trainer.save_checkpoint`, atomic through
+:mod:`fastwan.train.checkpoint_io`) holds every trainable network's weights, optimizers,
+schedulers, the generator's EMA (``train.ema_decay``), the step, the log history, the
+data position (when the data has ``state_dict``) and every RNG state including that
+generator, so that ``2k`` steps equal ``k`` steps + resume + ``k`` steps exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fastwan.train.checkpoint_io import (
+    capture_rng_state,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fastwan.train.config import Recipe
+from fastwan.train.ema import EMA
+from fastwan.train.schedules import make_lr_scheduler
+
+__all__ = ["Method", "Trainer"]
+
+logger = logging.getLogger("fastwan.train")
+
+_STATE_FILE = "trainer_state.pt"
+_RNG_FILE = "rng_rank0.pt"
+_GENERATOR_NAME = "train"
+
+
+class Method(Protocol):
+    """What the trainer needs of a method (see :class:`fastwan.methods.dmd.DMDMethod`,
+    :class:`fastwan.methods.flow.FlowMethod`)."""
+
+    name: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def networks(self) -> dict[str, nn.Module]: ...
+
+    def set_step(self, step: int) -> None: ...
+
+    # dmd: critic_step / generator_step(batch, generator); flow: loss(batch, generator),
+    # each returning (scalar loss, {name: float} to log).
+
+
+def _weights_file(role: str) -> str:
+    return f"{role}.safetensors"
+
+
+class Trainer:
+    """Runs ``recipe.train.max_steps`` steps of ``method`` on ``data``.
+
+    Args:
+        method: a :class:`~fastwan.methods.dmd.DMDMethod` or
+            :class:`~fastwan.methods.flow.FlowMethod`; its ``name`` must equal
+            ``recipe.train.method``.
+        recipe: the training configuration (``train``, ``optim``, ``dmd`` are read).
+        data: an iterable of micro-batches (dicts from
+            :func:`fastwan.data.dataset.collate_samples`), re-iterated when exhausted,
+            e.g. :func:`fastwan.data.build_train_loader`'s; when it has ``state_dict`` /
+            ``load_state_dict`` its position is checkpointed.
+        output_dir: where checkpoints go (default ``recipe.train.output_dir``).
+        log_fn: receives the console line every ``train.log_interval`` steps
+            (default: ``logging.getLogger("fastwan.train").info``).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        recipe: Recipe,
+        data: Iterable[Mapping[str, Any]],
+        *,
+        output_dir: str | Path | None = None,
+        log_fn: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(recipe, Recipe):
+            raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+        name = getattr(method, "name", None)
+        if name != recipe.train.method:
+            raise ValueError(
+                f"train.method is {recipe.train.method!r} but the method is {name!r}; set "
+                f"train.method: {name} or build the {recipe.train.method!r} method"
+            )
+        self.method = method
+        self.recipe = recipe
+        self.data = data
+        self.output_dir = Path(output_dir if output_dir is not None else recipe.train.output_dir)
+        self.log_fn = log_fn if log_fn is not None else logger.info
+        self.device = method.device
+        train = recipe.train
+        self.accumulation = train.gradient_accumulation_steps
+        self.interval = recipe.dmd.generator_update_interval if name == "dmd" else 1
+
+        self.networks: dict[str, nn.Module] = dict(method.networks())
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for role, net in self.networks.items():
+            cfg = getattr(recipe.optim, role)
+            params = [p for p in net.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"the {role} network has no trainable parameters")
+            opt = torch.optim.AdamW(
+                params,
+                lr=cfg.lr,
+                betas=cfg.betas,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+            )
+            updates = math.ceil(train.max_steps / self.interval)
+            total = updates if role == "generator" else train.max_steps
+            self.optimizers[role] = opt
+            self.schedulers[role] = make_lr_scheduler(opt, cfg, total)
+
+        # EMA of the generator's weights, updated after each generator update; before
+        # train.ema_start_step it restarts at the live weights (tracks them exactly).
+        self.ema = (
+            EMA(self.networks["generator"], train.ema_decay)
+            if train.ema_decay is not None
+            else None
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(train.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._data_iter: Iterator[Mapping[str, Any]] | None = None
+
+    # ----------------------------------------------------------------- data
+    def _next_batch(self) -> Mapping[str, Any]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        try:
+            return next(self._data_iter)
+        except StopIteration:
+            self._data_iter = iter(self.data)
+            try:
+                return next(self._data_iter)
+            except StopIteration:
+                raise ValueError("the training data yielded no batches") from None
+
+    def _autocast(self):
+        if self.recipe.train.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ----------------------------------------------------------------- one update
+    def _update(
+        self,
+        role: str,
+        loss_fn: Callable[[Mapping[str, Any], torch.Generator], tuple[torch.Tensor, dict]],
+        batches: list[Mapping[str, Any]],
+    ) -> dict[str, float]:
+        """Accumulate ``loss_fn`` over ``batches``, clip, step ``role``'s optimizer."""
+        net, opt, sched = self.networks[role], self.optimizers[role], self.schedulers[role]
+        cfg = getattr(self.recipe.optim, role)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        extras: dict[str, float] = {}
+        for batch in batches:
+            with self._autocast():
+                loss, info = loss_fn(batch, self.generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {self.step + 1}: the {role} loss is {float(loss)}; lower "
+                    f"optim.{role}.lr or check the data"
+                )
+            (loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+            for key, value in info.items():
+                extras[key] = extras.get(key, 0.0) + float(value) / len(batches)
+        params = [p for p in net.parameters() if p.requires_grad]
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if role == "generator" and self.ema is not None:
+            if self.step < self.recipe.train.ema_start_step:
+                self.ema.reset(net)
+            else:
+                self.ema.update(net)
+        out = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, f"{role}_lr": lr}
+        out.update({f"{role}_{k}": v for k, v in extras.items()})
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """One training step; returns (and appends to :attr:`history`) its log record."""
+        start = time.perf_counter()
+        self.method.set_step(self.step)
+        batches = [self._next_batch() for _ in range(self.accumulation)]
+        record: dict[str, Any] = {"step": self.step + 1}
+        if self.method.name == "dmd":
+            record["generator_updated"] = self.step % self.interval == 0
+            if record["generator_updated"]:
+                record.update(self._update("generator", self.method.generator_step, batches))
+            record.update(self._update("critic", self.method.critic_step, batches))
+        else:
+            record.update(self._update("generator", self.method.loss, batches))
+            record["sparsity"] = self.method.sparsity
+        self.step += 1
+        record["step_time"] = time.perf_counter() - start
+        self.history.append(record)
+        if self.step % self.recipe.train.log_interval == 0 or self.step == 1:
+            self.log_fn(self._console_line(record))
+        return record
+
+    def _console_line(self, record: Mapping[str, Any]) -> str:
+        parts = [f"step {record['step']}/{self.recipe.train.max_steps}"]
+        for key, value in record.items():
+            if key.endswith(("_loss", "_grad_norm")):
+                parts.append(f"{key} {value:.4g}")
+            elif key.endswith("_lr"):
+                parts.append(f"{key} {value:.3g}")
+        parts.append(f"{record['step_time']:.2f}s")
+        return " | ".join(parts)
+
+    def train(self, num_steps: int | None = None) -> list[dict[str, Any]]:
+        """Run ``num_steps`` steps (default: up to ``train.max_steps``); saves a checkpoint
+        every ``train.checkpoint_interval`` steps. Returns the records of these steps."""
+        max_steps = self.recipe.train.max_steps
+        if num_steps is None:
+            num_steps = max_steps - self.step
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps must be a non-negative int or None, got {num_steps!r}")
+        if self.step + num_steps > max_steps:
+            raise ValueError(
+                f"{num_steps} more steps from step {self.step} exceed train.max_steps "
+                f"({max_steps}); raise train.max_steps or run fewer steps"
+            )
+        records = []
+        interval = self.recipe.train.checkpoint_interval
+        for _ in range(num_steps):
+            records.append(self.train_step())
+            if interval and self.step % interval == 0:
+                self.save_checkpoint()
+        return records
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Atomically write ``<output_dir>/checkpoint-<step>``; prunes old ones to
+        ``train.checkpoints_total_limit``. Returns the directory."""
+        from safetensors.torch import save_file
+
+        def write(tmp: Path) -> None:
+            for role, net in self.networks.items():
+                weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+                save_file(weights, str(tmp / _weights_file(role)), metadata={"format": "pt"})
+            state = {
+                "method": self.method.name,
+                "step": self.step,
+                "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+                "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+                "history": self.history,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            }
+            torch.save(state, tmp / _STATE_FILE)
+            torch.save(capture_rng_state({_GENERATOR_NAME: self.generator}), tmp / _RNG_FILE)
+
+        path = save_checkpoint(
+            checkpoint_dir(self.output_dir, self.step),
+            write,
+            metadata={"step": self.step, "method": self.method.name},
+        )
+        limit = self.recipe.train.checkpoints_total_limit
+        if limit is not None:
+            prune_checkpoints(self.output_dir, limit)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> Path | None:
+        """Load a checkpoint (default: the latest complete one under ``output_dir``);
+        returns its path, or None when there is none to resume from."""
+        from safetensors.torch import load_file
+
+        if path is None:
+            path = latest_checkpoint(self.output_dir)
+            if path is None:
+                return None
+        path = Path(path)
+        if not (path / _STATE_FILE).is_file():
+            raise ValueError(
+                f"{str(path)!r} is not a trainer checkpoint (no {_STATE_FILE}); pass a "
+                "checkpoint-<step> directory written by Trainer.save_checkpoint"
+            )
+        state = torch.load(path / _STATE_FILE, weights_only=True)
+        if state["method"] != self.method.name:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was written by method {state['method']!r}, not "
+                f"{self.method.name!r}; set train.method: {state['method']}"
+            )
+        if state["step"] > self.recipe.train.max_steps:
+            raise ValueError(
+                f"checkpoint step {state['step']} exceeds train.max_steps "
+                f"({self.recipe.train.max_steps}); raise train.max_steps"
+            )
+        for role, net in self.networks.items():
+            net.load_state_dict(load_file(str(path / _weights_file(role)), device="cpu"))
+            self.optimizers[role].load_state_dict(state["optimizers"][role])
+            self.schedulers[role].load_state_dict(state["schedulers"][role])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError(
+                f"checkpoint {str(path)!r} {'lacks' if state['ema'] is None else 'has'} an EMA "
+                "but train.ema_decay is "
+                f"{self.recipe.train.ema_decay}; resume with the ema_decay of the saved run"
+            )
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        if state["data"] is not None:
+            if hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(state["data"])
+            else:
+                warnings.warn(
+                    "the checkpoint holds a data position but this data has no "
+                    "load_state_dict: the resumed run will not see the same batches",
+                    stacklevel=2,
+                )
+        self._data_iter = None
+        rng = torch.load(path / _RNG_FILE, weights_only=True)
+        restore_rng_state(rng, {_GENERATOR_NAME: self.generator})
+        self.method.set_step(self.step)
+        return path
