@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "fastwan.commands.generate",
     "fastwan.commands.preprocess",
     "fastwan.commands.synthesize",
+    "fastwan.commands.train",
     "fastwan.commands.bench",
 ]
 

@@ -1,0 +1,222 @@
+"""``fastwan distill`` / ``fastwan finetune``: train from a YAML recipe; ``fastwan export``:
+a training checkpoint's student (or its EMA) as a Diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+_METHODS = {"distill": "dmd", "finetune": "flow"}
+
+
+def register(subparsers) -> None:
+    for command, method in _METHODS.items():
+        what = (
+            "sparse distillation (DMD2 + VSA) of a Wan teacher into a few-step student"
+            if method == "dmd"
+            else "flow-matching fine-tuning of a Wan transformer (dense or VSA)"
+        )
+        p = subparsers.add_parser(
+            command,
+            help=what,
+            description=(
+                f"{what[0].upper()}{what[1:]} (train.method: {method}). Any recipe field can "
+                "be overridden with --section.key=VALUE, e.g. --train.max_steps=10."
+            ),
+        )
+        p.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+        _add_train_options(p, method)
+        p.add_argument(
+            "overrides",
+            nargs=argparse.REMAINDER,
+            help="recipe overrides --section.key=VALUE (e.g. --train.max_steps=10)",
+        )
+        p.set_defaults(func=run_training, method=method)
+
+    e = subparsers.add_parser(
+        "export",
+        help="write a training checkpoint's student as a Diffusers pipeline folder",
+        description=(
+            "Export the generator of a checkpoint-<step> folder (or its EMA with --ema) as a "
+            "Diffusers folder that `fastwan generate` / VideoGenerator load; the other "
+            "components are copied from the recipe's teacher folder."
+        ),
+    )
+    e.add_argument("checkpoint", type=Path, help="a checkpoint-<step> folder")
+    e.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    e.add_argument("--ema", action="store_true", help="export the EMA weights")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="pipeline folder the checkpoint was trained from (default: the run's recipe.yaml)",
+    )
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(func=run_export)
+
+
+def _add_train_options(p: argparse.ArgumentParser, method: str) -> None:
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'latest' (the newest checkpoint under train.output_dir, if any) or a "
+        "checkpoint-<step> folder",
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if method == "dmd":
+        p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative prompt")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _split_overrides(args: argparse.Namespace) -> list[str]:
+    """Options given after the recipe land in ``args.overrides`` with the overrides: parse
+    them into ``args``; what is left must be ``--section.key=VALUE``."""
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_train_options(options, args.method)
+    _, extra = options.parse_known_args(list(args.overrides), namespace=args)
+    bad = [x for x in extra if "=" not in x or not x.startswith("--")]
+    if bad:
+        raise ValueError(
+            f"unrecognised arguments {bad}; recipe overrides look like --section.key=VALUE "
+            "(e.g. --train.max_steps=10)"
+        )
+    return extra
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastwan.train.build import RECIPE_FILE, build_trainer
+    from fastwan.train.checkpoint_io import checkpoint_dir, is_complete
+    from fastwan.train.config import dump_recipe, load_recipe
+
+    overrides = _split_overrides(args)
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.train.method != args.method:
+        raise ValueError(
+            f"train.method is {recipe.train.method!r} but `fastwan {args.command}` runs "
+            f"{args.method!r}; set --train.method={args.method} or use `fastwan "
+            f"{'distill' if recipe.train.method == 'dmd' else 'finetune'}`"
+        )
+    bar = None
+
+    def log(line: str) -> None:
+        (bar.write if bar is not None else print)(line, file=sys.stderr)
+
+    setup = build_trainer(
+        recipe,
+        device=args.device,
+        negative_prompt=getattr(args, "negative_prompt", None),
+        log_fn=log,
+    )
+    trainer = setup.trainer
+    out_dir = trainer.output_dir
+    if args.resume is not None:
+        path = None if args.resume == "latest" else Path(args.resume)
+        resumed = trainer.resume(path)
+        if resumed is None:
+            print(f"no checkpoint under {out_dir}; starting from step 0")
+        else:
+            print(f"resumed from {resumed} at step {trainer.step}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, out_dir / RECIPE_FILE)
+    print(
+        f"{args.command}: {recipe.train.method} on {setup.device}, teacher {setup.model_path}, "
+        f"steps {trainer.step} -> {recipe.train.max_steps}, output {out_dir}"
+    )
+
+    start_step, start = trainer.step, time.perf_counter()
+    bar = tqdm(
+        total=recipe.train.max_steps,
+        initial=trainer.step,
+        desc=args.command,
+        unit="step",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
+    last: dict = {}
+    try:
+        while trainer.step < recipe.train.max_steps:
+            last = trainer.train(1)[0]
+            bar.set_postfix(
+                {k: f"{v:.3g}" for k, v in last.items() if k.endswith("_loss")}, refresh=False
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+        bar = None
+    elapsed = time.perf_counter() - start
+    ran = trainer.step - start_step
+    interval = recipe.train.checkpoint_interval
+    saved = checkpoint_dir(out_dir, trainer.step)
+    if ran > 0 and interval and trainer.step % interval == 0 and is_complete(saved):
+        checkpoint = saved  # the periodic save of the last step
+    else:
+        checkpoint = trainer.save_checkpoint()
+    print(f"done: {ran} steps in {elapsed:.1f}s ({elapsed / max(ran, 1):.2f} s/step)")
+    for key in sorted(k for k in last if k.endswith("_loss")):
+        values = [r[key] for r in trainer.history if key in r]
+        finite = all(math.isfinite(v) for v in values)
+        print(f"  {key}: last {last[key]:.4g}, mean {sum(values) / len(values):.4g}"
+              f"{'' if finite else ' (NON-FINITE values seen)'}")  # fmt: skip
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from fastwan.models.export import export_pipeline
+    from fastwan.models.loading import load_transformer, resolve_model_path
+    from fastwan.train.build import RECIPE_FILE
+    from fastwan.train.config import load_recipe
+
+    ckpt = args.checkpoint
+    weights = ckpt / "generator.safetensors"
+    if not weights.is_file():
+        raise ValueError(
+            f"{str(ckpt)!r} has no generator.safetensors; pass a checkpoint-<step> folder "
+            "written by `fastwan distill` / `fastwan finetune`"
+        )
+    recipe_file = ckpt.parent / RECIPE_FILE
+    if args.model is not None:
+        teacher, student = args.model, args.model
+    elif recipe_file.is_file():
+        recipe = load_recipe(recipe_file)
+        teacher, student = recipe.model.teacher, recipe.model.student_path
+    else:
+        raise ValueError(
+            f"{str(recipe_file)!r} does not exist, so the source model is unknown; pass "
+            "--model DIR (the pipeline folder the run trained from)"
+        )
+    transformer = load_transformer(resolve_model_path(student), dtype=torch.float32)
+    state = load_file(str(weights), device="cpu")
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match the transformer of {student!r}: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; pass --model with "
+            "the folder the run trained from"
+        )
+    if args.ema:
+        trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        ema = trainer_state.get("ema")
+        if ema is None:
+            raise ValueError(
+                f"{str(ckpt)!r} has no EMA (train.ema_decay was null); export without --ema"
+            )
+        params = dict(transformer.named_parameters())
+        with torch.no_grad():
+            for name, value in ema["shadow"].items():
+                if name not in params:
+                    raise ValueError(f"EMA weight {name!r} is not a parameter of the model")
+                params[name].copy_(value.to(params[name].dtype))
+    out = export_pipeline(
+        resolve_model_path(teacher), transformer, args.out, overwrite=args.overwrite
+    )
+    which = "EMA" if args.ema else "generator"
+    print(f"exported the {which} weights of {ckpt} to {out}")
+    return 0

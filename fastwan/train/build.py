@@ -1,0 +1,182 @@
+"""Build a ready-to-run :class:`~fastwan.train.trainer.Trainer` from a :class:`Recipe`.
+
+* the teacher transformer from ``model.teacher`` (a Diffusers folder, hub id or preset
+  name) in ``model.teacher_dtype``; the student / critic from ``model.student`` /
+  ``model.critic`` (default: the teacher's weights) in ``model.dtype``;
+* the negative prompt encoded once with the folder's own text encoder (then freed);
+* the data loader (:func:`fastwan.data.build_train_loader`) normalising latents with the
+  VAE statistics of ``model.teacher``;
+* :class:`~fastwan.methods.dmd.DMDMethod` (``train.method: dmd``) or
+  :class:`~fastwan.methods.flow.FlowMethod` (``train.method: flow``).
+
+Training runs in one process: ``parallel.world_size`` must be 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastwan.train.config import Recipe, torch_dtype
+from fastwan.train.trainer import Trainer
+
+__all__ = ["TrainingSetup", "build_trainer", "check_world_size", "latent_shape_of"]
+
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class TrainingSetup:
+    """What :func:`build_trainer` made."""
+
+    trainer: Trainer
+    model_path: Path  # the resolved teacher folder
+    device: torch.device
+
+
+def check_world_size(recipe: Recipe) -> None:
+    """Raise a ValueError unless the recipe asks for exactly the processes running."""
+    want = recipe.parallel.world_size
+    have = int(os.environ.get("WORLD_SIZE", "1"))
+    if want != have:
+        raise ValueError(
+            f"parallel.world_size is {want} but {have} process(es) are running; launch with "
+            f"`torchrun --nproc_per_node={want} ...` or set --parallel.world_size={have} "
+            f"(and parallel.replicate x shard x sequence_parallel = {have})"
+        )
+    if want > 1:
+        raise ValueError(
+            f"parallel.world_size is {want}: this trainer runs in one process; set "
+            "--parallel.world_size=1 --parallel.replicate=1 --parallel.shard=1 "
+            "--parallel.sequence_parallel=1 (and train.global_batch_size to match)"
+        )
+
+
+def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, int]:
+    """``(C, T, H, W)`` of a ``data.num_frames x data.height x data.width`` clip's latents,
+    from the folder's VAE and transformer configs (no weights loaded)."""
+    vae = json.loads((model_path / "vae" / "config.json").read_text())
+    transformer = json.loads((model_path / "transformer" / "config.json").read_text())
+    st = int(vae.get("scale_factor_temporal", 4))
+    ss = int(vae.get("scale_factor_spatial", 8))
+    d = recipe.data
+    for name, value in (("height", d.height), ("width", d.width)):
+        if value % ss:
+            raise ValueError(f"data.{name} {value} must be a multiple of the VAE stride {ss}")
+    channels = int(transformer.get("in_channels", vae.get("z_dim", 16)))
+    return channels, (d.num_frames - 1) // st + 1, d.height // ss, d.width // ss
+
+
+def _encode_prompts(model_path: Path, prompts: list[str], max_length: int) -> list[torch.Tensor]:
+    """Each prompt's valid-token embedding ``[L_i, dim]`` (float32, CPU); the encoder is
+    loaded on the CPU in float32 and dropped afterwards."""
+    from fastwan.data.encoders import WanTextEncoder
+
+    encoder = WanTextEncoder.from_pretrained(
+        model_path, device="cpu", dtype=torch.float32, max_length=max_length
+    )
+    try:
+        return encoder(prompts)
+    finally:
+        del encoder
+
+
+def _load(path: str, dtype_name: str, device: torch.device) -> nn.Module:
+    from fastwan.models.loading import load_transformer, resolve_model_path
+
+    return load_transformer(resolve_model_path(path), dtype=torch_dtype(dtype_name), device=device)
+
+
+def build_trainer(
+    recipe: Recipe,
+    *,
+    device: str | torch.device | None = None,
+    negative_prompt: str | None = None,
+    log_fn: Callable[[str], None] | None = None,
+) -> TrainingSetup:
+    """Load the models and data of ``recipe`` and return its Trainer (not yet run).
+
+    negative_prompt: the teacher's CFG "uncond" text for ``dmd`` (default: Wan's).
+    """
+    from fastwan.data.encoders import default_device, vae_latent_stats
+    from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
+    from fastwan.data.sampler import build_train_loader
+    from fastwan.methods.dmd import DMDMethod
+    from fastwan.methods.flow import FlowMethod
+    from fastwan.models.loading import read_model_index, resolve_model_path
+    from fastwan.models.presets import WAN_NEGATIVE_PROMPT
+
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    check_world_size(recipe)
+    if recipe.data.path is None:
+        raise ValueError(
+            "data.path is null: set it to the folder of parquet shards (--data.path=DIR)"
+        )
+    if not Path(recipe.data.path).exists():
+        raise ValueError(
+            f"data.path {recipe.data.path!r} does not exist; write shards with "
+            "`fastwan preprocess` / `synthesize` and pass --data.path=DIR"
+        )
+    dev = default_device(str(device) if device is not None else None)
+    model_path = resolve_model_path(recipe.model.teacher)
+    read_model_index(model_path)  # a clear error when a component is missing
+    m, t = recipe.model, recipe.train
+
+    # Text: the negative prompt (dmd's CFG) and, for CFG dropout without a stored empty
+    # embedding, the empty prompt -- encoded once, then the encoder is freed.
+    data_dir = Path(recipe.data.path)
+    data_dir = data_dir if data_dir.is_dir() else data_dir.parent
+    need_empty = recipe.data.cfg_dropout > 0 and not (data_dir / EMPTY_PROMPT_FILE).is_file()
+    prompts = []
+    if t.method == "dmd":
+        prompts.append(negative_prompt if negative_prompt is not None else WAN_NEGATIVE_PROMPT)
+    if need_empty:
+        prompts.append("")
+    encoded = _encode_prompts(model_path, prompts, recipe.data.text_length) if prompts else []
+    empty = encoded.pop() if need_empty else None
+
+    mean = std = None
+    if not recipe.data.text_only:
+        mean, std = vae_latent_stats(model_path)
+    loader = build_train_loader(
+        recipe.data,
+        rank=0,
+        world_size=1,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        latents_mean=mean,
+        latents_std=std,
+        empty_embedding=empty,
+    )
+
+    if t.method == "dmd":
+        teacher = _load(m.teacher, m.teacher_dtype, dev)
+        separate = m.dtype != m.teacher_dtype
+        student = _load(m.student_path, m.dtype, dev) if m.student or separate else None
+        critic = _load(m.critic_path, m.dtype, dev) if m.critic or separate else None
+        method = DMDMethod(
+            teacher,
+            recipe.dmd,
+            recipe.vsa,
+            encoded[0],
+            latent_shape=latent_shape_of(model_path, recipe),
+            student=student,
+            critic=critic,
+        )
+    else:
+        method = FlowMethod(
+            _load(m.student_path, m.dtype, dev),
+            recipe.vsa,
+            flow_shift=recipe.dmd.flow_shift,
+            min_ratio=recipe.dmd.min_timestep_ratio,
+            max_ratio=recipe.dmd.max_timestep_ratio,
+        )
+    trainer = Trainer(method, recipe, loader, output_dir=t.output_dir, log_fn=log_fn)
+    return TrainingSetup(trainer=trainer, model_path=model_path, device=dev)
