@@ -73,6 +73,23 @@ def slots_for(tile_numel: int) -> int:
 
 
 @triton.jit
+def _kv_scores(
+    q, K, V, COUNTS, head, kt, rows, cols, d_ok, D, qk_scale,
+    SLOTS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key/value tile ``kt`` ([SLOTS, BLOCK_D]; pad rows load as zeros so 0-probability
+    columns never meet inf / nan) and the scores of ``q`` against it, base 2, pad keys at
+    -inf: ``[SLOTS(q), SLOTS(k)]``."""
+    k_ok = rows < tl.load(COUNTS + kt)
+    kv_off = (kt * SLOTS + rows)[:, None] * D + cols[None, :]
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + head + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + head + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return k, v, tl.where(k_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX, COUNTS,
     N, KSEL, D, qk_scale,
@@ -95,15 +112,10 @@ def _fwd_kernel(
     acc = tl.zeros([SLOTS, BLOCK_D], tl.float32)
     sel = IDX + (bh * N + n) * KSEL
     for j in range(0, KSEL):
-        kt = tl.load(sel + j)
-        k_ok = rows < tl.load(COUNTS + kt)
-        kv_off = (kt * SLOTS + rows)[:, None] * D + cols[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        # Pad key rows load as zeros so that 0-probability columns never meet inf / nan.
-        k = tl.load(K + head + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + head + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [SLOTS, SLOTS]
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        k, v, s = _kv_scores(
+            q, K, V, COUNTS, head, tl.load(sel + j), rows, cols, d_ok, D, qk_scale,
+            SLOTS, PRECISION,
+        )  # fmt: skip
         # Every tile has >= 1 valid key, so m_new is finite from the first tile on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -147,14 +159,10 @@ def _dq_kernel(
     l_i = tl.zeros([SLOTS], tl.float32)
     pdp_i = tl.zeros([SLOTS], tl.float32)
     for j in range(0, KSEL):
-        kt = tl.load(sel + j)
-        k_ok = rows < tl.load(COUNTS + kt)
-        kv_off = (kt * SLOTS + rows)[:, None] * D + cols[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + head + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + head + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        k, v, s = _kv_scores(
+            q, K, V, COUNTS, head, tl.load(sel + j), rows, cols, d_ok, D, qk_scale,
+            SLOTS, PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         l_i += tl.sum(p, 1)
@@ -167,14 +175,10 @@ def _dq_kernel(
     # Pass 2: dS = P * (dP - delta), dQ = scale * dS @ K.
     dq = tl.zeros([SLOTS, BLOCK_D], tl.float32)
     for j in range(0, KSEL):
-        kt = tl.load(sel + j)
-        k_ok = rows < tl.load(COUNTS + kt)
-        kv_off = (kt * SLOTS + rows)[:, None] * D + cols[None, :]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + head + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + head + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        k, v, s = _kv_scores(
+            q, K, V, COUNTS, head, tl.load(sel + j), rows, cols, d_ok, D, qk_scale,
+            SLOTS, PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])  # [SLOTS(q), SLOTS(k)] softmax probabilities
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
