@@ -12,14 +12,20 @@ The processor needs the token grid (T, H/2, W/2): a forward pre-hook on the tran
 reads it from the latent shape before the blocks run. All state lives on the transformer
 instance, so a dense teacher and a VSA student coexist in one process, and ``deepcopy``
 (an EMA copy) gets its own.
+
+Sequence parallelism (:mod:`fastwan.distributed.sequence_parallel`) puts its context in the
+same state: the processor then sees local tokens, and trades sequence shards for head
+shards around the attention itself (dense or VSA over the full token grid).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastwan.attention import BACKENDS, video_sparse_attention
@@ -35,6 +41,8 @@ class _GridState:
 
     grid: tuple[int, int, int] | None = None
     hooked: bool = False  # the pre-hook is registered (once per instance)
+    # Ulysses context (fastwan.distributed.sequence_parallel.SequenceParallel) or None.
+    sp: Any = None
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -109,6 +117,10 @@ class WanVSAAttnProcessor:
     rotary), the gate from the same input (the block's normed, modulated hidden state)
     reshaped to heads like q; output = fine + gate * coarse. Dense: diffusers' own
     ``WanAttnProcessor``, so dense mode is bit-identical to stock diffusers.
+
+    Under sequence parallelism (``state.sp`` set) the input holds this rank's tokens;
+    q, k, v (and the gate) are computed on them, exchanged for the full sequence of a
+    subset of heads, attended (dense SDPA or VSA), and exchanged back.
     """
 
     def __init__(
@@ -139,14 +151,17 @@ class WanVSAAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.mode == "dense" or encoder_hidden_states is not None:
+        sp = self.state.sp
+        if encoder_hidden_states is not None or (self.mode == "dense" and sp is None):
             return self._dense(
                 attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
         if attention_mask is not None:
-            raise ValueError("VSA self-attention takes no attention_mask; use mode='dense'")
+            raise ValueError(
+                "fastwan's self-attention (VSA, or sequence-parallel) takes no attention_mask"
+            )
         grid = self.state.grid
-        if grid is None:
+        if grid is None and self.mode == "vsa":
             raise ValueError(
                 "the VSA processor does not know the token grid: call the transformer itself "
                 "(its forward pre-hook records the grid from the latent shape)"
@@ -161,19 +176,35 @@ class WanVSAAttnProcessor:
         if rotary_emb is not None:
             q = _apply_rotary(q, *rotary_emb)
             k = _apply_rotary(k, *rotary_emb)
-        gate = self.gate(hidden_states).unflatten(2, (heads, -1)).type_as(q)  # [B, S, H, D]
+        gate = None
+        if self.mode == "vsa":
+            gate = self.gate(hidden_states).unflatten(2, (heads, -1)).type_as(q)  # [B, S, H, D]
+        if sp is not None:
+            # Ulysses: [B, S_loc, H, D] local tokens -> [B, S, H / sp, D] full sequence.
+            if gate is None:
+                q, k, v = sp.seq_to_heads(q, k, v)
+            else:
+                q, k, v, gate = sp.seq_to_heads(q, k, v, gate)
 
-        out = video_sparse_attention(
-            q.transpose(1, 2),  # [B, H, S, D]
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            grid=grid,
-            tile_size=self.tile_size,
-            sparsity=self.sparsity,
-            gate=gate.transpose(1, 2),
-            backend=self.backend,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, dim]
+        if self.mode == "vsa":
+            out = video_sparse_attention(
+                q.transpose(1, 2),  # [B, H, S, D]
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                grid=grid,
+                tile_size=self.tile_size,
+                sparsity=self.sparsity,
+                gate=gate.transpose(1, 2),
+                backend=self.backend,
+            )
+        else:  # dense under sequence parallelism: the same SDPA diffusers dispatches to
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )  # [B, H, S, D]
+        out = out.transpose(1, 2)  # [B, S, H, D]
+        if sp is not None:
+            out = sp.heads_to_seq(out)  # [B, S_loc, H, D]
+        out = out.flatten(2, 3).type_as(q)  # [B, S, dim]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
