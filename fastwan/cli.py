@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "fastwan.commands.synthesize",
     "fastwan.commands.train",
     "fastwan.commands.bench",
+    "fastwan.commands.ui",
 ]
 
 

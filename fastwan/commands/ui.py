@@ -1,0 +1,165 @@
+"""``fastwan ui``: the Gradio web page (generate, and compare teacher vs student)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ui",
+        help="web UI: type a prompt, watch the video; compare teacher and student",
+        description=(
+            "Serve a Gradio page that generates videos with --model (default: the shipped toy "
+            "student) and compares it with --teacher (default: the toy teacher) on the same "
+            "prompt and seed. Binds to 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="student: pipeline folder, hub repo id or preset name (default: the toy student)",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher for compare mode (default: the toy teacher when --model is not given; "
+        "otherwise compare mode is off)",
+    )
+    p.add_argument("--preset", default=None, help="the model's preset (default: recognised)")
+    p.add_argument("--teacher-preset", default=None, help="the teacher's preset")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--max-frames", type=int, default=None, help="cap on frames (default: the model's)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="cap on width x height (default: the model's native size)",
+    )
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
+    p.add_argument("--examples", type=Path, default=None, help="example prompts, one a line")
+    p.add_argument(
+        "--vsa-backend",
+        default="auto",
+        choices=("auto", "torch", "triton", "flex", "reference"),
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
+    p.add_argument(
+        "--max-sequence-length", type=int, default=None, help="default: the model's text length"
+    )
+    p.set_defaults(func=run)
+
+
+def toy_model(role: str) -> str:
+    """The shipped toy model folder for ``role`` ("student" / "teacher"), or a ValueError
+    asking for --model / --teacher where the toy world is not available."""
+    flag = "--model" if role == "student" else "--teacher"
+    try:
+        from fastwan.toy.assets import toy_model_path
+    except ImportError as err:
+        if not (err.name or "").startswith("fastwan.toy"):
+            raise
+        raise ValueError(
+            f"the shipped toy {role} is not available in this install (fastwan.toy.assets is "
+            f"missing); pass {flag} PATH_OR_ID (a Diffusers-format Wan folder)"
+        ) from err
+    try:
+        return str(toy_model_path(role))
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; or pass {flag} PATH_OR_ID (a Diffusers-format Wan folder)"
+        ) from err
+
+
+def toy_examples(count: int = 4) -> list[str]:
+    """A few prompts of the toy world's grammar (what the toy models understand)."""
+    from fastwan.toy import world
+
+    combos = world.all_combos()
+    return [world.canonical_prompt(c) for c in combos[:: max(1, len(combos) // count)][:count]]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' values, or a ValueError naming the flag and the fix."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    for flag, value in (
+        ("--max-frames", args.max_frames),
+        ("--max-pixels", args.max_pixels),
+        ("--max-sequence-length", args.max_sequence_length),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.queue_size < 1:
+        raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}")
+    if not args.host.strip():
+        raise ValueError("--host must not be empty (e.g. 127.0.0.1)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastwan.commands.generate import read_prompts
+    from fastwan.ui.app import FastWanUI, LazyModel, build_app, launch
+
+    check_args(args)
+    examples = read_prompts(args.examples) if args.examples is not None else None
+    use_toy = args.model is None
+
+    def loader(preset):
+        def load(source: str):
+            from fastwan.pipeline import VideoGenerator
+
+            print(f"loading {source} ...", file=sys.stderr)
+            return VideoGenerator.from_pretrained(
+                source,
+                preset=preset,
+                backend=args.vsa_backend,
+                device=args.device,
+                dtype=args.dtype,
+            )
+
+        return load
+
+    student = LazyModel(
+        "student", toy_model("student") if use_toy else args.model, loader(args.preset)
+    )
+    teacher = None
+    if args.teacher is not None:
+        teacher = LazyModel("teacher", args.teacher, loader(args.teacher_preset))
+    elif use_toy:  # looked up on first use: a missing toy teacher is a message in the page
+        teacher = LazyModel("teacher", lambda: toy_model("teacher"), loader(args.teacher_preset))
+    if examples is None and use_toy:
+        examples = toy_examples()
+    ui = FastWanUI(
+        student,
+        teacher,
+        max_frames=args.max_frames,
+        max_pixels=args.max_pixels,
+        vsa_backend=args.vsa_backend,
+        max_sequence_length=args.max_sequence_length,
+        examples=examples,
+    )
+    app = build_app(ui, queue_size=args.queue_size)
+    if not is_loopback(args.host):
+        print(
+            f"warning: serving on {args.host}: anyone who can reach it can run the model",
+            file=sys.stderr,
+        )
+    print(f"fastwan ui: http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    launch(app, host=args.host, port=args.port, block=True)
+    return 0

@@ -1,0 +1,704 @@
+"""The web UI behind ``fastwan ui``: plain handler functions, and the Gradio page around them.
+
+:class:`FastWanUI` holds the models and the limits and does the work (validate the inputs,
+generate, write the MP4, time it); it knows nothing of Gradio, so it is tested directly.
+:func:`build_app` lays out the Gradio ``Blocks`` page and wires its events to the handlers
+through small adapters that turn errors into a message in the page (the server keeps
+serving). Nothing the browser sends is used as a file path: inputs are text and numbers,
+checked against the allowed values, and videos are written to a folder the server owns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import threading
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # type hints only: importing gradio / the pipeline is slow
+    import gradio as gr
+
+    from fastwan.pipeline import VideoGenerator
+
+ATTENTION_CHOICES = ("vsa", "dense")
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes any 64-bit int; keep it readable
+MAX_MULTI_STEPS = 100  # the steps slider of a many-step model
+# (numerator, denominator) aspect ratios offered in both orientations.
+ASPECTS = ((1, 1), (4, 3), (16, 9))
+GENERIC_EXAMPLES = (
+    "A red fox runs through snow, realistic style.",
+    "A cat walks on the grass, realistic style.",
+    "Waves crash against a rocky shore at sunset.",
+)
+
+
+# --------------------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class SizeOptions:
+    """The resolutions and frame counts offered, all of which the model takes."""
+
+    resolutions: tuple[tuple[int, int], ...]  # (height, width), fewest pixels first
+    frame_counts: tuple[int, ...]
+    default_resolution: tuple[int, int]
+    default_frames: int
+
+    @property
+    def resolution_labels(self) -> list[str]:
+        return [resolution_label(h, w) for h, w in self.resolutions]
+
+    def parse_resolution(self, label: Any) -> tuple[int, int]:
+        """``"WxH"`` (one of :attr:`resolution_labels`) -> ``(height, width)``."""
+        for h, w in self.resolutions:
+            if label == resolution_label(h, w):
+                return h, w
+        raise ValueError(
+            f"resolution must be one of {self.resolution_labels} (width x height), got {label!r}"
+        )
+
+    def parse_frames(self, value: Any) -> int:
+        """A frame count from :attr:`frame_counts` (an int, or its decimal text)."""
+        frames = _as_int(value)
+        if frames is None or frames not in self.frame_counts:
+            raise ValueError(f"num_frames must be one of {list(self.frame_counts)}, got {value!r}")
+        return frames
+
+
+def resolution_label(height: int, width: int) -> str:
+    return f"{width}x{height}"
+
+
+def size_options(
+    *,
+    vae_scale: tuple[int, int],
+    patch_size: Sequence[int],
+    tile_size: Sequence[int],
+    native: tuple[int, int, int],
+    max_frames: int,
+    max_pixels: int,
+) -> SizeOptions:
+    """Sizes a Wan model takes, within the caps.
+
+    vae_scale: (temporal, spatial) VAE factor; patch_size: the transformer's (t, h, w) patch;
+    tile_size: the VSA tile in tokens (t, h, w); native: the preset's (height, width,
+    num_frames). Sides are multiples of VAE x patch (what the model takes); the short side
+    starts at one VSA tile (one tile of tokens per side) and doubles, at aspect ratios
+    1:1, 4:3 and 16:9 both ways, plus the native size. Frame counts are 1 + k x the VAE's
+    temporal factor (any count when it is 1), up to ``max_frames``.
+    """
+    st, ss = (int(x) for x in vae_scale)
+    _, ph, pw = (int(x) for x in patch_size)
+    _, th, tw = (int(x) for x in tile_size)
+    height, width, frames = native
+    for name, value in (("max_frames", max_frames), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    step_h, step_w = ss * ph, ss * pw  # one latent token of the transformer, in pixels
+    step = math.lcm(step_h, step_w)  # a side valid as height and as width
+
+    sizes: set[tuple[int, int]] = set()
+    if height * width <= max_pixels and height % step_h == 0 and width % step_w == 0:
+        sizes |= {(height, width)}
+    short = step * max(th, tw)  # one VSA tile of tokens
+    if short * short > max_pixels:
+        short = step  # caps below one tile: whole tokens only
+    while short * short <= max_pixels:
+        for num, den in ASPECTS:
+            long = max(short, round(short * num / den / step) * step)
+            if short * long <= max_pixels:
+                sizes |= {(short, long), (long, short)}
+        short *= 2
+    if not sizes:
+        raise ValueError(
+            f"max_pixels={max_pixels} is below the smallest size the model takes "
+            f"({step}x{step} = {step * step} pixels); raise --max-pixels"
+        )
+    resolutions = tuple(sorted(sizes, key=lambda hw: (hw[0] * hw[1], hw[1], hw[0])))
+
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    frame_counts = tuple(range(1, max_frames + 1, st))
+    default_res = (height, width) if (height, width) in sizes else resolutions[-1]
+    default_frames = frames if frames in frame_counts else frame_counts[-1]
+    return SizeOptions(resolutions, frame_counts, default_res, default_frames)
+
+
+# --------------------------------------------------------------------------- models
+class LazyModel:
+    """A :class:`VideoGenerator` loaded on first use.
+
+    A failed load is reported as a ``ValueError`` naming the role and the source, and is
+    tried again on the next call (the server stays up; a fixed folder is picked up).
+    """
+
+    def __init__(
+        self,
+        role: str,
+        source: str | Callable[[], str],
+        loader: Callable[[str], VideoGenerator],
+    ) -> None:
+        self.role = role
+        self._source = source
+        self._loader = loader
+        self._model: VideoGenerator | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def ready(cls, role: str, model: VideoGenerator) -> LazyModel:
+        """Wrap an already loaded generator."""
+        slot = cls(role, str(model.components.path), lambda _: model)
+        slot._model = model
+        return slot
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def peek(self) -> VideoGenerator | None:
+        return self._model
+
+    def get(self) -> VideoGenerator:
+        with self._lock:
+            if self._model is not None:
+                return self._model
+            source = "?"
+            try:
+                source = self._source() if callable(self._source) else self._source
+                self._model = self._loader(source)
+            except (ValueError, OSError, RuntimeError, ImportError) as err:
+                raise ValueError(
+                    f"the {self.role} model failed to load from {source!r}: {err}"
+                ) from err
+            return self._model
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class VideoResult:
+    """One generated video, written to ``path`` (a file in the server's output folder)."""
+
+    path: Path
+    seed: int
+    timings: dict[str, float]  # seconds: text_encode, denoise, decode, total
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    setup: str  # e.g. "VSA 0.8, 3 steps"
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    teacher: VideoResult
+    student: VideoResult
+
+    @property
+    def speedup(self) -> float:
+        """Teacher's total time over the student's."""
+        return self.teacher.timings["total"] / max(self.student.timings["total"], 1e-9)
+
+    @property
+    def denoise_speedup(self) -> float:
+        return self.teacher.timings["denoise"] / max(self.student.timings["denoise"], 1e-9)
+
+
+# --------------------------------------------------------------------------- validation
+def _as_int(value: Any) -> int | None:
+    """An int from an int, an integral float or decimal text; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def check_prompt(prompt: Any, name: str = "prompt", *, required: bool = True) -> str | None:
+    """A prompt's text (None for an empty optional one), or a ValueError."""
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{name} must be text, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(prompt)} characters; keep it under {MAX_PROMPT_CHARS}")
+    if not prompt.strip():
+        if required:
+            raise ValueError(f"{name} is empty: type what the video should show")
+        return None
+    return prompt
+
+
+def check_seed(seed: Any) -> int:
+    value = _as_int(seed)
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise ValueError(
+            f"seed must be a whole number in [0, {MAX_SEED}], got {seed!r}; or click the "
+            "random seed button"
+        )
+    return value
+
+
+def check_sparsity(attention: Any, sparsity: Any) -> tuple[str, float | None]:
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention == "dense":
+        return "dense", None
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(
+            f"sparsity must be in [0, 1) (the fraction of key tiles skipped), got {sparsity!r}"
+        )
+    return "vsa", float(sparsity)
+
+
+def step_range(model: VideoGenerator) -> tuple[int, int, int]:
+    """(min, max, default) steps: a few-step model runs a prefix of its DMD timesteps,
+    a many-step model its scheduler with that many steps."""
+    p = model.preset
+    if p.few_step:
+        return 1, len(p.timesteps), len(p.timesteps)
+    return 1, max(MAX_MULTI_STEPS, p.num_inference_steps), p.num_inference_steps
+
+
+def sampling_args(model: VideoGenerator, steps: Any, name: str = "steps") -> dict[str, Any]:
+    """``generate`` keyword arguments for ``steps`` (0 or None: the model's default)."""
+    lo, hi, default = step_range(model)
+    value = default if steps in (None, 0, "") else _as_int(steps)
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {steps!r}")
+    if model.preset.few_step:  # each DMD step predicts x0; fewer steps stop earlier
+        return {"timesteps": list(model.preset.timesteps[:value])}
+    return {"num_inference_steps": value}
+
+
+# --------------------------------------------------------------------------- handlers
+class FastWanUI:
+    """The UI's state and handlers: a student (the model the page generates with) and an
+    optional teacher for compare mode.
+
+    max_frames / max_pixels cap the sizes offered (default: the student's native size).
+    Videos go to ``output_dir`` (default: a new temporary folder); the newest
+    ``keep_videos`` it wrote are kept. One generation runs at a time (a lock, besides the queue).
+    """
+
+    def __init__(
+        self,
+        student: LazyModel,
+        teacher: LazyModel | None = None,
+        *,
+        max_frames: int | None = None,
+        max_pixels: int | None = None,
+        vsa_backend: str = "auto",
+        max_sequence_length: int | None = None,
+        output_dir: str | Path | None = None,
+        keep_videos: int = 64,
+        examples: Sequence[str] | None = None,
+        teacher_unavailable: str | None = None,
+    ) -> None:
+        model = student.get()  # the page's sizes come from the student
+        p = model.preset
+        _, ss = model.vae_scale
+        self.options = size_options(
+            vae_scale=model.vae_scale,
+            patch_size=model.transformer.config.patch_size,
+            tile_size=p.tile_size,
+            native=(p.height, p.width, p.num_frames),
+            max_frames=p.num_frames if max_frames is None else max_frames,
+            max_pixels=p.height * p.width if max_pixels is None else max_pixels,
+        )
+        if keep_videos < 1:
+            raise ValueError(f"keep_videos must be >= 1, got {keep_videos}")
+        self.student = student
+        self.teacher = teacher
+        self.teacher_unavailable = teacher_unavailable or (
+            "compare mode needs a teacher: start the UI with --teacher PATH_OR_ID"
+        )
+        self.vsa_backend = vsa_backend
+        self.max_sequence_length = max_sequence_length
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fastwan-ui-"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.keep_videos = keep_videos
+        self.examples = list(examples) if examples else list(GENERIC_EXAMPLES)
+        self._written: deque[Path] = deque()
+        self._lock = threading.Lock()
+        self._seed_rng = torch.Generator()
+        self._seed_rng.seed()  # the random-seed button: fresh entropy, not a fixed seed
+
+    # ---------------------------------------------------------------- defaults
+    @property
+    def student_model(self) -> VideoGenerator:
+        return self.student.get()
+
+    @property
+    def default_attention(self) -> tuple[str, float]:
+        attn = self.student_model.attention
+        sparsity = attn["sparsity"] if attn["mode"] == "vsa" else self.student_model.preset.sparsity
+        return attn["mode"], float(sparsity)
+
+    def random_seed(self) -> int:
+        return int(torch.randint(0, MAX_SEED + 1, (1,), generator=self._seed_rng))
+
+    # ---------------------------------------------------------------- handlers
+    def generate(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        seed: Any,
+        steps: Any,
+        attention: Any,
+        sparsity: Any,
+        resolution: Any,
+        num_frames: Any,
+        callback: Callable[[dict], None] | None = None,
+    ) -> VideoResult:
+        """Generate one video with the student; ValueError on any invalid input."""
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames)
+        mode, sp = check_sparsity(attention, sparsity)
+        model = self.student.get()
+        kwargs = sampling_args(model, steps)
+        setup = _setup(mode, sp, kwargs)
+        return self._run(model, "student", args, kwargs, setup, callback, attention=(mode, sp))
+
+    def compare(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        seed: Any,
+        steps: Any,
+        teacher_steps: Any,
+        attention: Any,
+        sparsity: Any,
+        resolution: Any,
+        num_frames: Any,
+        callback: Callable[[dict], None] | None = None,
+    ) -> CompareResult:
+        """Teacher (its own attention and sampler, ``teacher_steps``; 0 = its default) and
+        student on the same prompt, seed and size."""
+        if self.teacher is None:
+            raise ValueError(self.teacher_unavailable)
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames)
+        mode, sp = check_sparsity(attention, sparsity)
+        student = self.student.get()
+        s_kwargs = sampling_args(student, steps)
+        teacher = self.teacher.get()
+        t_kwargs = sampling_args(teacher, teacher_steps, "teacher_steps")
+        teacher.latent_shape(1, args["height"], args["width"], args["num_frames"])
+        t_attn = teacher.attention
+        t_setup = _setup(t_attn["mode"], t_attn["sparsity"], t_kwargs)
+        if teacher.preset.guidance_scale > 1:
+            t_setup += f", CFG {teacher.preset.guidance_scale:g}"
+        t_res = self._run(teacher, "teacher", args, t_kwargs, t_setup, callback)
+        s_res = self._run(
+            student, "student", args, s_kwargs, _setup(mode, sp, s_kwargs), callback, (mode, sp)
+        )
+        return CompareResult(teacher=t_res, student=s_res)
+
+    # ---------------------------------------------------------------- internals
+    def _check(self, prompt, negative_prompt, seed, resolution, num_frames) -> dict[str, Any]:
+        height, width = self.options.parse_resolution(resolution)
+        return dict(
+            prompt=check_prompt(prompt),
+            negative_prompt=check_prompt(negative_prompt, "negative_prompt", required=False),
+            seed=check_seed(seed),
+            height=height,
+            width=width,
+            num_frames=self.options.parse_frames(num_frames),
+        )
+
+    def _run(
+        self,
+        model: VideoGenerator,
+        role: str,
+        args: dict[str, Any],
+        kwargs: dict[str, Any],
+        setup: str,
+        callback: Callable[[dict], None] | None,
+        attention: tuple[str, float | None] | None = None,
+    ) -> VideoResult:
+        from fastwan.video_io import save_video
+
+        if self.max_sequence_length is not None:
+            kwargs = {**kwargs, "max_sequence_length": self.max_sequence_length}
+        with self._lock:
+            if attention is not None:  # the student's attention is per request
+                model.set_attention(attention[0], sparsity=attention[1], backend=self.vsa_backend)
+            out = model.generate(
+                args["prompt"],
+                args["negative_prompt"],
+                height=args["height"],
+                width=args["width"],
+                num_frames=args["num_frames"],
+                seed=args["seed"],
+                callback=callback,
+                **kwargs,
+            )
+        path = self.output_dir / f"{role}-{args['seed']}-{uuid.uuid4().hex[:12]}.mp4"
+        save_video(out.video, path, fps=out.fps)
+        self._keep(path)
+        f, h, w, _ = out.video.shape
+        return VideoResult(path, args["seed"], dict(out.timings), h, w, f, out.fps, setup)
+
+    def _keep(self, path: Path) -> None:
+        """Remember ``path``; delete the videos written before the newest ``keep_videos``."""
+        self._written.append(path)
+        while len(self._written) > self.keep_videos:
+            self._written.popleft().unlink(missing_ok=True)
+
+
+def _setup(mode: str, sparsity: float | None, kwargs: dict[str, Any]) -> str:
+    attn = f"VSA {sparsity:g}" if mode == "vsa" else "dense"
+    if "timesteps" in kwargs:
+        n = len(kwargs["timesteps"])
+        return f"{attn}, {n} DMD step{'s' * (n != 1)}"
+    n = kwargs["num_inference_steps"]
+    return f"{attn}, {n} step{'s' * (n != 1)}"
+
+
+# --------------------------------------------------------------------------- formatting
+TIMING_KEYS = (("text_encode", "text encode"), ("denoise", "denoise"), ("decode", "decode"))
+
+
+def format_timings(result: VideoResult) -> str:
+    """A Markdown table of one video's timings."""
+    head = "| | " + " | ".join(label for _, label in TIMING_KEYS) + " | total |"
+    sep = "|---" * (len(TIMING_KEYS) + 2) + "|"
+    return "\n".join([head, sep, _timing_row(result.setup, result)])
+
+
+def format_compare(result: CompareResult) -> str:
+    """Both timings and the speedup, as Markdown."""
+    head = "| | " + " | ".join(label for _, label in TIMING_KEYS) + " | total |"
+    sep = "|---" * (len(TIMING_KEYS) + 2) + "|"
+    rows = [
+        _timing_row(f"teacher ({result.teacher.setup})", result.teacher),
+        _timing_row(f"student ({result.student.setup})", result.student),
+    ]
+    speed = (
+        f"**Speedup: {result.speedup:.1f}x** end to end, "
+        f"{result.denoise_speedup:.1f}x in denoising (same prompt, seed {result.student.seed}, "
+        f"{result.student.width}x{result.student.height}, {result.student.num_frames} frames)"
+    )
+    return "\n".join([head, sep, *rows, "", speed])
+
+
+def _timing_row(name: str, result: VideoResult) -> str:
+    cells = [f"{result.timings[key]:.2f} s" for key, _ in TIMING_KEYS]
+    return f"| {name} | " + " | ".join(cells) + f" | {result.timings['total']:.2f} s |"
+
+
+# --------------------------------------------------------------------------- gradio adapters
+def _error_message(err: BaseException) -> str:
+    if isinstance(err, ValueError):
+        return str(err)
+    # Unexpected (out of memory, a bug): the page says what, the server log has the trace.
+    traceback.print_exception(err, file=sys.stderr)
+    return f"internal error ({type(err).__name__}): {err}"
+
+
+def _progress_callback(progress: Any, label: str) -> Callable[[dict], None] | None:
+    if progress is None:
+        return None
+
+    def on_step(info: dict) -> None:
+        progress((info["i"] + 1, info["total"]), desc=label, unit="step")
+
+    return on_step
+
+
+def run_generate(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
+    """Event adapter of Generate: ``(video path, seed used, timings, status)``; an error
+    leaves the outputs empty and says what to fix in the status."""
+    try:
+        res = ui.generate(*values, callback=_progress_callback(progress, "denoising"))
+    except Exception as err:  # noqa: BLE001 - any failure becomes a message; the server lives
+        return None, None, "", f"**Error:** {_error_message(err)}"
+    status = (
+        f"Generated {res.num_frames} frames at {res.width}x{res.height} "
+        f"in {res.timings['total']:.2f} s ({res.setup})."
+    )
+    return str(res.path), res.seed, format_timings(res), status
+
+
+def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
+    """Event adapter of Compare: ``(teacher video, student video, seed used, table, status)``."""
+    try:
+        res = ui.compare(*values, callback=_progress_callback(progress, "denoising"))
+    except Exception as err:  # noqa: BLE001
+        return None, None, None, "", f"**Error:** {_error_message(err)}"
+    status = f"Compared at {res.student.width}x{res.student.height}: {res.speedup:.1f}x faster."
+    return (
+        str(res.teacher.path),
+        str(res.student.path),
+        res.student.seed,
+        format_compare(res),
+        status,
+    )
+
+
+def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
+    """The Gradio page: controls, outputs, compare tab, a queue of ``queue_size`` waiting
+    requests served one at a time. Analytics off (no network); launch it with
+    :func:`launch` or ``app.launch(server_name="127.0.0.1", ...)``."""
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+    # Gradio reads this when it sends usage data or checks its version: set before use.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    model = ui.student_model
+    opts = ui.options
+    lo, hi, default_steps = step_range(model)
+    mode, sparsity = ui.default_attention
+    teacher_note = "" if ui.teacher is not None else f"\n\n*{ui.teacher_unavailable}*"
+
+    with gr.Blocks(title="fastwan", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(
+            "# fastwan\nText to video with a sparse-distilled Wan model "
+            f"(`{model.preset.name}`): DMD few-step sampling with Video Sparse Attention."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
+                negative = gr.Textbox(
+                    label="Negative prompt (empty: the model's default; used with CFG)",
+                    lines=2,
+                    elem_id="negative-prompt",
+                )
+                with gr.Row():
+                    seed = gr.Number(
+                        label="Seed",
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        maximum=MAX_SEED,
+                        elem_id="seed",
+                    )
+                    dice = gr.Button("Random seed", elem_id="random-seed", scale=0)
+                steps = gr.Slider(
+                    lo, hi, value=default_steps, step=1, label="Steps", elem_id="steps"
+                )
+                with gr.Row():
+                    attention = gr.Radio(
+                        list(ATTENTION_CHOICES),
+                        value=mode,
+                        label="Attention",
+                        elem_id="attention",
+                    )
+                    sparsity_in = gr.Slider(
+                        0.0,
+                        0.95,
+                        value=sparsity,
+                        step=0.05,
+                        label="VSA sparsity",
+                        elem_id="sparsity",
+                    )
+                with gr.Row():
+                    resolution = gr.Dropdown(
+                        opts.resolution_labels,
+                        value=resolution_label(*opts.default_resolution),
+                        label="Resolution (width x height)",
+                        elem_id="resolution",
+                    )
+                    frames = gr.Dropdown(
+                        list(opts.frame_counts),
+                        value=opts.default_frames,
+                        label="Frames",
+                        elem_id="frames",
+                    )
+                gr.Examples([[e] for e in ui.examples], inputs=[prompt], label="Example prompts")
+            with gr.Column(scale=1):
+                with gr.Tab("Generate"):
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    video = gr.Video(label="Video", interactive=False, elem_id="video")
+                    timings = gr.Markdown(elem_id="timings")
+                with gr.Tab("Compare teacher vs student"):
+                    gr.Markdown(
+                        "The teacher (its own sampler and dense attention) and the student "
+                        "run the same prompt and seed." + teacher_note
+                    )
+                    teacher_steps = gr.Number(
+                        label="Teacher steps (0: the teacher's default)",
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        maximum=1000,
+                        elem_id="teacher-steps",
+                    )
+                    compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+                    with gr.Row():
+                        teacher_video = gr.Video(
+                            label="Teacher", interactive=False, elem_id="teacher-video"
+                        )
+                        student_video = gr.Video(
+                            label="Student", interactive=False, elem_id="student-video"
+                        )
+                    compare_table = gr.Markdown(elem_id="compare-timings")
+                seed_used = gr.Number(
+                    label="Seed used", interactive=False, precision=0, elem_id="seed-used"
+                )
+                status = gr.Markdown(elem_id="status")
+
+        common = [prompt, negative, seed, steps]
+        tail = [attention, sparsity_in, resolution, frames]
+
+        tracker = gr.Progress()  # Gradio hands a live one to a handler defaulting to it
+
+        def on_generate(*values, progress=tracker):
+            return run_generate(ui, *values, progress=progress)
+
+        def on_compare(*values, progress=tracker):
+            return run_compare(ui, *values, progress=progress)
+
+        # One worker for both buttons: requests queue instead of running side by side.
+        generate_btn.click(
+            on_generate,
+            inputs=common + tail,
+            outputs=[video, seed_used, timings, status],
+            concurrency_limit=1,
+            concurrency_id="model",
+        )
+        compare_btn.click(
+            on_compare,
+            inputs=common + [teacher_steps] + tail,
+            outputs=[teacher_video, student_video, seed_used, compare_table, status],
+            concurrency_limit=1,
+            concurrency_id="model",
+        )
+        dice.click(ui.random_seed, outputs=seed, queue=False)
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    return app
+
+
+def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
+    """Serve ``app`` on ``host:port`` (loopback by default): no share link, no server-side
+    rendering (no Node), system fonts only, so nothing reaches the network."""
+    import gradio as gr
+
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "monospace"],
+    )
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        ssr_mode=False,
+        mcp_server=False,
+        quiet=not block,
+        theme=theme,
+    )

@@ -1,0 +1,409 @@
+"""The web UI's handlers (``fastwan.ui.app``) and ``fastwan ui``'s wiring, without a browser.
+
+A tiny random FastWan-layout checkpoint plays the student (few-step DMD, VSA) and the same
+folder loaded as plain Wan plays the teacher (multi-step UniPC, CFG, dense).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+from _tiny_wan import build_tiny_wan
+
+import fastwan.cli as cli
+from fastwan.commands import ui as ui_cmd
+from fastwan.pipeline import VideoGenerator
+from fastwan.ui import app as ui_app
+from fastwan.ui.app import (
+    FastWanUI,
+    LazyModel,
+    format_compare,
+    run_compare,
+    run_generate,
+    size_options,
+)
+from fastwan.video_io import read_video
+
+STUDENT_PRESET = "fastwan2.1-t2v-1.3b"
+TEACHER_PRESET = "wan2.1-t2v-1.3b"
+MAX_PIXELS = 64 * 128
+PROMPT = "a red cat runs on the grass"
+
+
+def loader(preset: str, calls: list | None = None):
+    def load(source: str) -> VideoGenerator:
+        if calls is not None:
+            calls.append(source)
+        return VideoGenerator.from_pretrained(source, preset=preset, device="cpu")
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_wan(tmp_path_factory.mktemp("ui") / "tiny", gates="fastvideo")
+
+
+@pytest.fixture(scope="module")
+def ui(model_dir, tmp_path_factory):
+    return FastWanUI(
+        LazyModel("student", str(model_dir), loader(STUDENT_PRESET)),
+        LazyModel("teacher", str(model_dir), loader(TEACHER_PRESET)),
+        max_frames=9,
+        max_pixels=MAX_PIXELS,
+        max_sequence_length=16,
+        output_dir=tmp_path_factory.mktemp("videos"),
+        keep_videos=4,
+    )
+
+
+def gen_args(**changes):
+    """Generate's inputs in the page's order, with changes by name."""
+    args = dict(
+        prompt=PROMPT,
+        negative_prompt="",
+        seed=3,
+        steps=3,
+        attention="vsa",
+        sparsity=0.5,
+        resolution="80x64",
+        num_frames=5,
+    )
+    args.update(changes)
+    return list(args.values())
+
+
+# --------------------------------------------------------------------------- sizes
+def test_size_options_of_wan21_are_multiples_of_16_within_the_caps():
+    opts = size_options(
+        vae_scale=(4, 8),
+        patch_size=(1, 2, 2),
+        tile_size=(4, 4, 4),
+        native=(480, 832, 81),
+        max_frames=81,
+        max_pixels=480 * 832,
+    )
+    assert opts.default_resolution == (480, 832) and opts.default_frames == 81
+    assert opts.frame_counts == tuple(range(1, 82, 4))
+    assert (64, 64) in opts.resolutions  # one 4x4 VSA tile of tokens per side
+    assert (256, 448) in opts.resolutions and (448, 256) in opts.resolutions  # 16:9 both ways
+    for h, w in opts.resolutions:
+        assert h % 16 == 0 and w % 16 == 0 and h * w <= 480 * 832 and min(h, w) >= 64
+    assert opts.parse_resolution("832x480") == (480, 832)  # labels are width x height
+    assert opts.parse_frames("81") == 81
+
+
+def test_size_options_follow_the_vae_and_tile_of_other_models():
+    wan22 = size_options(
+        vae_scale=(4, 16),
+        patch_size=(1, 2, 2),
+        tile_size=(4, 4, 4),
+        native=(704, 1280, 121),
+        max_frames=121,
+        max_pixels=704 * 1280,
+    )
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in wan22.resolutions)
+    assert min(min(hw) for hw in wan22.resolutions) == 128
+    toy = size_options(  # pixel VAE x4, no temporal factor, 2x2x2 tiles
+        vae_scale=(1, 4),
+        patch_size=(1, 2, 2),
+        tile_size=(2, 2, 2),
+        native=(32, 32, 8),
+        max_frames=8,
+        max_pixels=32 * 32,
+    )
+    assert toy.frame_counts == tuple(range(1, 9)) and toy.default_frames == 8
+    assert toy.default_resolution == (32, 32)
+    assert {(16, 16), (16, 32), (32, 16), (32, 32)} <= set(toy.resolutions)
+
+
+def test_size_options_caps_drop_the_native_size_and_refuse_impossible_caps():
+    opts = size_options(
+        vae_scale=(4, 8),
+        patch_size=(1, 2, 2),
+        tile_size=(4, 4, 4),
+        native=(480, 832, 81),
+        max_frames=33,
+        max_pixels=256 * 256,
+    )
+    assert (480, 832) not in opts.resolutions
+    assert opts.default_resolution == opts.resolutions[-1]
+    assert max(h * w for h, w in opts.resolutions) <= 256 * 256
+    assert opts.frame_counts[-1] == 33 and opts.default_frames == 33
+    with pytest.raises(ValueError, match="max_pixels"):
+        size_options(
+            vae_scale=(4, 8),
+            patch_size=(1, 2, 2),
+            tile_size=(4, 4, 4),
+            native=(480, 832, 81),
+            max_frames=81,
+            max_pixels=100,
+        )
+    with pytest.raises(ValueError, match="max_frames"):
+        size_options(
+            vae_scale=(4, 8),
+            patch_size=(1, 2, 2),
+            tile_size=(4, 4, 4),
+            native=(480, 832, 81),
+            max_frames=0,
+            max_pixels=480 * 832,
+        )
+
+
+def test_every_offered_size_is_one_the_model_takes(ui):
+    model = ui.student_model
+    assert ui.options.frame_counts == (1, 5, 9)
+    assert len(ui.options.resolutions) >= 3
+    for h, w in ui.options.resolutions:
+        for f in ui.options.frame_counts:
+            model.latent_shape(1, h, w, f)  # raises for a size the model cannot take
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_writes_a_playable_video_of_the_requested_size(ui):
+    steps_seen = []
+    res = ui.generate(*gen_args(), callback=steps_seen.append)
+    frames, fps = read_video(res.path)
+    assert frames.shape == (5, 64, 80, 3) and fps == res.fps
+    assert frames.std() > 0
+    assert res.path.parent == ui.output_dir
+    assert (res.seed, res.height, res.width, res.num_frames) == (3, 64, 80, 5)
+    assert set(res.timings) >= {"text_encode", "denoise", "decode", "total"}
+    assert all(v >= 0 for v in res.timings.values())
+    assert [s["i"] for s in steps_seen] == [0, 1, 2]
+    assert res.setup == "VSA 0.5, 3 DMD steps"
+    attn = ui.student_model.attention
+    assert attn["mode"] == "vsa" and attn["sparsity"] == 0.5
+
+
+def test_generate_applies_attention_steps_and_seed(ui):
+    calls = []
+    dense = ui.generate(*gen_args(attention="dense", steps=2), callback=calls.append)
+    assert ui.student_model.attention["mode"] == "dense"
+    assert len(calls) == 2 and dense.setup == "dense, 2 DMD steps"
+    again = ui.generate(*gen_args(attention="dense", steps=2))
+    other = ui.generate(*gen_args(attention="dense", steps=2, seed=4))
+    a, b, c = (read_video(r.path)[0].astype(np.float32) for r in (dense, again, other))
+    assert np.abs(a - b).mean() < 1.0  # same seed: the same video (up to H.264)
+    assert np.abs(a - c).mean() > 2.0  # another seed: another video
+    # The default steps (0 / None) are the model's own: 3 DMD steps for FastWan.
+    assert ui.generate(*gen_args(steps=None, num_frames=1)).setup == "VSA 0.5, 3 DMD steps"
+
+
+def test_the_output_folder_keeps_only_the_newest_videos(ui):
+    paths = [ui.generate(*gen_args(num_frames=1, seed=s)).path for s in range(6)]
+    kept = sorted(ui.output_dir.glob("*.mp4"))
+    assert len(kept) == ui.keep_videos
+    assert paths[-1].exists() and not paths[0].exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompt", "", "prompt is empty"),
+        ("prompt", "   \n ", "prompt is empty"),
+        ("prompt", None, "prompt is empty"),
+        ("prompt", "a" * 2001, "prompt is 2001 characters"),
+        ("prompt", ["a cat"], "prompt must be text"),
+        ("negative_prompt", 5, "negative_prompt must be text"),
+        ("seed", -1, "seed must be a whole number"),
+        ("seed", 1.5, "seed must be a whole number"),
+        ("seed", "abc", "seed must be a whole number"),
+        ("seed", None, "seed must be a whole number"),
+        ("seed", 2**40, "seed must be a whole number"),
+        ("steps", 4, r"steps must be a whole number in \[1, 3\]"),
+        ("steps", -2, "steps must be"),
+        ("attention", "flash", "attention must be one of"),
+        ("sparsity", 1.0, r"sparsity must be in \[0, 1\)"),
+        ("sparsity", "0.5", "sparsity must be a number"),
+        ("resolution", "81x64", "resolution must be one of"),
+        ("resolution", "../../etc/passwd", "resolution must be one of"),
+        ("resolution", "832x480", "resolution must be one of"),  # above --max-pixels
+        ("num_frames", 7, "num_frames must be one of"),
+        ("num_frames", 13, "num_frames must be one of"),  # above --max-frames
+        ("num_frames", "nine", "num_frames must be one of"),
+    ],
+)
+def test_invalid_inputs_are_refused_with_the_field_named(ui, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ui.generate(*gen_args(**{field: value}))
+    video, seed, timings, status = run_generate(ui, *gen_args(**{field: value}))
+    assert video is None and seed is None and timings == ""
+    assert status.startswith("**Error:**") and field.split("_")[0] in status
+
+
+def test_after_an_error_the_handlers_keep_serving(ui):
+    assert "Error" in run_generate(ui, *gen_args(prompt=""))[3]
+    video, seed, timings, status = run_generate(ui, *gen_args(num_frames=1, seed=11))
+    assert read_video(video)[0].shape == (1, 64, 80, 3)
+    assert seed == 11 and "| VSA 0.5, 3 DMD steps |" in timings
+    assert status.startswith("Generated 1 frames at 80x64")
+
+
+def test_an_unexpected_failure_is_a_message_too(ui, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(ui.student_model, "generate", boom)
+    status = run_generate(ui, *gen_args())[3]
+    assert "internal error (RuntimeError): CUDA out of memory" in status
+
+
+def test_random_seed_draws_valid_varied_seeds(ui):
+    seeds = {ui.random_seed() for _ in range(20)}
+    assert len(seeds) > 15 and all(0 <= s <= ui_app.MAX_SEED for s in seeds)
+
+
+# --------------------------------------------------------------------------- compare
+def compare_args(teacher_steps=4, **changes):
+    args = gen_args(**changes)
+    return args[:4] + [teacher_steps] + args[4:]
+
+
+def test_compare_runs_teacher_and_student_on_the_same_prompt_and_seed(ui):
+    teacher_video, student_video, seed, table, status = run_compare(
+        ui, *compare_args(num_frames=5, seed=7)
+    )
+    t_frames, _ = read_video(teacher_video)
+    s_frames, _ = read_video(student_video)
+    assert t_frames.shape == s_frames.shape == (5, 64, 80, 3)
+    assert seed == 7
+    assert "| teacher (dense, 4 steps, CFG 5) |" in table
+    assert "| student (VSA 0.5, 3 DMD steps) |" in table
+    assert "**Speedup:" in table and "x faster" in status
+    res = ui.compare(*compare_args(num_frames=1))
+    assert res.speedup == pytest.approx(res.teacher.timings["total"] / res.student.timings["total"])
+    assert f"**Speedup: {res.speedup:.1f}x**" in format_compare(res)
+    assert ui.teacher.peek().attention["mode"] == "dense"  # the teacher keeps its attention
+
+
+def test_compare_validates_teacher_steps_and_needs_a_teacher(ui, model_dir):
+    with pytest.raises(ValueError, match=r"teacher_steps must be a whole number in \[1, 100\]"):
+        ui.compare(*compare_args(teacher_steps=101))
+    alone = FastWanUI(
+        LazyModel.ready("student", ui.student_model), None, max_frames=9, max_pixels=MAX_PIXELS
+    )
+    status = run_compare(alone, *compare_args())[-1]
+    assert "--teacher" in status and status.startswith("**Error:**")
+
+
+def test_a_teacher_that_fails_to_load_is_reported_and_retried(ui, tmp_path):
+    calls = []
+    broken = FastWanUI(
+        LazyModel.ready("student", ui.student_model),
+        LazyModel("teacher", str(tmp_path / "missing"), loader(TEACHER_PRESET, calls)),
+        max_frames=9,
+        max_pixels=MAX_PIXELS,
+        max_sequence_length=16,
+        output_dir=tmp_path / "out",
+    )
+    for _ in range(2):
+        status = run_compare(broken, *compare_args())[-1]
+        assert "the teacher model failed to load from" in status and "missing" in status
+    assert len(calls) == 2  # tried again, not cached as broken
+    video = run_generate(broken, *gen_args(num_frames=1))[0]  # the student still serves
+    assert read_video(video)[0].shape[0] == 1
+
+
+# --------------------------------------------------------------------------- app and CLI
+def test_build_app_queues_one_at_a_time_and_disables_analytics(ui, monkeypatch):
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    app = ui_app.build_app(ui, queue_size=5)
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert app.analytics_enabled is False
+    assert app._queue.max_size == 5
+    fns = {f.name: f for f in app.fns.values()}
+    for name in ("on_generate", "on_compare"):
+        assert fns[name].concurrency_limit == 1 and fns[name].concurrency_id == "model"
+        assert fns[name].queue
+    config = app.get_config_file()
+    kinds = {c.get("props", {}).get("elem_id"): c["type"] for c in config["components"]}
+    assert kinds["resolution"] == "dropdown" and kinds["frames"] == "dropdown"
+    assert kinds["video"] == "video" and kinds["prompt"] == "textbox"
+    with pytest.raises(ValueError, match="queue_size"):
+        ui_app.build_app(ui, queue_size=0)
+
+
+@pytest.fixture()
+def main(monkeypatch):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["fastwan.commands.ui"])
+    return cli.main
+
+
+def test_ui_command_builds_the_page_and_binds_loopback_by_default(main, model_dir, monkeypatch):
+    served = {}
+
+    def fake_launch(app, *, host, port, block):
+        served.update(app=app, host=host, port=port, block=block)
+
+    monkeypatch.setattr(ui_app, "launch", fake_launch)
+    rc = main(
+        [
+            "ui",
+            "--model",
+            str(model_dir),
+            "--preset",
+            STUDENT_PRESET,
+            "--device",
+            "cpu",
+            "--max-frames",
+            "5",
+            "--max-pixels",
+            str(MAX_PIXELS),
+            "--port",
+            "7999",
+        ]
+    )
+    assert rc == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == 7999 and served["block"]
+    assert served["app"]._queue.max_size == 16
+    config = served["app"].get_config_file()
+    frames = next(c for c in config["components"] if c["props"].get("elem_id") == "frames")
+    assert [c[1] for c in frames["props"]["choices"]] == [1, 5]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "0"], "--port must be in"),
+        (["--max-frames", "0"], "--max-frames must be >= 1"),
+        (["--queue-size", "0"], "--queue-size must be >= 1"),
+        (["--max-pixels", "10"], "max_pixels=10 is below the smallest size"),
+        (["--examples", "no-such-file.txt"], "does not exist"),
+    ],
+)
+def test_ui_command_refuses_bad_flags(main, model_dir, capsys, flags, message):
+    argv = ["ui", "--model", str(model_dir), "--preset", STUDENT_PRESET, "--device", "cpu"]
+    assert main(argv + flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ui_command_reports_a_model_that_fails_to_load(main, tmp_path, capsys):
+    assert main(["ui", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "the student model failed to load" in err and "nope" in err
+
+
+def test_default_models_ask_for_model_when_the_toy_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastwan.toy.assets", None)  # import fails
+    with pytest.raises(ValueError, match="pass --model PATH_OR_ID"):
+        ui_cmd.toy_model("student")
+    missing = types.ModuleType("fastwan.toy.assets")
+
+    def toy_model_path(name):
+        raise ValueError(f"the toy toy-{name} weights are missing")
+
+    missing.toy_model_path = toy_model_path
+    monkeypatch.setitem(sys.modules, "fastwan.toy.assets", missing)
+    with pytest.raises(ValueError, match="weights are missing.*pass --teacher PATH_OR_ID"):
+        ui_cmd.toy_model("teacher")
+
+
+def test_is_loopback():
+    assert ui_cmd.is_loopback("127.0.0.1") and ui_cmd.is_loopback("::1")
+    assert ui_cmd.is_loopback("localhost")
+    assert not ui_cmd.is_loopback("0.0.0.0") and not ui_cmd.is_loopback("192.168.1.5")

@@ -1,0 +1,154 @@
+"""``fastwan ui`` in a real browser: headless Debian Chromium driven by selenium.
+
+The page is served on a free loopback port from a thread of this process, with a tiny
+random FastWan checkpoint. The test types a prompt, picks a frame count, clicks Generate,
+waits for the <video>, downloads its source from the server and decodes it (PyAV). One
+screenshot is saved under the session's pytest temp folder, in ``artifacts/``.
+Skips only where Chromium or its driver (Debian: ``chromium``, ``chromium-driver``) is not
+installed; ``.ci/run`` installs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import urllib.request
+
+import av
+import pytest
+from _tiny_wan import build_tiny_wan
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from fastwan.pipeline import VideoGenerator
+from fastwan.ui.app import FastWanUI, LazyModel, build_app, launch
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)",
+)
+
+PROMPT = "a blue bird flies over the field"
+FRAMES = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = build_tiny_wan(tmp_path_factory.mktemp("ui-browser") / "tiny", gates="fastvideo")
+    ui = FastWanUI(
+        LazyModel(
+            "student",
+            str(model_dir),
+            lambda src: VideoGenerator.from_pretrained(
+                src, preset="fastwan2.1-t2v-1.3b", device="cpu"
+            ),
+        ),
+        None,
+        max_frames=9,
+        max_pixels=64 * 80,
+        max_sequence_length=16,
+        output_dir=tmp_path_factory.mktemp("ui-videos"),
+    )
+    app = build_app(ui, queue_size=4)
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1400",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
+        options.add_argument(arg)
+    # An explicit driver path: selenium never fetches a driver or a browser.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def status_text(driver) -> str:
+    return driver.find_element(By.CSS_SELECTOR, "#status").text
+
+
+def test_type_a_prompt_click_generate_and_get_a_playable_video(
+    server, browser, tmp_path, tmp_path_factory
+):
+    wait = WebDriverWait(browser, 45)
+    browser.get(server)
+    prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+
+    # An empty prompt is refused in the page, and the page keeps working afterwards.
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda d: "prompt is empty" in status_text(d))
+
+    prompt.send_keys(PROMPT)
+    browser.find_element(By.CSS_SELECTOR, "#frames input").click()
+    option = wait.until(
+        EC.element_to_be_clickable(
+            (By.CSS_SELECTOR, f"#frames li[role='option'][aria-label='{FRAMES}']")
+        )
+    )
+    option.click()
+    wait.until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, "#frames input").get_attribute("value") == str(FRAMES)
+        )
+    )
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    video = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#video video[src]")))
+    wait.until(lambda d: "Generated" in status_text(d))
+    assert f"Generated {FRAMES} frames" in status_text(browser)
+    assert "denoise" in browser.find_element(By.CSS_SELECTOR, "#timings").text
+
+    # The browser itself loads the video's metadata (it can play it).
+    wait.until(lambda d: d.execute_script("return arguments[0].readyState", video) >= 1)
+    width, height = browser.execute_script(
+        "return [arguments[0].videoWidth, arguments[0].videoHeight]", video
+    )
+    src = video.get_attribute("src")
+    assert src.startswith(server)
+
+    file = tmp_path / "downloaded.mp4"
+    with urllib.request.urlopen(src, timeout=30) as resp:
+        file.write_bytes(resp.read())
+    with av.open(str(file)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert len(frames) == FRAMES
+    assert frames[0].shape == (height, width, 3) and (width, height) == (80, 64)
+
+    artifacts = tmp_path_factory.getbasetemp() / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "fastwan-ui.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
