@@ -257,33 +257,8 @@ class VideoGenerator:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents ``[B, C, T, h, w]`` -> frames ``[B, F, H, W, 3]`` float32 in [0, 1]."""
-        vae = self.components.vae
-        with self._on_device(vae):
-            z = latents.to(self.device, vae.dtype)
-            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
-            # Divide by 1/std (not multiply by std) to match diffusers' rounding exactly.
-            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(
-                z.device, z.dtype
-            )
-            video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # [B, 3, F, H, W]
-        video = (video * 0.5 + 0.5).clamp(0, 1)
-        return video.permute(0, 2, 3, 4, 1).float().cpu().numpy()  # [B, F, H, W, 3]
-
-    def _model_fn(self, cond: torch.Tensor, expand: bool, grid_tokens: int):
-        transformer = self.transformer
-        dtype = transformer.dtype
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if expand:  # Wan2.2 TI2V: the same timestep for every latent token
-                t = t.to(torch.float32)[:, None].expand(x.shape[0], grid_tokens)  # [B, S]
-            return transformer(
-                hidden_states=x.to(dtype),
-                timestep=t,
-                encoder_hidden_states=cond,
-                return_dict=False,
-            )[0]
-
-        return model_fn
+        with self._on_device(self.components.vae) as vae:
+            return decode_latents(vae, latents, device=self.device)
 
     # ----------------------------------------------------------------- generate
     def _plan_sampler(self, sampler, timesteps, num_inference_steps):
@@ -390,44 +365,26 @@ class VideoGenerator:
         timings["text_encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        tdtype = self.transformer.dtype
-        cond = cond.to(self.device, tdtype)
-        grid_tokens = _grid_tokens(shape, self.transformer.config.patch_size)
-        expand = self.components.expand_timesteps
-        model_fn = self._model_fn(cond, expand, grid_tokens)
-        if uncond is not None:
-            model_fn = cfg(
-                model_fn, self._model_fn(uncond.to(self.device, tdtype), expand, grid_tokens), scale
-            )
-        seen: list[float] = []
-
-        def traced(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # one call per step
-            seen.append(float(t.reshape(-1)[0]))
-            return model_fn(x, t)
-
         noise = torch.randn(
             shape, generator=generator, device=generator.device, dtype=torch.float32
         )
         noise = noise.to(self.device)  # [B, C, T, h, w]
         with torch.no_grad(), self._on_device(self.transformer):
-            if name == "dmd":
-                latents = sample_dmd(traced, noise, ts, generator, callback=callback)
-            elif name == "euler":
-                latents = sample_euler(
-                    traced, noise, flow_timesteps(steps, shift), generator, callback=callback
-                )
-            else:
-                scheduler = self.components.scheduler
-                if name == "unipc":
-                    from diffusers import UniPCMultistepScheduler
-
-                    scheduler = UniPCMultistepScheduler.from_config(
-                        scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True
-                    )
-                scheduler = with_flow_shift(scheduler, shift)  # a fresh, stateless copy
-                latents = sample_scheduler(
-                    traced, noise, steps, generator, scheduler=scheduler, callback=callback
-                )
+            latents, seen = denoise(
+                self.transformer,
+                noise,
+                cond,
+                sampler=name,
+                timesteps=ts,
+                num_inference_steps=steps,
+                uncond=uncond,
+                guidance_scale=scale,
+                flow_shift=shift,
+                scheduler=self.components.scheduler,
+                generator=generator,
+                expand_timesteps=self.components.expand_timesteps,
+                callback=callback,
+            )
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
 
@@ -450,7 +407,121 @@ class VideoGenerator:
         )
 
 
+@torch.no_grad()
+def decode_latents(
+    vae: torch.nn.Module, latents: torch.Tensor, *, device: str | torch.device | None = None
+) -> np.ndarray:
+    """Normalised Wan latents ``[B, C, T, h, w]`` -> frames ``[B, F, H, W, 3]`` float32 in
+    [0, 1]: un-normalised with the VAE's ``latents_mean`` / ``latents_std``, then decoded on
+    ``device`` (default: the VAE's)."""
+    if device is None:
+        device = next(vae.parameters()).device
+    z = latents.to(device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    # Divide by 1/std (not multiply by std) to match diffusers' rounding exactly.
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # [B, 3, F, H, W]
+    video = (video * 0.5 + 0.5).clamp(0, 1)
+    return video.permute(0, 2, 3, 4, 1).float().cpu().numpy()  # [B, F, H, W, 3]
+
+
+def _model_fn(transformer: torch.nn.Module, cond: torch.Tensor, expand: bool, shape: tuple):
+    dtype = transformer.dtype
+    patch = transformer.config.patch_size
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if expand:  # Wan2.2 TI2V: the same timestep for every latent token
+            t = per_token_timesteps(t, shape, patch)  # [B, S]
+        return transformer(
+            hidden_states=x.to(dtype),
+            timestep=t,
+            encoder_hidden_states=cond,
+            return_dict=False,
+        )[0]
+
+    return model_fn
+
+
+def denoise(
+    transformer: torch.nn.Module,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    sampler: str,
+    generator: torch.Generator,
+    timesteps: Sequence[float] | None = None,
+    num_inference_steps: int | None = None,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    flow_shift: float = 1.0,
+    scheduler=None,
+    expand_timesteps: bool = False,
+    callback: Callback | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Run a Wan transformer's sampler from ``noise`` ``[B, C, T, h, w]`` (at t = 1000).
+
+    cond / uncond: text embeddings ``[B, L, dim]`` (uncond with ``guidance_scale`` > 1:
+    CFG ``uncond + w (cond - uncond)``). sampler: ``"dmd"`` (few-step on ``timesteps``),
+    ``"euler"`` (``num_inference_steps`` shifted by ``flow_shift``), ``"scheduler"`` (a
+    fresh copy of the diffusers ``scheduler``) or ``"unipc"`` (UniPC from its config).
+    expand_timesteps: Wan2.2 TI2V per-token timesteps. Call under ``torch.no_grad()``.
+    Returns (latents ``[B, C, T, h, w]`` float32, the timesteps the model saw).
+    """
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+    device = noise.device
+    tdtype = transformer.dtype
+    shape = tuple(noise.shape)
+    model_fn = _model_fn(transformer, cond.to(device, tdtype), expand_timesteps, shape)
+    if uncond is not None and guidance_scale != 1.0:
+        uncond_fn = _model_fn(transformer, uncond.to(device, tdtype), expand_timesteps, shape)
+        model_fn = cfg(model_fn, uncond_fn, guidance_scale)
+    seen: list[float] = []
+
+    def traced(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # one call per step
+        seen.append(float(t.reshape(-1)[0]))
+        return model_fn(x, t)
+
+    if sampler == "dmd":
+        if timesteps is None:
+            raise ValueError("the dmd sampler needs timesteps= (e.g. [1000, 757, 522])")
+        latents = sample_dmd(traced, noise, timesteps, generator, callback=callback)
+    elif sampler == "euler":
+        latents = sample_euler(
+            traced,
+            noise,
+            flow_timesteps(num_inference_steps, flow_shift),
+            generator,
+            callback=callback,
+        )
+    else:
+        if scheduler is None:
+            raise ValueError(f"sampler {sampler!r} needs scheduler= (the pipeline's scheduler)")
+        if sampler == "unipc":
+            from diffusers import UniPCMultistepScheduler
+
+            scheduler = UniPCMultistepScheduler.from_config(
+                scheduler.config, prediction_type="flow_prediction", use_flow_sigmas=True
+            )
+        scheduler = with_flow_shift(scheduler, flow_shift)  # a fresh, stateless copy
+        latents = sample_scheduler(
+            traced, noise, num_inference_steps, generator, scheduler=scheduler, callback=callback
+        )
+    return latents, seen
+
+
 def _grid_tokens(shape: tuple, patch_size) -> int:
     _, _, T, h, w = shape
     p_t, p_h, p_w = patch_size
     return (T // p_t) * (h // p_h) * (w // p_w)
+
+
+def per_token_timesteps(t: torch.Tensor, latent_shape: Sequence[int], patch_size) -> torch.Tensor:
+    """Wan2.2 TI2V (diffusers' ``expand_timesteps``): the timesteps ``t`` ``[B]`` repeated
+    for every latent token, ``[B, S]`` float32 with ``S = (T/p_t)(h/p_h)(w/p_w)`` tokens of
+    latents ``[B, C, T, h, w]`` (text-to-video: every token shares its sample's timestep,
+    as diffusers' WanPipeline passes them)."""
+    if t.dim() != 1 or t.shape[0] != latent_shape[0]:
+        raise ValueError(f"timesteps must be [B] with B = {latent_shape[0]}, got {tuple(t.shape)}")
+    tokens = _grid_tokens(tuple(latent_shape), patch_size)
+    return t.to(torch.float32)[:, None].expand(-1, tokens)  # [B, S]

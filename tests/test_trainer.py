@@ -356,7 +356,8 @@ def test_periodic_checkpoints_are_pruned(wan_path, tmp_path):
     recipe = _recipe("dmd", tmp_path, steps=6, checkpoint_interval=2, checkpoints_total_limit=1)
     trainer = Trainer(_dmd(wan_path, recipe), recipe, _loader(), log_fn=lambda _line: None)
     trainer.train()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (tmp_path / "loss_curves.png").is_file()  # plotted after the last step
     files = {p.name for p in (tmp_path / "checkpoint-6").iterdir()}
     assert {"generator.safetensors", "critic.safetensors", "trainer_state.pt"} <= files
     # the generator's cosine LR (warmup 1, 3 updates) steps with its own updates only

@@ -66,7 +66,11 @@ def _add_train_options(p: argparse.ArgumentParser, method: str) -> None:
     )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if method == "dmd":
-        p.add_argument("--negative-prompt", default=None, help="the teacher's CFG negative prompt")
+        p.add_argument(
+            "--negative-prompt",
+            default=None,
+            help="the teacher's CFG negative prompt (same as --dmd.negative_prompt=TEXT)",
+        )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -100,17 +104,14 @@ def run_training(args: argparse.Namespace) -> int:
             f"{args.method!r}; set --train.method={args.method} or use `fastwan "
             f"{'distill' if recipe.train.method == 'dmd' else 'finetune'}`"
         )
+    if getattr(args, "negative_prompt", None) is not None:
+        recipe.dmd.negative_prompt = args.negative_prompt  # kept in the run's recipe.yaml
     bar = None
 
     def log(line: str) -> None:
         (bar.write if bar is not None else print)(line, file=sys.stderr)
 
-    setup = build_trainer(
-        recipe,
-        device=args.device,
-        negative_prompt=getattr(args, "negative_prompt", None),
-        log_fn=log,
-    )
+    setup = build_trainer(recipe, device=args.device, log_fn=log, progress=not args.no_progress)
     trainer = setup.trainer
     out_dir = trainer.output_dir
     if args.resume is not None:

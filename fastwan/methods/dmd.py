@@ -69,6 +69,8 @@ class DMDMethod:
         student, critic: separately loaded networks (``model.student`` / ``model.critic``,
             e.g. in the trainable dtype) to use instead of copies of the teacher; they are
             set to VSA / dense and made trainable here.
+        expand_timesteps: Wan2.2 TI2V -- every network gets one timestep per latent token
+            ``[B, S]`` (the folder's ``model_index.json`` ``expand_timesteps``).
     """
 
     name = "dmd"
@@ -83,6 +85,7 @@ class DMDMethod:
         latent_shape: tuple[int, int, int, int] | None = None,
         student: nn.Module | None = None,
         critic: nn.Module | None = None,
+        expand_timesteps: bool = False,
     ) -> None:
         for role, net in (("teacher", teacher), ("student", student), ("critic", critic)):
             if (net is not None or role == "teacher") and not isinstance(net, nn.Module):
@@ -99,6 +102,7 @@ class DMDMethod:
             raise ValueError(f"vsa must be a VSAConfig, got {type(vsa).__name__}")
         self.dmd = dmd
         self.vsa = vsa
+        self.expand_timesteps = bool(expand_timesteps)
         self.negative = self._negative(negative_embedding, negative_mask)  # [1, L, dim]
         if latent_shape is not None:
             latent_shape = tuple(latent_shape)
@@ -168,6 +172,17 @@ class DMDMethod:
         """Nothing changes with the step: the student keeps ``vsa.sparsity`` throughout."""
         del step
 
+    @property
+    def sparsity(self) -> float:
+        """The student's VSA sparsity (0 for a dense student)."""
+        return float(self.vsa.sparsity) if self.vsa.enabled else 0.0
+
+    def _call(
+        self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """Velocity of ``net`` (timesteps ``t`` [B], per token for Wan2.2)."""
+        return call_transformer(net, x, t, cond, expand_timesteps=self.expand_timesteps)
+
     # ------------------------------------------------------------------ pieces
     def _inputs(
         self, batch: Mapping[str, Any]
@@ -224,11 +239,11 @@ class DMDMethod:
                 for j in range(k):
                     s_j = steps[j] / NUM_TRAIN_TIMESTEPS
                     t_j = torch.full((b,), float(steps[j]), device=device)  # [B]
-                    x0 = x0_from_velocity(x, call_transformer(self.student, x, t_j, cond), s_j)
+                    x0 = x0_from_velocity(x, self._call(self.student, x, t_j, cond), s_j)
                     eps = draw_noise(x0.shape, generator, device)
                     x = add_noise(x0, eps, steps[j + 1] / NUM_TRAIN_TIMESTEPS)
         t_k = torch.full((b,), float(steps[k]), device=device)  # [B]
-        v = call_transformer(self.student, x, t_k, cond)  # [B, C, T, H, W]
+        v = self._call(self.student, x, t_k, cond)  # [B, C, T, H, W]
         return x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), float(steps[k])
 
     def _dmd_noise(self, b: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +268,7 @@ class DMDMethod:
         s, t = self._dmd_noise(x0_gen.shape[0], generator)  # [B], [B]
         eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
         x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
-        v = call_transformer(self.critic, x_t, t, cond)  # [B, C, T, H, W]
+        v = self._call(self.critic, x_t, t, cond)  # [B, C, T, H, W]
         loss = flow_matching_loss(v, x0_gen, eps)
         return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
 
@@ -268,14 +283,14 @@ class DMDMethod:
         eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
         with torch.no_grad():
             x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W]
-            x0_cond = x0_from_velocity(x_t, call_transformer(self.teacher, x_t, t, cond), s)
+            x0_cond = x0_from_velocity(x_t, self._call(self.teacher, x_t, t, cond), s)
             w = self.dmd.guidance_scale
             if w == 1.0:
                 x0_real = x0_cond
             else:
-                v_neg = call_transformer(self.teacher, x_t, t, neg)
+                v_neg = self._call(self.teacher, x_t, t, neg)
                 x0_real = cfg_combine(x0_cond, x0_from_velocity(x_t, v_neg, s), w)
-            x0_fake = x0_from_velocity(x_t, call_transformer(self.critic, x_t, t, cond), s)
+            x0_fake = x0_from_velocity(x_t, self._call(self.critic, x_t, t, cond), s)
         loss, g = dmd_generator_loss(x0_gen, x0_real, x0_fake, return_grad=True)
         return loss, {
             "rollout_timestep": t_k,

@@ -92,14 +92,27 @@ def latents_of(batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
 
 
 def call_transformer(
-    net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+    net: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    expand_timesteps: bool = False,
 ) -> torch.Tensor:
     """Velocity ``v = eps - x0`` of a Wan transformer at latents ``x`` ``[B, C, T, H, W]``,
-    timesteps ``t`` ``[B]`` in [0, 1000] and text ``cond`` ``[B, L, dim]``; float32."""
+    timesteps ``t`` ``[B]`` in [0, 1000] and text ``cond`` ``[B, L, dim]``; float32.
+
+    expand_timesteps: Wan2.2 TI2V passes one timestep per latent token (``[B, S]``, see
+    :func:`fastwan.pipeline.per_token_timesteps`) instead of one per sample."""
+    from fastwan.pipeline import per_token_timesteps
+
     dtype = next(net.parameters()).dtype
+    t = t.to(torch.float32)  # [B]
+    if expand_timesteps:
+        t = per_token_timesteps(t, x.shape, net.config.patch_size)  # [B, S]
     out = net(
         hidden_states=x.to(dtype),
-        timestep=t.to(torch.float32),
+        timestep=t,
         encoder_hidden_states=cond.to(dtype),
         return_dict=False,
     )[0]
@@ -119,6 +132,8 @@ class FlowMethod:
             scheduled sparsity (:meth:`set_step` applies it).
         flow_shift: timestep shift of the sampled noise levels (Wan: 8 / 3 / 5).
         min_ratio, max_ratio: clamp range of the noise level ``s``.
+        expand_timesteps: Wan2.2 TI2V -- one timestep per latent token (the folder's
+            ``model_index.json`` ``expand_timesteps``).
     """
 
     name = "flow"
@@ -130,6 +145,7 @@ class FlowMethod:
         flow_shift: float = 3.0,
         min_ratio: float = 0.0,
         max_ratio: float = 1.0,
+        expand_timesteps: bool = False,
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ValueError(
@@ -145,6 +161,7 @@ class FlowMethod:
             )
         self.model = transformer
         self.vsa = vsa
+        self.expand_timesteps = bool(expand_timesteps)
         self.flow_shift = float(flow_shift)
         self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
         self.model.requires_grad_(True)
@@ -194,6 +211,8 @@ class FlowMethod:
         )  # [B], [B]
         eps = draw_noise(x0.shape, generator, device)  # [B, C, T, H, W]
         x_t = add_noise(x0, eps, s)  # [B, C, T, H, W]
-        v = call_transformer(self.model, x_t, t, cond)  # [B, C, T, H, W]
+        v = call_transformer(
+            self.model, x_t, t, cond, expand_timesteps=self.expand_timesteps
+        )  # [B, C, T, H, W]
         loss = flow_matching_loss(v, x0, eps)
         return loss, {"timestep": float(t.mean())}

@@ -3,11 +3,15 @@
 * the teacher transformer from ``model.teacher`` (a Diffusers folder, hub id or preset
   name) in ``model.teacher_dtype``; the student / critic from ``model.student`` /
   ``model.critic`` (default: the teacher's weights) in ``model.dtype``;
-* the negative prompt encoded once with the folder's own text encoder (then freed);
+* the negative prompt (``dmd.negative_prompt``) and the validation prompts encoded once
+  with the folder's own text encoder (then freed);
 * the data loader (:func:`fastwan.data.build_train_loader`) normalising latents with the
   VAE statistics of ``model.teacher``;
 * :class:`~fastwan.methods.dmd.DMDMethod` (``train.method: dmd``) or
-  :class:`~fastwan.methods.flow.FlowMethod` (``train.method: flow``).
+  :class:`~fastwan.methods.flow.FlowMethod` (``train.method: flow``), with per-token
+  timesteps for Wan2.2 TI2V folders (:func:`expand_timesteps_of`);
+* the validator (:class:`~fastwan.train.validation.Validator`, with the folder's VAE) when
+  ``train.validation_prompts`` is set, and the metric trackers of ``train.report_to``.
 
 Training runs in one process: ``parallel.world_size`` must be 1.
 """
@@ -26,7 +30,13 @@ from torch import nn
 from fastwan.train.config import Recipe, torch_dtype
 from fastwan.train.trainer import Trainer
 
-__all__ = ["TrainingSetup", "build_trainer", "check_world_size", "latent_shape_of"]
+__all__ = [
+    "TrainingSetup",
+    "build_trainer",
+    "check_world_size",
+    "expand_timesteps_of",
+    "latent_shape_of",
+]
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -73,6 +83,22 @@ def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, in
     return channels, (d.num_frames - 1) // st + 1, d.height // ss, d.width // ss
 
 
+def expand_timesteps_of(model_path: Path) -> bool:
+    """Whether the folder's transformer takes one timestep per latent token (Wan2.2 TI2V):
+    ``model_index.json``'s ``expand_timesteps``, else its recognised preset's."""
+    from fastwan.models.loading import read_model_index
+    from fastwan.models.presets import infer_preset
+
+    index = read_model_index(model_path)
+    if "expand_timesteps" in index:
+        return bool(index["expand_timesteps"])
+    config = json.loads((model_path / "transformer" / "config.json").read_text())
+    try:
+        return infer_preset(str(model_path), config, False).expand_timesteps
+    except ValueError:  # an unknown architecture: Wan2.1-style scalar timesteps
+        return False
+
+
 def _encode_prompts(model_path: Path, prompts: list[str], max_length: int) -> list[torch.Tensor]:
     """Each prompt's valid-token embedding ``[L_i, dim]`` (float32, CPU); the encoder is
     loaded on the CPU in float32 and dropped afterwards."""
@@ -99,10 +125,13 @@ def build_trainer(
     device: str | torch.device | None = None,
     negative_prompt: str | None = None,
     log_fn: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> TrainingSetup:
     """Load the models and data of ``recipe`` and return its Trainer (not yet run).
 
-    negative_prompt: the teacher's CFG "uncond" text for ``dmd`` (default: Wan's).
+    negative_prompt: replaces ``dmd.negative_prompt`` (the teacher's CFG "uncond" text for
+    ``dmd``, the negative of ``flow`` validation with CFG) when given.
+    progress: show a progress bar while validation videos are generated.
     """
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
@@ -110,7 +139,8 @@ def build_trainer(
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
     from fastwan.models.loading import read_model_index, resolve_model_path
-    from fastwan.models.presets import WAN_NEGATIVE_PROMPT
+    from fastwan.train.tracking import build_trackers
+    from fastwan.train.validation import Validator, load_validation_vae
 
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
@@ -129,18 +159,24 @@ def build_trainer(
     read_model_index(model_path)  # a clear error when a component is missing
     m, t = recipe.model, recipe.train
 
-    # Text: the negative prompt (dmd's CFG) and, for CFG dropout without a stored empty
-    # embedding, the empty prompt -- encoded once, then the encoder is freed.
+    # Text: the negative prompt (dmd's CFG, flow's validation CFG), the validation prompts
+    # and, for CFG dropout without a stored empty embedding, the empty prompt -- encoded
+    # once, then the encoder is freed.
     data_dir = Path(recipe.data.path)
     data_dir = data_dir if data_dir.is_dir() else data_dir.parent
     need_empty = recipe.data.cfg_dropout > 0 and not (data_dir / EMPTY_PROMPT_FILE).is_file()
-    prompts = []
-    if t.method == "dmd":
-        prompts.append(negative_prompt if negative_prompt is not None else WAN_NEGATIVE_PROMPT)
+    negative = negative_prompt if negative_prompt is not None else recipe.dmd.negative_prompt
+    validate = bool(t.validation_prompts)
+    need_negative = t.method == "dmd" or (validate and t.validation_guidance_scale != 1.0)
+    prompts = [negative] if need_negative else []
+    prompts += list(t.validation_prompts) if validate else []
     if need_empty:
         prompts.append("")
     encoded = _encode_prompts(model_path, prompts, recipe.data.text_length) if prompts else []
     empty = encoded.pop() if need_empty else None
+    negative_embedding = encoded.pop(0) if need_negative else None  # [L, dim]
+    validation_embeddings = encoded  # one [L_i, dim] per validation prompt
+    expand = expand_timesteps_of(model_path)
 
     mean = std = None
     if not recipe.data.text_only:
@@ -165,10 +201,11 @@ def build_trainer(
             teacher,
             recipe.dmd,
             recipe.vsa,
-            encoded[0],
+            negative_embedding,
             latent_shape=latent_shape_of(model_path, recipe),
             student=student,
             critic=critic,
+            expand_timesteps=expand,
         )
     else:
         method = FlowMethod(
@@ -177,6 +214,27 @@ def build_trainer(
             flow_shift=recipe.dmd.flow_shift,
             min_ratio=recipe.dmd.min_timestep_ratio,
             max_ratio=recipe.dmd.max_timestep_ratio,
+            expand_timesteps=expand,
         )
-    trainer = Trainer(method, recipe, loader, output_dir=t.output_dir, log_fn=log_fn)
+    validator = None
+    if validate:
+        validator = Validator.from_recipe(
+            recipe,
+            load_validation_vae(model_path, dev),
+            validation_embeddings,
+            negative_embedding=negative_embedding,
+            latent_shape=latent_shape_of(model_path, recipe),
+            model_path=model_path,
+            expand_timesteps=expand,
+            progress=progress,
+        )
+    trainer = Trainer(
+        method,
+        recipe,
+        loader,
+        output_dir=t.output_dir,
+        log_fn=log_fn,
+        validator=validator,
+        tracker=build_trackers(recipe, t.output_dir),
+    )
     return TrainingSetup(trainer=trainer, model_path=model_path, device=dev)

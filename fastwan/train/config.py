@@ -50,8 +50,11 @@ __all__ = [
     "OptimConfigs",
     "ParallelConfig",
     "Recipe",
+    "TRACKERS",
     "TrainConfig",
+    "VALIDATION_SAMPLERS",
     "VSAConfig",
+    "WAN_NEGATIVE_PROMPT",
     "dump_recipe",
     "load_recipe",
     "parse_overrides",
@@ -65,6 +68,20 @@ __all__ = [
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "flex")
 
 DTYPES = ("fp32", "bf16")
+
+# Mirrors fastwan.models.presets.WAN_NEGATIVE_PROMPT (not imported: that package pulls in
+# torch); a test keeps the two equal.
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, "
+    "ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, "
+    "disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
+# Where training metrics go besides the console (train.report_to).
+TRACKERS = ("tensorboard", "wandb")
+VALIDATION_SAMPLERS = ("scheduler", "unipc", "euler")
 
 
 class ConfigError(ValueError):
@@ -243,6 +260,8 @@ class DMDConfig:
       (no video latents needed: data-free distillation from text embeddings).
     * ``flow_shift``: timestep shift of the scheduler (Wan: 8 for 1.3B, 3 for 14B, 5 for
       5B); also shifts the sampled training noise levels.
+    * ``negative_prompt``: the teacher's CFG "uncond" text (encoded once at start; also
+      the negative of ``flow`` validation with CFG); default Wan's, ``""`` allowed.
     """
 
     denoising_timesteps: list[int] = field(default_factory=lambda: [1000, 757, 522])
@@ -252,6 +271,7 @@ class DMDConfig:
     guidance_scale: float = 4.5
     rollout: Literal["data", "simulate"] = "data"
     flow_shift: float = 3.0
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
 
     def __post_init__(self) -> None:
         steps = self.denoising_timesteps
@@ -291,6 +311,12 @@ class DMDConfig:
         )
         _check_choice(self, "rollout", ("data", "simulate"))
         _check_range(self, "flow_shift", 0.0, None, lo_open=True, fix=" (1 = no shift)")
+        if not isinstance(self.negative_prompt, str):
+            _fail(
+                self,
+                "negative_prompt",
+                f'must be a string, got {self.negative_prompt!r}; use "" for no negative prompt',
+            )
 
 
 @dataclass
@@ -369,6 +395,19 @@ class TrainConfig:
     consumes ``global_batch_size`` samples, each data-parallel rank running
     ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size``.
     Intervals are in steps; 0 disables periodic validation / checkpoints.
+
+    Validation (:mod:`fastwan.train.validation`): when ``validation_prompts`` is not empty,
+    every ``validation_interval`` steps and at the end of training the student (its EMA when
+    ``ema_decay`` is set) generates one video per prompt and seed of ``validation_seeds``
+    at the ``data`` clip size: ``dmd`` with its few-step sampler on
+    ``dmd.denoising_timesteps``; ``flow`` with ``validation_sampler`` over
+    ``validation_steps`` steps and CFG ``validation_guidance_scale`` (standard convention,
+    1 = none) on ``dmd.negative_prompt``. Videos (MP4 + GIF at ``validation_fps``) and a
+    grid image (prompts x seeds, ``validation_grid_frames`` frames each) go to
+    ``<output_dir>/validation/step-<N>/``.
+
+    ``report_to``: metric sinks besides the console: ``tensorboard`` (event files under
+    ``<output_dir>/logs``) and/or ``wandb`` (project ``tracker_project``); ``[]`` for none.
     """
 
     method: Literal["dmd", "flow"] = "dmd"
@@ -390,6 +429,13 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     validation_prompts: list[str] = field(default_factory=list)
     validation_seeds: list[int] = field(default_factory=lambda: [1000])
+    validation_steps: int = 50
+    validation_guidance_scale: float = 5.0
+    validation_sampler: Literal["scheduler", "unipc", "euler"] = "scheduler"
+    validation_fps: int = 16
+    validation_grid_frames: int = 4
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "fastwan"
 
     def __post_init__(self) -> None:
         _check_choice(self, "method", ("dmd", "flow"))
@@ -411,15 +457,26 @@ class TrainConfig:
             )
         _check_int(self, "ema_start_step", 0)
         _check_int(self, "log_interval", 1)
-        _check_int(self, "validation_interval", 0, fix=" (0 disables validation)")
+        _check_int(
+            self,
+            "validation_interval",
+            0,
+            fix=" (0: validate only at the end; validation_prompts: [] disables validation)",
+        )
         _check_int(self, "checkpoint_interval", 0, fix=" (0 disables periodic checkpoints)")
         if self.checkpoints_total_limit is not None:
             _check_int(self, "checkpoints_total_limit", 1, fix=" (null keeps all)")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             _fail(self, "output_dir", f"must be a non-empty path, got {self.output_dir!r}")
         prompts = self.validation_prompts
-        if not isinstance(prompts, list) or any(not isinstance(p, str) for p in prompts):
-            _fail(self, "validation_prompts", f"must be a list of strings, got {prompts!r}")
+        if not isinstance(prompts, list) or any(
+            not isinstance(p, str) or not p.strip() for p in prompts
+        ):
+            _fail(
+                self,
+                "validation_prompts",
+                f"must be a list of non-empty strings, got {prompts!r}; [] disables validation",
+            )
         seeds = self.validation_seeds
         if (
             not isinstance(seeds, list)
@@ -430,6 +487,32 @@ class TrainConfig:
                 self,
                 "validation_seeds",
                 f"must be a non-empty list of non-negative ints, got {seeds!r}",
+            )
+        _check_int(self, "validation_steps", 1, fix=" (the flow validation sampler's steps)")
+        _check_range(
+            self,
+            "validation_guidance_scale",
+            0.0,
+            None,
+            lo_open=True,
+            fix=" (standard CFG: 1 = no guidance)",
+        )
+        _check_choice(self, "validation_sampler", VALIDATION_SAMPLERS)
+        _check_int(self, "validation_fps", 1)
+        _check_int(self, "validation_grid_frames", 1)
+        report = self.report_to
+        if not isinstance(report, list) or any(r not in TRACKERS for r in report):
+            _fail(
+                self,
+                "report_to",
+                f"must be a list of {', '.join(map(repr, TRACKERS))} (or [] for the console "
+                f"only), got {report!r}",
+            )
+        if len(set(report)) != len(report):
+            _fail(self, "report_to", f"lists a tracker twice: {report!r}")
+        if not isinstance(self.tracker_project, str) or not self.tracker_project.strip():
+            _fail(
+                self, "tracker_project", f"must be a non-empty name, got {self.tracker_project!r}"
             )
 
 
@@ -511,14 +594,9 @@ class DataConfig:
         _check_int(self, "num_workers", 0)
         _check_int(self, "text_length", 1, fix=" (Wan's text encoder gives 512 tokens)")
         _check_choice(self, "on_error", ("raise", "skip"))
+        # The VAE's own temporal factor (4 for Wan: 4k + 1 frames) is checked against the
+        # model folder when training starts (fastwan.train.build.latent_shape_of).
         _check_int(self, "num_frames", 1)
-        if (self.num_frames - 1) % 4:
-            _fail(
-                self,
-                "num_frames",
-                f"must be 4k + 1 (the Wan VAE compresses time 4x), got {self.num_frames}; "
-                f"e.g. {4 * ((self.num_frames - 1) // 4) + 1}",
-            )
         for name in ("height", "width"):
             _check_int(self, name, 16)
             if getattr(self, name) % 16:

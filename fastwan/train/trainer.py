@@ -18,6 +18,13 @@ All randomness of the methods comes from one ``torch.Generator`` seeded with
 schedulers, the generator's EMA (``train.ema_decay``), the step, the log history, the
 data position (when the data has ``state_dict``) and every RNG state including that
 generator, so that ``2k`` steps equal ``k`` steps + resume + ``k`` steps exactly.
+
+Hooks: a ``validator`` (:class:`fastwan.train.validation.Validator`) runs every
+``train.validation_interval`` steps and at the last step; a ``tracker``
+(:mod:`fastwan.train.tracking`) receives every step's metrics (losses, grad norms, learning
+rates, timesteps, sparsity, step time, samples/s) and the validation grid. Neither touches
+the training RNG or weights, so they do not change the losses. At the last step the loss
+curves are plotted to ``<output_dir>/loss_curves.png``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from fastwan.train.config import Recipe
 from fastwan.train.ema import EMA
 from fastwan.train.schedules import make_lr_scheduler
 
-__all__ = ["Method", "Trainer"]
+__all__ = ["LOSS_PLOT_FILE", "Method", "Tracker", "Trainer", "Validator"]
 
 logger = logging.getLogger("fastwan.train")
 
@@ -76,6 +83,27 @@ def _weights_file(role: str) -> str:
     return f"{role}.safetensors"
 
 
+class Validator(Protocol):
+    """Called with the trainer after a step; returns what it made (``images``: tag ->
+    ``[H, W, 3]`` uint8 arrays are logged to the tracker), e.g.
+    :class:`fastwan.train.validation.Validator`."""
+
+    def __call__(self, trainer: Trainer) -> Any: ...
+
+
+class Tracker(Protocol):
+    """A metrics sink, e.g. :class:`fastwan.train.tracking.Trackers`."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+LOSS_PLOT_FILE = "loss_curves.png"
+
+
 class Trainer:
     """Runs ``recipe.train.max_steps`` steps of ``method`` on ``data``.
 
@@ -91,6 +119,10 @@ class Trainer:
         output_dir: where checkpoints go (default ``recipe.train.output_dir``).
         log_fn: receives the console line every ``train.log_interval`` steps
             (default: ``logging.getLogger("fastwan.train").info``).
+        validator: called as ``validator(trainer)`` every ``train.validation_interval``
+            steps (0: never periodically) and after the last step.
+        tracker: receives every step's metrics and the validator's images; closed after
+            the last step.
     """
 
     def __init__(
@@ -101,6 +133,8 @@ class Trainer:
         *,
         output_dir: str | Path | None = None,
         log_fn: Callable[[str], None] | None = None,
+        validator: Validator | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         if not isinstance(recipe, Recipe):
             raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
@@ -115,6 +149,8 @@ class Trainer:
         self.data = data
         self.output_dir = Path(output_dir if output_dir is not None else recipe.train.output_dir)
         self.log_fn = log_fn if log_fn is not None else logger.info
+        self.validator = validator
+        self.tracker = tracker
         self.device = method.device
         train = recipe.train
         self.accumulation = train.gradient_accumulation_steps
@@ -224,13 +260,29 @@ class Trainer:
             record.update(self._update("critic", self.method.critic_step, batches))
         else:
             record.update(self._update("generator", self.method.loss, batches))
-            record["sparsity"] = self.method.sparsity
+        record["sparsity"] = float(getattr(self.method, "sparsity", None) or 0.0)
         self.step += 1
         record["step_time"] = time.perf_counter() - start
         self.history.append(record)
         if self.step % self.recipe.train.log_interval == 0 or self.step == 1:
             self.log_fn(self._console_line(record))
+        if self.tracker is not None:
+            self.tracker.log_metrics(self._metrics(record), self.step)
         return record
+
+    def _samples_per_step(self) -> int:
+        return self.recipe.train.micro_batch_size * self.accumulation  # this process's
+
+    def _metrics(self, record: Mapping[str, Any]) -> dict[str, float]:
+        """The record's numbers under ``train/`` plus throughput (not kept in the history:
+        it differs between runs)."""
+        out = {
+            f"train/{k}": float(v)
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        out["train/samples_per_s"] = self._samples_per_step() / max(record["step_time"], 1e-9)
+        return out
 
     def _console_line(self, record: Mapping[str, Any]) -> str:
         parts = [f"step {record['step']}/{self.recipe.train.max_steps}"]
@@ -240,6 +292,7 @@ class Trainer:
             elif key.endswith("_lr"):
                 parts.append(f"{key} {value:.3g}")
         parts.append(f"{record['step_time']:.2f}s")
+        parts.append(f"{self._samples_per_step() / max(record['step_time'], 1e-9):.3g} samples/s")
         return " | ".join(parts)
 
     def train(self, num_steps: int | None = None) -> list[dict[str, Any]]:
@@ -257,11 +310,41 @@ class Trainer:
             )
         records = []
         interval = self.recipe.train.checkpoint_interval
+        val_interval = self.recipe.train.validation_interval
         for _ in range(num_steps):
             records.append(self.train_step())
+            last = self.step == max_steps
+            if self.validator is not None and (
+                last or (val_interval and self.step % val_interval == 0)
+            ):
+                self.validate()
             if interval and self.step % interval == 0:
                 self.save_checkpoint()
+            if last:
+                self._finish()
         return records
+
+    def validate(self) -> Any:
+        """Run the validator at the current step; its images go to the tracker."""
+        if self.validator is None:
+            raise ValueError("this Trainer has no validator; pass validator= to build one")
+        start = time.perf_counter()
+        result = self.validator(self)
+        if self.tracker is not None:
+            images = getattr(result, "images", None) or {}
+            if images:
+                self.tracker.log_images(images, self.step)
+            self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, self.step)
+        return result
+
+    def _finish(self) -> None:
+        """After the last step: plot the loss curves, close the tracker."""
+        from fastwan.train.plots import plot_loss_curves
+
+        if any(k.endswith("_loss") for r in self.history for k in r):
+            plot_loss_curves(self.history, self.output_dir / LOSS_PLOT_FILE)
+        if self.tracker is not None:
+            self.tracker.close()
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
