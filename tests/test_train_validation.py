@@ -371,9 +371,40 @@ def test_wan22_methods_pass_per_token_timesteps():
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_build_detects_wan22_per_token_timesteps(tmp_path, wan_dir):
+def test_wan22_validation_equals_video_generator(tmp_path, wan_dir):
+    """On a Wan2.2 folder: build detects per-token timesteps; a validation video is the
+    VideoGenerator's video of the same prompt, seed and timesteps (the shared sampler)."""
+    from fastwan.pipeline import VideoGenerator
     from fastwan.train.build import expand_timesteps_of
 
     wan22 = build_tiny_wan(tmp_path / "wan22", variant="wan2.2", num_layers=1)
     assert expand_timesteps_of(wan22) is True
     assert expand_timesteps_of(wan_dir) is False
+
+    gen = VideoGenerator.from_pretrained(
+        wan22, preset="wan2.2-ti2v-5b", attention="dense", device="cpu"
+    )
+    prompt, seed, steps = "a small bird flies", 7, [1000, 600]
+    ref = gen.generate(prompt, height=64, width=64, num_frames=5, timesteps=steps, seed=seed,
+                       guidance_scale=1.0, max_sequence_length=16)  # fmt: skip
+    emb = gen.encode_prompt([prompt], 16)[0]  # [L, dim]
+    validator = Validator(
+        load_validation_vae(wan22, "cpu"),
+        [prompt],
+        [emb],
+        seeds=[seed],
+        latent_shape=LATENT22,
+        text_length=16,
+        timesteps=steps,
+        expand_timesteps=True,
+        grid_frames=2,
+    )
+    ts = []
+    hook = _record_timesteps(gen.transformer, ts)
+    result = validator.run(gen.transformer, 0, tmp_path / "run")
+    hook.remove()
+    assert [tuple(t.shape) for t in ts] == [(1, 8), (1, 8)]  # per token, one per step
+    torch.testing.assert_close(result.latents, ref.latents, rtol=0, atol=0)
+    assert np.array_equal(result.frames[0], (ref.video * 255).round().astype(np.uint8))
+    with Image.open(result.grid_path) as grid:
+        assert grid.size == (2 * 64, 64)

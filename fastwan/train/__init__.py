@@ -1,5 +1,7 @@
 """Training: typed configs and recipes (:mod:`.config`), LR / sparsity schedules
-(:mod:`.schedules`), EMA (:mod:`.ema`) and atomic checkpoints (:mod:`.checkpoint_io`).
+(:mod:`.schedules`), EMA (:mod:`.ema`), atomic checkpoints (:mod:`.checkpoint_io`), the
+loop (:mod:`.trainer`, built by :mod:`.build`), validation videos (:mod:`.validation`),
+metric sinks (:mod:`.tracking`) and loss plots (:mod:`.plots`).
 
 Only the config API is re-exported here, so reading a recipe does not import torch.
 """
