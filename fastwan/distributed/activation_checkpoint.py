@@ -1,0 +1,112 @@
+"""Activation checkpointing per Wan block (``parallel.activation_checkpointing``).
+
+* ``none``: every activation is kept for backward.
+* ``full``: a block keeps only its inputs; backward runs the block's forward again.
+* ``selective``: like ``full``, but the outputs of the attention kernels (dense SDPA and
+  VSA's fine stage) are kept and not recomputed: attention is the costly part of a long
+  video sequence, its output is small ([B, S, H, D]), everything else (projections,
+  norms, FFN) is recomputed.
+
+Implemented with non-reentrant :func:`torch.utils.checkpoint.checkpoint` (``selective``
+through its ``context_fn`` and a :class:`~torch.utils.checkpoint.CheckpointPolicy`). The
+block's own ``forward`` is replaced on the instance, not wrapped in another module, so
+parameter names, state-dict keys, EMA names and checkpoints stay exactly as they were, and
+``fully_shard`` applied afterwards wraps the checkpointed block (torchtitan's order).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+__all__ = [
+    "AC_MODES",
+    "activation_checkpointing_mode",
+    "apply_activation_checkpointing",
+    "attention_ops",
+]
+
+AC_MODES = ("none", "full", "selective")
+_MODE_ATTR = "_fastwan_ac_mode"
+_FASTWAN_NAMESPACE = "fastwan"  # VSA's custom ops (fastwan::vsa_fine_fwd, ...)
+
+
+@functools.cache
+def attention_ops() -> frozenset:
+    """The aten attention kernels whose outputs ``selective`` keeps (those this torch has)."""
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    ops = set()
+    for name in names:
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            ops.add(packet.default)
+    return frozenset(ops)
+
+
+def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    del ctx, args, kwargs
+    if op in attention_ops() or getattr(op, "namespace", None) == _FASTWAN_NAMESPACE:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = type(self).forward  # the class's forward (FSDP2's subclass keeps it)
+    mode = getattr(self, _MODE_ATTR)
+    if not torch.is_grad_enabled():  # inference / no-grad rollouts: nothing to save
+        return forward(self, *args, **kwargs)
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
+    return checkpoint(forward, self, *args, use_reentrant=False, **extra, **kwargs)
+
+
+def _blocks(net: nn.Module) -> nn.ModuleList:
+    blocks = getattr(net, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(
+            f"expected a Wan transformer with a `blocks` ModuleList, got {type(net).__name__}"
+        )
+    return blocks
+
+
+def apply_activation_checkpointing(net: nn.Module, mode: str) -> nn.Module:
+    """Set ``mode`` (``none`` / ``full`` / ``selective``) on every block of the Wan
+    transformer ``net`` (in place; returned). Applying again switches the mode."""
+    if mode not in AC_MODES:
+        raise ValueError(
+            f"parallel.activation_checkpointing must be one of {', '.join(map(repr, AC_MODES))}; "
+            f"got {mode!r}"
+        )
+    for block in _blocks(net):
+        if mode == "none":
+            block.__dict__.pop("forward", None)
+            block.__dict__.pop(_MODE_ATTR, None)
+        else:
+            setattr(block, _MODE_ATTR, mode)
+            # An instance attribute shadows the class's forward; deepcopy rebinds it.
+            block.forward = types.MethodType(_checkpointed_forward, block)
+    return net
+
+
+def activation_checkpointing_mode(net: nn.Module) -> str:
+    """The mode :func:`apply_activation_checkpointing` set on ``net``'s blocks."""
+    return getattr(_blocks(net)[0], _MODE_ATTR, "none")

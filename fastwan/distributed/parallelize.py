@@ -1,0 +1,157 @@
+"""FSDP2 wrapping of Wan transformers and the collectives the trainer needs.
+
+:func:`shard_transformer` applies ``fully_shard`` to every Wan block and then to the root
+(the patch / condition embedders, the output norm and projection), on the mesh
+``[replicate, shard x sp]`` of :class:`fastwan.distributed.mesh.ParallelState`: plain FSDP
+when ``replicate == 1``, HSDP (sharded within a group, replicated across groups) when both
+dimensions are > 1, replication only (DDP-like) when ``shard x sp == 1``. On CUDA with
+``train.mixed_precision: bf16`` parameters are gathered in bf16 and gradients reduced in
+fp32 (``MixedPrecisionPolicy``); ``parallel.cpu_offload`` keeps the sharded parameters,
+gradients and optimizer states in CPU memory.
+
+:func:`parallelize_method` does it for a method's networks: activation checkpointing on
+the trainable ones first (so FSDP wraps the checkpointed blocks), then FSDP2 for the
+student, the critic and the frozen teacher (sharded too; it has no gradients and no
+optimizer). The optimizers must be built after this (the parameters become DTensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from fastwan.distributed.activation_checkpoint import apply_activation_checkpointing
+from fastwan.distributed.mesh import ParallelState
+
+__all__ = [
+    "all_reduce_mean",
+    "clip_grad_norm",
+    "is_sharded",
+    "parallelize_method",
+    "set_gradient_sync",
+    "shard_transformer",
+]
+
+
+def _blocks(net: nn.Module) -> nn.ModuleList:
+    blocks = getattr(net, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(
+            f"expected a Wan transformer with a `blocks` ModuleList, got {type(net).__name__}"
+        )
+    return blocks
+
+
+def is_sharded(net: nn.Module) -> bool:
+    """Whether ``net`` was wrapped by ``fully_shard``."""
+    return isinstance(net, FSDPModule)
+
+
+def shard_transformer(
+    net: nn.Module,
+    state: ParallelState,
+    *,
+    mixed_precision: bool = False,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """``fully_shard`` each block of ``net``, then ``net`` itself (in place; returned).
+
+    mixed_precision: bf16 parameters in forward/backward, fp32 gradient reduction (only
+    applied on CUDA: bf16 matmuls on CPU are slow and tests compare fp32 numbers).
+    cpu_offload: parameters, gradients and optimizer states live on the CPU between uses.
+    """
+    if state.fsdp_mesh is None:
+        raise ValueError(
+            "shard_transformer needs a distributed ParallelState (world_size > 1); a "
+            "one-process run trains the plain module"
+        )
+    mesh = state.fsdp_mesh
+    if mesh["replicate"].size() == 1:
+        mesh = mesh["fsdp"]  # plain FSDP: a 1-D mesh
+    kwargs: dict = {"mesh": mesh}
+    if mixed_precision and state.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    kwargs["offload_policy"] = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    blocks = _blocks(net)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again first in backward: keep them.
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    fully_shard(net, **kwargs)
+    return net
+
+
+def parallelize_method(method: object, state: ParallelState, recipe: object) -> None:
+    """Activation checkpointing (``parallel.activation_checkpointing``) on the trainable
+    networks, Ulysses sequence parallelism (``parallel.sequence_parallel > 1``) and FSDP2 on
+    every network of ``method`` (DMD: student, critic, teacher; flow: the trained network).
+    A one-process state leaves the networks untouched except for activation checkpointing.
+
+    With SP, each rank's gradients hold only its sequence shard's contribution: they must
+    be summed over the SP group and averaged over data-parallel ranks, so the FSDP
+    reduction (over ``replicate x shard x sp`` ranks) divides by the data-parallel size
+    ``replicate x shard`` instead of by the number of ranks."""
+    parallel = recipe.parallel  # type: ignore[attr-defined]
+    trainable: Mapping[str, nn.Module] = method.networks()  # type: ignore[attr-defined]
+    for net in trainable.values():
+        apply_activation_checkpointing(net, parallel.activation_checkpointing)
+    if not state.distributed:
+        return
+    mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
+    offload = bool(getattr(parallel, "cpu_offload", False))
+    nets = list(trainable.values())
+    teacher = getattr(method, "teacher", None)
+    if teacher is not None:
+        nets.append(teacher)
+    for net in nets:
+        if state.sp_size > 1:
+            from fastwan.distributed.sequence_parallel import enable_sequence_parallel
+
+            enable_sequence_parallel(net, state.sp_group)
+        shard_transformer(net, state, mixed_precision=mixed, cpu_offload=offload)
+        if state.sp_size > 1:
+            for module in net.modules():  # every FSDP unit reduces its own gradients
+                if isinstance(module, FSDPModule):
+                    module.set_gradient_divide_factor(float(state.dp_size))
+                    if state.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+                        module.set_force_sum_reduction_for_comms(True)
+
+
+def set_gradient_sync(net: nn.Module, enabled: bool) -> None:
+    """Reduce gradients in this backward (``True``) or only accumulate them locally
+    (``False``: the micro-steps of gradient accumulation before the last one)."""
+    if isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm over all shards and ranks; returns the pre-clip norm."""
+    params = list(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def all_reduce_mean(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each value over all ranks (every rank must pass the same keys); the input
+    itself when no process group is running."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, buf.tolist())}

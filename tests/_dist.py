@@ -1,0 +1,292 @@
+"""Helpers of the multi-process tests: start N gloo processes, the tiny DMD setup they
+train, and a one-process emulation of N data-parallel ranks for the reference runs.
+
+The tiny setup: a 2-block Wan (dim 32, 2 heads) teacher; random latents ``[16, 2, 8, 8]``
+(token grid (2, 4, 4)) with random text embeddings; a VSA student (tile (1, 2, 2),
+sparsity 0.5); fp32 on the CPU. Rank ``r`` of a data-parallel world of size ``D`` reads
+the samples :class:`fastwan.data.sampler.DistributedSampler` gives data-parallel rank ``r``
+and seeds its generator with :func:`fastwan.distributed.mesh.data_parallel_seed`.
+
+:class:`EmulatedRanks` + :func:`interleaved_loader` make one process compute what ``D``
+ranks compute together: micro-batch ``i`` of a step is rank ``i``'s batch, drawn with rank
+``i``'s generator, and the trainer's accumulation (``D`` micro-batches, mean of the
+losses) equals FSDP's mean of the ranks' gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM
+from torch.utils.data import Dataset
+
+from fastwan.data.sampler import DistributedSampler, ResumableLoader
+from fastwan.distributed.mesh import data_parallel_seed
+from fastwan.train.config import (
+    DMDConfig,
+    ModelConfig,
+    OptimConfig,
+    OptimConfigs,
+    ParallelConfig,
+    Recipe,
+    TrainConfig,
+    VSAConfig,
+)
+
+LATENT = (16, 2, 8, 8)  # C, T, H, W
+NUM_SAMPLES = 8
+DATA_SEED = 3
+
+
+# ------------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
+    # The torchrun environment, so the code under test starts its own process group.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)  # two processes share the test machine's cores
+    fn(*args)
+
+
+def spawn(fn: Callable, world: int, *args: Any) -> None:
+    """Run ``fn(*args)`` in ``world`` fresh processes with a torchrun-like environment
+    (raises if any of them fails)."""
+    mp.start_processes(
+        _entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn"
+    )
+
+
+# ------------------------------------------------------------------------ tiny setup
+
+
+class RandomSamples(Dataset):
+    """Random latents and text embeddings, keyed like LatentDataset (``(index, epoch)``)."""
+
+    def __init__(self, n: int = NUM_SAMPLES, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(n, *LATENT, generator=g)  # [N, C, T, H, W]
+        self.text = torch.randn(n, MAX_TEXT_LEN, TEXT_DIM, generator=g)  # [N, L, dim]
+        lengths = torch.randint(3, MAX_TEXT_LEN + 1, (n,), generator=g)  # [N]
+        self.mask = torch.arange(MAX_TEXT_LEN)[None] < lengths[:, None]  # [N, L]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return {
+            "latents": self.latents[i],
+            "text_embedding": self.text[i],
+            "text_mask": self.mask[i],
+        }
+
+
+def _collate(samples):
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def rank_loader(dp_rank: int, dp_size: int) -> ResumableLoader:
+    ds = RandomSamples()
+    sampler = DistributedSampler(
+        len(ds), batch_size=1, dp_rank=dp_rank, dp_size=dp_size, seed=DATA_SEED
+    )
+    return ResumableLoader(ds, sampler, collate_fn=_collate)
+
+
+def tiny_recipe(
+    out_dir: str | Path,
+    *,
+    steps: int,
+    world_size: int = 1,
+    replicate: int = 1,
+    shard: int = 1,
+    sequence_parallel: int = 1,
+    accumulation: int = 1,
+    activation_checkpointing: str = "none",
+    ema_decay: float | None = 0.9,
+) -> Recipe:
+    dp = replicate * shard
+    return Recipe(
+        model=ModelConfig(teacher="tiny", dtype="fp32", teacher_dtype="fp32"),
+        train=TrainConfig(
+            method="dmd",
+            max_steps=steps,
+            global_batch_size=accumulation * dp,
+            micro_batch_size=1,
+            gradient_accumulation_steps=accumulation,
+            mixed_precision="fp32",
+            seed=7,
+            log_interval=1,
+            checkpoint_interval=0,
+            ema_decay=ema_decay,
+            output_dir=str(out_dir),
+            report_to=[],
+        ),
+        parallel=ParallelConfig(
+            world_size=world_size,
+            replicate=replicate,
+            shard=shard,
+            sequence_parallel=sequence_parallel,
+            activation_checkpointing=activation_checkpointing,
+        ),
+        optim=OptimConfigs(
+            generator=OptimConfig(
+                lr=1e-3, eps=1e-6, schedule="cosine", warmup_steps=1, grad_clip=1.0
+            ),
+            critic=OptimConfig(lr=2e-3, eps=1e-6, betas=(0.0, 0.99), grad_clip=0.5),
+        ),
+        dmd=DMDConfig(generator_update_interval=2, flow_shift=3.0, guidance_scale=3.0),
+        vsa=VSAConfig(sparsity=0.5, tile_size=(1, 2, 2), backend="torch"),
+    )
+
+
+def negative_embedding() -> torch.Tensor:
+    return torch.randn(MAX_TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(11))
+
+
+def dmd_method(wan_path: str | Path, recipe: Recipe):
+    from fastwan.methods.dmd import DMDMethod
+    from fastwan.models import load_transformer
+
+    return DMDMethod(load_transformer(wan_path), recipe.dmd, recipe.vsa, negative_embedding())
+
+
+def full_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full tensor (collective for FSDP-sharded ones)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in net.named_parameters():
+        t = p.detach()
+        out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+    return out
+
+
+def losses(history: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The history without its timings (equal between equal runs)."""
+    return [{k: v for k, v in r.items() if k != "step_time"} for r in history]
+
+
+# ----------------------------------------------------------------- the worker process
+
+
+def train_worker(cfgs: list[dict]) -> None:
+    """One rank of multi-process runs, one per config (same processes, one process group):
+    build the tiny DMD setup on the config's mesh, optionally resume, train to
+    ``cfg["steps"]`` (saving a checkpoint after ``cfg["save_at"]`` steps), and let rank 0
+    write ``{"history", "params"}`` to ``cfg["result"]``."""
+    from fastwan.distributed.mesh import destroy_parallel, init_parallel
+    from fastwan.distributed.parallelize import parallelize_method
+    from fastwan.train.trainer import Trainer
+
+    try:
+        for cfg in cfgs:
+            recipe = tiny_recipe(
+                cfg["out"],
+                steps=cfg["steps"],
+                world_size=cfg["world"],
+                replicate=cfg.get("replicate", 1),
+                shard=cfg.get("shard", cfg["world"]),
+                sequence_parallel=cfg.get("sp", 1),
+                activation_checkpointing=cfg.get("ac", "none"),
+            )
+            state = init_parallel(recipe.parallel, "cpu")
+            method = dmd_method(cfg["wan"], recipe)
+            parallelize_method(method, state, recipe)
+            loader = rank_loader(state.dp_rank, state.dp_size)
+            trainer = Trainer(method, recipe, loader, log_fn=lambda _l: None, parallel=state)
+            if cfg.get("resume"):
+                trainer.resume(cfg["resume"])
+            save_at = cfg.get("save_at")
+            if save_at is not None:
+                trainer.train(save_at - trainer.step)
+                trainer.save_checkpoint()
+            trainer.train(cfg["steps"] - trainer.step)
+            params = {role: full_params(net) for role, net in trainer.networks.items()}
+            if state.is_main:
+                torch.save({"history": trainer.history, "params": params}, cfg["result"])
+    finally:
+        destroy_parallel()
+
+
+# --------------------------------------------------------- one-process emulation of D ranks
+
+
+class EmulatedRanks:
+    """A DMD method whose micro-batch ``i`` (tagged ``"_rank"`` by
+    :func:`interleaved_loader`) is computed with data-parallel rank ``i``'s generator."""
+
+    name = "dmd"
+
+    def __init__(self, method, seed: int, world: int):
+        self.method = method
+        self.generators = [
+            torch.Generator().manual_seed(data_parallel_seed(seed, r)) for r in range(world)
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.method.device
+
+    def networks(self):
+        return self.method.networks()
+
+    @property
+    def sparsity(self):
+        return getattr(self.method, "sparsity", None)
+
+    def set_step(self, step: int) -> None:
+        self.method.set_step(step)
+
+    def critic_step(self, batch, generator):
+        del generator
+        return self.method.critic_step(batch, self.generators[batch["_rank"]])
+
+    def generator_step(self, batch, generator):
+        del generator
+        return self.method.generator_step(batch, self.generators[batch["_rank"]])
+
+    def load_rank_generators(self, checkpoint: str | Path) -> None:
+        """The saved per-rank generator states of a multi-process checkpoint."""
+        for r, gen in enumerate(self.generators):
+            state = torch.load(Path(checkpoint) / f"rng_rank{r}.pt", weights_only=True)
+            gen.set_state(state["generators"]["train"])
+
+
+class interleaved_loader:  # noqa: N801 - used like a function returning an iterable
+    """Rank 0's batch, rank 1's batch, ... then the next step's; resumable."""
+
+    def __init__(self, world: int):
+        self.loaders = [rank_loader(r, world) for r in range(world)]
+
+    def __iter__(self) -> Iterator[dict]:
+        iters = [iter(ld) for ld in self.loaders]
+        while True:
+            for r, it in enumerate(iters):
+                yield {**next(it), "_rank": r}
+
+    def state_dict(self) -> dict:
+        return self.loaders[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for ld in self.loaders:
+            ld.load_state_dict(state)
