@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "fastwan.commands.preprocess",
     "fastwan.commands.synthesize",
     "fastwan.commands.train",
+    "fastwan.commands.plan",
     "fastwan.commands.bench",
     "fastwan.commands.ui",
 ]
