@@ -131,6 +131,23 @@ def test_tensorboard_tracker_round_trip(tmp_path):
         TensorBoardTracker(tmp_path / "x").log_images({"g": np.zeros((4, 4))}, 1)
 
 
+def test_tensorboard_resumed_run_replaces_later_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    crashed = TensorBoardTracker(tmp_path)
+    for step in range(1, 5):  # logged steps 1..4, but its last checkpoint was step 2
+        crashed.log_metrics({"train/loss": float(step)}, step)
+    crashed.close()
+    resumed = TensorBoardTracker(tmp_path)
+    for step in (3, 4):
+        resumed.log_metrics({"train/loss": 10.0 * step}, step)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_build_trackers_and_missing_wandb(tmp_path, monkeypatch):
     assert build_trackers(_recipe(tmp_path)).sinks == []
     sinks = build_trackers(_recipe(tmp_path, report_to=["tensorboard"])).sinks

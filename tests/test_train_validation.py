@@ -104,10 +104,14 @@ def _recipe(out, wan_dir, data_dir, *, method="dmd", train=None, dmd=None):
     )
 
 
-def _build(recipe):
+def _build_on(recipe, device):
     from fastwan.train.build import build_trainer
 
-    return build_trainer(recipe, device="cpu", log_fn=lambda _line: None).trainer
+    return build_trainer(recipe, device=device, log_fn=lambda _line: None).trainer
+
+
+def _build(recipe):
+    return _build_on(recipe, "cpu")
 
 
 def _params(net):
@@ -186,6 +190,18 @@ def test_dmd_validation_files_grid_ema_and_seeds(tmp_path, wan_dir, data_dir):
     lat = result.latents  # [P * S, C, T, h, w]
     assert lat.shape == (len(PROMPTS) * len(SEEDS), *LATENT)
     assert not torch.equal(lat[0], lat[1]) and not torch.equal(lat[0], lat[2])
+
+
+@pytest.mark.gpu
+def test_validation_on_gpu_under_bf16_autocast(tmp_path, wan_dir, data_dir):
+    train = {"mixed_precision": "bf16", "max_steps": 2, "report_to": []}
+    trainer = _build_on(_recipe(tmp_path / "run", wan_dir, data_dir, train=train), "cuda")
+    assert trainer.validator.autocast_dtype == torch.bfloat16
+    trainer.train()  # validates at step 2 (the interval and the end)
+    assert len(list((tmp_path / "run" / "validation" / "step-2").glob("*.mp4"))) == 4
+    first, again = trainer.validate(), trainer.validate()
+    assert first.frames.shape == (len(PROMPTS) * len(SEEDS), 5, 64, 64, 3)
+    torch.testing.assert_close(first.latents, again.latents, rtol=1e-3, atol=1e-3)
 
 
 def test_flow_validation_multistep_cfg(tmp_path, wan_dir, data_dir):

@@ -51,7 +51,12 @@ def _image(array: Any) -> np.ndarray:
 
 
 class TensorBoardTracker:
-    """Scalars and images to TensorBoard event files in ``log_dir``."""
+    """Scalars and images to TensorBoard event files in ``log_dir``.
+
+    The writer opens at the first logged step ``n`` with ``purge_step=n``: a resumed run
+    logging into the same folder hides what an earlier (crashed) run logged from step
+    ``n`` on, so the curves show each step once.
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
         try:
@@ -61,19 +66,31 @@ class TensorBoardTracker:
                 "train.report_to includes 'tensorboard' but the tensorboard package is not "
                 "installed: pip install 'tensorboard>=2.14' (or remove it from train.report_to)"
             ) from err
+        self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer = None
+
+    def _open(self, step: int):
+        if self.writer is None:
+            self.writer = self._writer_class(log_dir=str(self.log_dir), purge_step=step)
+        return self.writer
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for tag, value in _finite(metrics).items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        values = _finite(metrics)
+        if values:
+            writer = self._open(step)
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, global_step=step)
 
     def log_images(self, images: Mapping[str, Any], step: int) -> None:
         for tag, image in images.items():
-            self.writer.add_image(tag, _image(image), global_step=step, dataformats="HWC")
+            array = _image(image)  # [H, W, 3] uint8, checked before a writer opens
+            self._open(step).add_image(tag, array, global_step=step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class WandbTracker:
