@@ -5,8 +5,9 @@ saves models, inputs and reference results; two spawned ranks load them, enable 
 the world group and save their outputs, input gradients, and parameter gradients after
 the documented reduction (SUM over the SP group). Cases: Wan2.1 dense and VSA on a token
 count that divides by 2 and one that does not; Wan2.2 (per-token timesteps) with VSA on an
-odd token count; plus a deepcopy (EMA-like) of an SP model, disabling SP, and a head count
-that does not divide by the SP size.
+odd token count; each also with activation checkpointing (full and selective, which
+recompute blocks and their all-to-alls in backward); plus a deepcopy (EMA-like) of an SP
+model, disabling SP, and a head count that does not divide by the SP size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CASES = [
     ("wan22_vsa_odd", "wan2.2", "vsa", (3, 6, 10)),  # per-token timesteps, 45 tokens
 ]
 TEXT_LEN = 5
+AC_MODES = ("full", "selective")  # with fastwan.distributed.activation_checkpoint
 PROBE = "blocks.0.ffn.net.0.proj.weight"  # a parameter whose unreduced grads are kept
 BATCH = 2
 
@@ -98,6 +100,7 @@ def _param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
+    from fastwan.distributed.activation_checkpoint import apply_activation_checkpointing
     from fastwan.distributed.sequence_parallel import (
         disable_sequence_parallel,
         enable_sequence_parallel,
@@ -120,6 +123,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             res["unreduced"] = _param_grads(model)[PROBE]
             reduce_sequence_parallel_grads(model, group)
             res["params"] = _param_grads(model)
+            # Activation checkpointing recomputes blocks (and their all-to-alls) in backward.
+            for mode in AC_MODES:
+                apply_activation_checkpointing(model, mode)
+                ac = _run(model, saved["inputs"])
+                reduce_sequence_parallel_grads(model, group)
+                ac["params"] = _param_grads(model)
+                res[f"ac_{mode}"] = ac
+            apply_activation_checkpointing(model, "none")
             # A deepcopy (an EMA copy) runs SP on the same group; its forward matches.
             ema = copy.deepcopy(model)
             with torch.no_grad():
@@ -189,6 +200,12 @@ def test_sp2_forward_backward_equal_one_process(sp_results, case):
         assert got["params"].keys() == ref["params"].keys()
         for n, g in ref["params"].items():
             _close(got["params"][n], g, f"rank {r} grad of {n}")
+        for mode in AC_MODES:
+            ac = got[f"ac_{mode}"]
+            _close(ac["out"], ref["out"], f"rank {r} output, checkpointing {mode}")
+            _close(ac["d_latents"], ref["d_latents"], f"rank {r} latent grad, {mode}")
+            for n, g in ref["params"].items():
+                _close(ac["params"][n], g, f"rank {r} grad of {n}, checkpointing {mode}")
         _close(got["ema_out"], ref["out"], f"rank {r} deepcopy output")
         assert got["ema_sp"]
         _close(got["plain_out"], ref["out"], f"rank {r} output after disable")
