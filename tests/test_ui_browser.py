@@ -46,15 +46,13 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = build_tiny_wan(tmp_path_factory.mktemp("ui-browser") / "tiny", gates="fastvideo")
-    ui = FastWanUI(
-        LazyModel(
-            "student",
-            str(model_dir),
-            lambda src: VideoGenerator.from_pretrained(
-                src, preset="fastwan2.1-t2v-1.3b", device="cpu"
-            ),
-        ),
-        None,
+
+    def loader(preset):
+        return lambda src: VideoGenerator.from_pretrained(src, preset=preset, device="cpu")
+
+    ui = FastWanUI(  # the same tiny folder: a few-step VSA student and a many-step teacher
+        LazyModel("student", str(model_dir), loader("fastwan2.1-t2v-1.3b")),
+        LazyModel("teacher", str(model_dir), loader("wan2.1-t2v-1.3b")),
         max_frames=9,
         max_pixels=64 * 80,
         max_sequence_length=16,
@@ -152,3 +150,29 @@ def test_type_a_prompt_click_generate_and_get_a_playable_video(
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+def test_compare_shows_teacher_and_student_side_by_side_with_the_speedup(server, browser):
+    wait = WebDriverWait(browser, 45)
+    browser.get(server)
+    prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+    prompt.send_keys(PROMPT)
+    tab = next(
+        b
+        for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+        if "Compare" in b.text
+    )
+    tab.click()
+    steps = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#teacher-steps input")))
+    steps.clear()
+    steps.send_keys("4")
+    browser.find_element(By.CSS_SELECTOR, "#compare").click()
+    wait.until(lambda d: "Speedup" in d.find_element(By.CSS_SELECTOR, "#compare-timings").text)
+    table = browser.find_element(By.CSS_SELECTOR, "#compare-timings").text
+    assert "teacher (dense, 4 steps, CFG 5)" in table and "student (VSA 0.8, 3 DMD steps)" in table
+    sources = []
+    for elem_id in ("teacher-video", "student-video"):
+        video = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} video[src]")
+        wait.until(lambda d, v=video: d.execute_script("return arguments[0].readyState", v) >= 1)
+        sources.append(video.get_attribute("src"))
+    assert sources[0] != sources[1] and all(src.startswith(server) for src in sources)

@@ -79,11 +79,14 @@ def toy_model(role: str) -> str:
 
 
 def toy_examples(count: int = 4) -> list[str]:
-    """A few prompts of the toy world's grammar (what the toy models understand)."""
+    """A few prompts of the toy world's grammar (what the toy models understand), each
+    attribute cycling through its values so that the examples differ in all of them."""
     from fastwan.toy import world
 
-    combos = world.all_combos()
-    return [world.canonical_prompt(c) for c in combos[:: max(1, len(combos) // count)][:count]]
+    values = list(world.ATTRIBUTES.values())
+    return [
+        world.canonical_prompt(world.Combo(*(v[i % len(v)] for v in values))) for i in range(count)
+    ]
 
 
 def check_args(args: argparse.Namespace) -> None:

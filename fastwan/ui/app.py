@@ -488,7 +488,7 @@ def format_compare(result: CompareResult) -> str:
         _timing_row(f"student ({result.student.setup})", result.student),
     ]
     speed = (
-        f"**Speedup: {result.speedup:.1f}x** end to end, "
+        f"**Speedup (teacher time / student time): {result.speedup:.1f}x** end to end, "
         f"{result.denoise_speedup:.1f}x in denoising (same prompt, seed {result.student.seed}, "
         f"{result.student.width}x{result.student.height}, {result.student.num_frames} frames)"
     )
@@ -539,7 +539,12 @@ def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
         res = ui.compare(*values, callback=_progress_callback(progress, "denoising"))
     except Exception as err:  # noqa: BLE001
         return None, None, None, "", f"**Error:** {_error_message(err)}"
-    status = f"Compared at {res.student.width}x{res.student.height}: {res.speedup:.1f}x faster."
+    pace = (
+        f"{res.speedup:.1f}x faster"
+        if res.speedup >= 1
+        else f"{1 / max(res.speedup, 1e-9):.1f}x slower"
+    )
+    status = f"Compared at {res.student.width}x{res.student.height}: the student is {pace}."
     return (
         str(res.teacher.path),
         str(res.student.path),
