@@ -170,6 +170,7 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from fastwan.distributed.checkpoint import is_sharded_checkpoint, load_network_weights
     from fastwan.models.export import export_pipeline
     from fastwan.models.loading import load_transformer, resolve_model_path
     from fastwan.train.build import RECIPE_FILE
@@ -177,10 +178,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     ckpt = args.checkpoint
     weights = ckpt / "generator.safetensors"
-    if not weights.is_file():
+    sharded = is_sharded_checkpoint(ckpt)  # written by a multi-process run (DCP shards)
+    if not weights.is_file() and not sharded:
         raise ValueError(
-            f"{str(ckpt)!r} has no generator.safetensors; pass a checkpoint-<step> folder "
-            "written by `fastwan distill` / `fastwan finetune`"
+            f"{str(ckpt)!r} has no generator.safetensors (nor sharded dcp/ files); pass a "
+            "checkpoint-<step> folder written by `fastwan distill` / `fastwan finetune`"
         )
     recipe_file = ckpt.parent / RECIPE_FILE
     if args.model is not None:
@@ -194,15 +196,19 @@ def run_export(args: argparse.Namespace) -> int:
             "--model DIR (the pipeline folder the run trained from)"
         )
     transformer = load_transformer(resolve_model_path(student), dtype=torch.float32)
-    state = load_file(str(weights), device="cpu")
+    if sharded:  # consolidate the shards (any number of saving ranks) into one model
+        load_network_weights(ckpt, "generator", transformer)
+        if args.ema:
+            load_network_weights(ckpt, "generator", transformer, ema=True)
+    state = {} if sharded else load_file(str(weights), device="cpu")  # sharded: loaded above
     missing, unexpected = transformer.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if (missing or unexpected) and not sharded:
         raise ValueError(
             f"{weights} does not match the transformer of {student!r}: missing "
             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; pass --model with "
             "the folder the run trained from"
         )
-    if args.ema:
+    if args.ema and not sharded:
         trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         ema = trainer_state.get("ema")
         if ema is None:

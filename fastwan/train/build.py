@@ -13,13 +13,17 @@
 * the validator (:class:`~fastwan.train.validation.Validator`, with the folder's VAE) when
   ``train.validation_prompts`` is set, and the metric trackers of ``train.report_to``.
 
-Training runs in one process: ``parallel.world_size`` must be 1.
+With ``parallel.world_size > 1`` (launched by ``torchrun``): the layout is checked before
+any model is loaded, the process group and mesh start
+(:func:`fastwan.distributed.mesh.init_parallel`), each rank reads its data-parallel rank's
+samples (sequence-parallel ranks share them), the networks are loaded on the CPU and
+sharded with FSDP2 / HSDP (activation checkpointing from ``parallel``), and only rank 0
+logs to trackers. Validation videos are generated in one-process runs only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +54,18 @@ class TrainingSetup:
     device: torch.device
 
 
-def check_world_size(recipe: Recipe) -> None:
-    """Raise a ValueError unless the recipe asks for exactly the processes running."""
-    want = recipe.parallel.world_size
-    have = int(os.environ.get("WORLD_SIZE", "1"))
-    if want != have:
-        raise ValueError(
-            f"parallel.world_size is {want} but {have} process(es) are running; launch with "
-            f"`torchrun --nproc_per_node={want} ...` or set --parallel.world_size={have} "
-            f"(and parallel.replicate x shard x sequence_parallel = {have})"
-        )
-    if want > 1:
-        raise ValueError(
-            f"parallel.world_size is {want}: this trainer runs in one process; set "
-            "--parallel.world_size=1 --parallel.replicate=1 --parallel.shard=1 "
-            "--parallel.sequence_parallel=1 (and train.global_batch_size to match)"
-        )
+def check_world_size(recipe: Recipe, num_heads: int | None = None) -> None:
+    """Raise a ValueError unless the recipe's mesh fits the processes running (torchrun's
+    ``WORLD_SIZE``) and, when given, the model's attention heads divide by its SP size."""
+    from fastwan.distributed.mesh import validate_layout
+
+    validate_layout(recipe.parallel, num_heads=num_heads)
+
+
+def _num_heads(model_path: Path) -> int | None:
+    config = json.loads((model_path / "transformer" / "config.json").read_text())
+    heads = config.get("num_attention_heads")
+    return int(heads) if heads is not None else None
 
 
 def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, int]:
@@ -136,6 +136,8 @@ def build_trainer(
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
+    from fastwan.distributed.mesh import init_parallel
+    from fastwan.distributed.parallelize import parallelize_method
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
     from fastwan.models.loading import read_model_index, resolve_model_path
@@ -155,6 +157,12 @@ def build_trainer(
             "`fastwan preprocess` / `synthesize` and pass --data.path=DIR"
         )
     dev = default_device(str(device) if device is not None else None)
+    heads = _num_heads(resolve_model_path(recipe.model.teacher))
+    check_world_size(recipe, heads)  # the layout fails here, before any model is loaded
+    parallel = init_parallel(recipe.parallel, dev, num_heads=heads)
+    dev = parallel.device
+    # Sharded runs load on the CPU; fully_shard moves each rank's shards to its device.
+    load_dev = torch.device("cpu") if parallel.distributed else dev
     model_path = resolve_model_path(recipe.model.teacher)
     read_model_index(model_path)  # a clear error when a component is missing
     m, t = recipe.model, recipe.train
@@ -183,8 +191,9 @@ def build_trainer(
         mean, std = vae_latent_stats(model_path)
     loader = build_train_loader(
         recipe.data,
-        rank=0,
-        world_size=1,
+        rank=parallel.rank,
+        world_size=parallel.world_size,
+        sequence_parallel=parallel.sp_size,
         micro_batch_size=t.micro_batch_size,
         seed=t.seed,
         latents_mean=mean,
@@ -193,10 +202,10 @@ def build_trainer(
     )
 
     if t.method == "dmd":
-        teacher = _load(m.teacher, m.teacher_dtype, dev)
+        teacher = _load(m.teacher, m.teacher_dtype, load_dev)
         separate = m.dtype != m.teacher_dtype
-        student = _load(m.student_path, m.dtype, dev) if m.student or separate else None
-        critic = _load(m.critic_path, m.dtype, dev) if m.critic or separate else None
+        student = _load(m.student_path, m.dtype, load_dev) if m.student or separate else None
+        critic = _load(m.critic_path, m.dtype, load_dev) if m.critic or separate else None
         method = DMDMethod(
             teacher,
             recipe.dmd,
@@ -209,7 +218,7 @@ def build_trainer(
         )
     else:
         method = FlowMethod(
-            _load(m.student_path, m.dtype, dev),
+            _load(m.student_path, m.dtype, load_dev),
             recipe.vsa,
             flow_shift=recipe.dmd.flow_shift,
             min_ratio=recipe.dmd.min_timestep_ratio,
@@ -217,6 +226,14 @@ def build_trainer(
             expand_timesteps=expand,
         )
     validator = None
+    parallelize_method(method, parallel, recipe)
+    if validate and parallel.distributed:
+        validate = False
+        if parallel.is_main:
+            (log_fn or print)(
+                "validation videos are skipped in multi-process runs; export a checkpoint "
+                "and run `fastwan generate`"
+            )
     if validate:
         validator = Validator.from_recipe(
             recipe,
@@ -235,6 +252,7 @@ def build_trainer(
         output_dir=t.output_dir,
         log_fn=log_fn,
         validator=validator,
-        tracker=build_trackers(recipe, t.output_dir),
+        tracker=build_trackers(recipe, t.output_dir) if parallel.is_main else None,
+        parallel=parallel,
     )
     return TrainingSetup(trainer=trainer, model_path=model_path, device=dev)

@@ -41,6 +41,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fastwan.distributed.checkpoint import (
+    is_sharded_checkpoint,
+    resume_trainer_checkpoint,
+    save_trainer_checkpoint,
+)
+from fastwan.distributed.mesh import ParallelState, data_parallel_seed
+from fastwan.distributed.parallelize import all_reduce_mean, clip_grad_norm, set_gradient_sync
 from fastwan.train.checkpoint_io import (
     capture_rng_state,
     checkpoint_dir,
@@ -123,6 +130,13 @@ class Trainer:
             steps (0: never periodically) and after the last step.
         tracker: receives every step's metrics and the validator's images; closed after
             the last step.
+        parallel: this process's place in the mesh
+            (:func:`fastwan.distributed.mesh.init_parallel`) when the networks were wrapped
+            by :func:`fastwan.distributed.parallelize.parallelize_method` (``None``: one
+            process). With more than one process: gradients are reduced only on the last
+            micro-batch, logged losses are means over ranks, the training generator is
+            seeded per data-parallel rank, only rank 0 logs, and checkpoints are sharded
+            (:mod:`fastwan.distributed.checkpoint`).
     """
 
     def __init__(
@@ -135,6 +149,7 @@ class Trainer:
         log_fn: Callable[[str], None] | None = None,
         validator: Validator | None = None,
         tracker: Tracker | None = None,
+        parallel: ParallelState | None = None,
     ) -> None:
         if not isinstance(recipe, Recipe):
             raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
@@ -149,6 +164,10 @@ class Trainer:
         self.data = data
         self.output_dir = Path(output_dir if output_dir is not None else recipe.train.output_dir)
         self.log_fn = log_fn if log_fn is not None else logger.info
+        self.parallel = parallel
+        self._distributed = parallel is not None and parallel.distributed
+        if self._distributed and not parallel.is_main:
+            self.log_fn = lambda _line: None  # rank 0 speaks for the run
         self.validator = validator
         self.tracker = tracker
         self.device = method.device
@@ -183,7 +202,9 @@ class Trainer:
             if train.ema_decay is not None
             else None
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(train.seed)
+        # SP ranks of a group share their data-parallel rank's seed (same timesteps, noise).
+        seed = train.seed if parallel is None else data_parallel_seed(train.seed, parallel.dp_rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._data_iter: Iterator[Mapping[str, Any]] | None = None
@@ -219,7 +240,9 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         extras: dict[str, float] = {}
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if self._distributed:  # reduce-scatter only after the last micro-batch
+                set_gradient_sync(net, i == len(batches) - 1)
             with self._autocast():
                 loss, info = loss_fn(batch, self.generator)
             if not torch.isfinite(loss):
@@ -233,7 +256,7 @@ class Trainer:
                 extras[key] = extras.get(key, 0.0) + float(value) / len(batches)
         params = [p for p in net.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm(params, max_norm)  # global over shards and ranks
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -243,6 +266,10 @@ class Trainer:
                 self.ema.reset(net)
             else:
                 self.ema.update(net)
+        if self._distributed:  # log the global mean (SP ranks hold equal values)
+            means = all_reduce_mean({"loss": total, **extras}, self.device)
+            total = means.pop("loss")
+            extras = means
         out = {f"{role}_loss": total, f"{role}_grad_norm": grad_norm, f"{role}_lr": lr}
         out.update({f"{role}_{k}": v for k, v in extras.items()})
         return out
@@ -341,6 +368,8 @@ class Trainer:
         """After the last step: plot the loss curves, close the tracker."""
         from fastwan.train.plots import plot_loss_curves
 
+        if self._distributed and not self.parallel.is_main:
+            return
         if any(k.endswith("_loss") for r in self.history for k in r):
             plot_loss_curves(self.history, self.output_dir / LOSS_PLOT_FILE)
         if self.tracker is not None:
@@ -349,8 +378,12 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Atomically write ``<output_dir>/checkpoint-<step>``; prunes old ones to
-        ``train.checkpoints_total_limit``. Returns the directory."""
+        ``train.checkpoints_total_limit``. Returns the directory. With more than one
+        process every rank must call it: the checkpoint is sharded (DCP)."""
         from safetensors.torch import save_file
+
+        if self._distributed:
+            return save_trainer_checkpoint(self, _GENERATOR_NAME)
 
         def write(tmp: Path) -> None:
             for role, net in self.networks.items():
@@ -403,6 +436,14 @@ class Trainer:
             raise ValueError(
                 f"checkpoint step {state['step']} exceeds train.max_steps "
                 f"({self.recipe.train.max_steps}); raise train.max_steps"
+            )
+        if is_sharded_checkpoint(path):  # saved by N processes; loads on any mesh
+            resume_trainer_checkpoint(self, path, _GENERATOR_NAME)
+            return path
+        if self._distributed:
+            raise ValueError(
+                f"{str(path)!r} is a one-process checkpoint; resume it with one process, or "
+                "export it and start the multi-process run from the export (model.student)"
             )
         for role, net in self.networks.items():
             net.load_state_dict(load_file(str(path / _weights_file(role)), device="cpu"))
