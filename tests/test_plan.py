@@ -18,9 +18,14 @@ from _tiny_wan import tiny_transformer_config
 from fastwan.cli import main
 from fastwan.distributed.memory_plan import (
     GIB,
+    Layout,
+    NetworkSpec,
     WanArch,
     block_activation_bytes,
+    estimate_memory,
+    latent_grid,
     plan_recipe,
+    resolve_model,
     rope_bytes_per_token,
     smallest_fitting_shard,
 )
@@ -243,3 +248,39 @@ def test_cli_prints_the_table_and_exits_by_fit(capsys):
         == 2
     )
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def _specs_14b():
+    arch, stride, text_length = resolve_model("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    specs = [
+        NetworkSpec("student", "s", arch, "fp32", trainable=True, vsa=True),
+        NetworkSpec("critic", "c", arch, "fp32", trainable=True, vsa=False),
+        NetworkSpec("teacher", "t", arch, "bf16", trainable=False, vsa=False),
+    ]
+    return specs, latent_grid(61, 448, 832, stride), text_length
+
+
+def test_cpu_offload_moves_states_off_the_gpu_only_when_sharded():
+    specs, grid, text_length = _specs_14b()
+    kw = dict(latent_grid=grid, micro_batch_size=1, gpu_memory_gb=H100, text_length=text_length)
+    sharded = Layout(replicate=2, shard=8, sequence_parallel=4)
+    on = estimate_memory(specs, sharded, cpu_offload=True, **kw)
+    off = estimate_memory(specs, sharded, cpu_offload=False, **kw)
+    assert on.state_bytes == off.state_bytes > 0
+    assert off.total_bytes() - on.total_bytes() == pytest.approx(off.state_bytes)
+    single = Layout(replicate=1, shard=1, sequence_parallel=1)  # no FSDP: nothing offloads
+    assert estimate_memory(specs, single, cpu_offload=True, **kw).gpu_state_bytes > 0
+
+
+def test_bad_estimate_inputs_are_value_errors():
+    specs, grid, _ = _specs_14b()
+    layout = Layout(replicate=1, shard=8, sequence_parallel=1)
+    kw = dict(latent_grid=grid, micro_batch_size=1, gpu_memory_gb=H100)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        estimate_memory(specs, layout, checkpointing="some", **kw)
+    with pytest.raises(ValueError, match="parallel.shard"):
+        Layout(replicate=1, shard=0, sequence_parallel=1)
+    with pytest.raises(ValueError, match="data.num_frames"):
+        latent_grid(60, 448, 832, (4, 8, 8))
+    with pytest.raises(ValueError, match="neither a local folder nor a known preset"):
+        resolve_model("nobody/no-such-model")

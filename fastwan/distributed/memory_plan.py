@@ -28,6 +28,10 @@ What is counted, per GPU (bytes):
   autocast's compute-dtype copy of a trainable network's fp32 weights;
 * a fixed overhead (CUDA context, NCCL buffers, allocator fragmentation).
 
+With ``parallel.cpu_offload`` (FSDP2's ``CPUOffloadPolicy``, multi-GPU runs) the sharded
+parameters, gradients, optimizer states and EMA live in host memory: they leave the GPU
+total and are reported as host memory per rank.
+
 It is an estimate from first principles, not a measurement: the structure (what scales
 with what) is exact, the constants are per-tensor counts of diffusers' code.
 """
@@ -228,6 +232,7 @@ class MemoryPlan:
     layout: Layout
     gpu_memory_gb: float
     overhead_gb: float
+    cpu_offload: bool  # sharded states in host memory (FSDP2 CPUOffloadPolicy)
     checkpointing: str  # the recipe's mode: the one :attr:`fits` judges
     micro_batch_size: int
     latent_grid: tuple[int, int, int]  # latent (T, H, W)
@@ -241,7 +246,12 @@ class MemoryPlan:
 
     @property
     def state_bytes(self) -> float:
+        """Parameters, gradients, optimizer states and EMA of all networks (per rank)."""
         return sum(n.state_bytes for n in self.networks)
+
+    @property
+    def gpu_state_bytes(self) -> float:
+        return 0.0 if self.cpu_offload else self.state_bytes
 
     @property
     def working_bytes(self) -> float:
@@ -250,7 +260,7 @@ class MemoryPlan:
     def total_bytes(self, mode: str | None = None) -> float:
         mode = self.checkpointing if mode is None else mode
         return (
-            self.state_bytes
+            self.gpu_state_bytes
             + self.activation_bytes(mode)
             + self.working_bytes
             + self.overhead_gb * GIB
@@ -284,8 +294,12 @@ class MemoryPlan:
                 + " ".join(gb(n.activation_bytes[m]) for m in CHECKPOINT_MODES)
             )
         lines.append("-" * len(head))
+        if self.cpu_offload:
+            lines.append(
+                f"CPU offload: states {self.state_bytes / GIB:.2f} GB per rank in host memory"
+            )
         lines.append(
-            f"per GPU: states {self.state_bytes / GIB:.2f} GB + working buffers "
+            f"per GPU: states {self.gpu_state_bytes / GIB:.2f} GB + working buffers "
             f"{self.working_bytes / GIB:.2f} GB + overhead {self.overhead_gb:.2f} GB + "
             "activations of one trainable network:"
         )
@@ -313,6 +327,7 @@ def estimate_memory(
     compute_dtype: str = "bf16",
     text_length: int = DEFAULT_TEXT_LENGTH,
     overhead_gb: float = 4.0,
+    cpu_offload: bool = False,
 ) -> MemoryPlan:
     """Per-GPU memory of ``networks`` trained under ``layout`` (see the module docstring)."""
     if checkpointing not in CHECKPOINT_MODES:
@@ -406,6 +421,7 @@ def estimate_memory(
         layout=layout,
         gpu_memory_gb=float(gpu_memory_gb),
         overhead_gb=float(overhead_gb),
+        cpu_offload=bool(cpu_offload) and layout.world_size > 1,  # FSDP runs only then
         checkpointing=checkpointing,
         micro_batch_size=micro_batch_size,
         latent_grid=tuple(latent_grid),
@@ -535,6 +551,7 @@ def plan_recipe(
         compute_dtype=t.mixed_precision,
         text_length=text_length,
         overhead_gb=overhead_gb,
+        cpu_offload=bool(getattr(p, "cpu_offload", False)),
     )
 
 
