@@ -204,7 +204,7 @@ class WanVSAAttnProcessor:
         out = out.transpose(1, 2)  # [B, S, H, D]
         if sp is not None:
             out = sp.heads_to_seq(out)  # [B, S_loc, H, D]
-        out = out.flatten(2, 3).type_as(q)  # [B, S, dim]
+        out = out.flatten(2, 3).type_as(q)  # [B, S, dim] (S_loc tokens under SP)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
