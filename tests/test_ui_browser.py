@@ -10,6 +10,7 @@ installed; ``.ci/run`` installs them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import urllib.request
@@ -84,6 +85,7 @@ def browser():
         "--autoplay-policy=no-user-gesture-required",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # network requests
     # An explicit driver path: selenium never fetches a driver or a browser.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -91,6 +93,16 @@ def browser():
         yield driver
     finally:
         driver.quit()
+
+
+def requested_urls(driver) -> set[str]:
+    """URLs the page has requested since the last call (Chrome's performance log)."""
+    urls = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.add(message["params"]["request"]["url"])
+    return urls
 
 
 def status_text(driver) -> str:
@@ -143,6 +155,11 @@ def test_type_a_prompt_click_generate_and_get_a_playable_video(
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     assert len(frames) == FRAMES
     assert frames[0].shape == (height, width, 3) and (width, height) == (80, 64)
+
+    # Everything the page loaded came from this server (no fonts, CDN or analytics).
+    urls = requested_urls(browser)
+    assert any(u.startswith(server) for u in urls)
+    assert all(u.startswith((server, "data:", "blob:")) for u in urls), sorted(urls)
 
     artifacts = tmp_path_factory.getbasetemp() / "artifacts"
     artifacts.mkdir(exist_ok=True)

@@ -125,8 +125,6 @@ def size_options(
         )
     resolutions = tuple(sorted(sizes, key=lambda hw: (hw[0] * hw[1], hw[1], hw[0])))
 
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     frame_counts = tuple(range(1, max_frames + 1, st))
     default_res = (height, width) if (height, width) in sizes else resolutions[-1]
     default_frames = frames if frames in frame_counts else frame_counts[-1]
@@ -292,7 +290,8 @@ class FastWanUI:
 
     max_frames / max_pixels cap the sizes offered (default: the student's native size).
     Videos go to ``output_dir`` (default: a new temporary folder); the newest
-    ``keep_videos`` it wrote are kept. One generation runs at a time (a lock, besides the queue).
+    ``keep_videos`` it wrote are kept. One generation runs at a time (a lock, besides the
+    queue).
     """
 
     def __init__(
@@ -311,7 +310,6 @@ class FastWanUI:
     ) -> None:
         model = student.get()  # the page's sizes come from the student
         p = model.preset
-        _, ss = model.vae_scale
         self.options = size_options(
             vae_scale=model.vae_scale,
             patch_size=model.transformer.config.patch_size,
@@ -571,9 +569,10 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
     teacher_note = "" if ui.teacher is not None else f"\n\n*{ui.teacher_unavailable}*"
 
     with gr.Blocks(title="fastwan", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        kind = "few-step DMD" if model.preset.few_step else "multi-step"
         gr.Markdown(
-            "# fastwan\nText to video with a sparse-distilled Wan model "
-            f"(`{model.preset.name}`): DMD few-step sampling with Video Sparse Attention."
+            f"# fastwan\nText to video with `{model.preset.name}` ({kind}; by default "
+            f"{_setup(mode, sparsity, sampling_args(model, None))})."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -593,8 +592,20 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                         elem_id="seed",
                     )
                     dice = gr.Button("Random seed", elem_id="random-seed", scale=0)
+                steps_info = (
+                    "DMD: the first N of the timesteps "
+                    + ", ".join(f"{t:g}" for t in model.preset.timesteps)
+                    if model.preset.few_step
+                    else "sampler steps"
+                )
                 steps = gr.Slider(
-                    lo, hi, value=default_steps, step=1, label="Steps", elem_id="steps"
+                    lo,
+                    hi,
+                    value=default_steps,
+                    step=1,
+                    label="Steps",
+                    info=steps_info,
+                    elem_id="steps",
                 )
                 with gr.Row():
                     attention = gr.Radio(
