@@ -15,6 +15,7 @@ losses) equals FSDP's mean of the ranks' gradients.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -290,3 +291,31 @@ class interleaved_loader:  # noqa: N801 - used like a function returning an iter
     def load_state_dict(self, state: dict) -> None:
         for ld in self.loaders:
             ld.load_state_dict(state)
+
+
+def reference_run(wan_path, out, *, steps: int, world: int = 2):
+    """One process computing what ``world`` FSDP ranks compute together: (Trainer, method)."""
+    from fastwan.train.trainer import Trainer
+
+    recipe = tiny_recipe(out, steps=steps, accumulation=world)
+    method = EmulatedRanks(dmd_method(wan_path, recipe), recipe.train.seed, world)
+    trainer = Trainer(method, recipe, interleaved_loader(world), log_fn=lambda _l: None)
+    return trainer, method
+
+
+def assert_same_losses(got, want, rtol=1e-5):
+    assert len(got) == len(want)
+    for a, b in zip(losses(got), losses(want)):
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        for key in a:
+            if isinstance(a[key], float):
+                assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=1e-9), (key, a, b)
+            else:
+                assert a[key] == b[key], (key, a, b)
+
+
+def assert_same_params(got, want, atol=2e-6):
+    assert got.keys() == want.keys()
+    for name in want:
+        err = (got[name] - want[name].detach()).abs().max().item()
+        assert err <= atol, (name, err)

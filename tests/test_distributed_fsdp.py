@@ -18,16 +18,14 @@ those rounding differences into update differences of ~1e-5 (Adam divides by |g|
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from _dist import (
-    EmulatedRanks,
+    assert_same_losses,
+    assert_same_params,
     dmd_method,
-    interleaved_loader,
-    losses,
     rank_loader,
+    reference_run,
     spawn,
     tiny_recipe,
     train_worker,
@@ -44,31 +42,6 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def wan_path(tmp_path_factory):
     return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"), num_layers=2)
-
-
-def reference_run(wan_path, out, *, steps: int, world: int = 2):
-    recipe = tiny_recipe(out, steps=steps, accumulation=world)
-    method = EmulatedRanks(dmd_method(wan_path, recipe), recipe.train.seed, world)
-    trainer = Trainer(method, recipe, interleaved_loader(world), log_fn=lambda _l: None)
-    return trainer, method
-
-
-def assert_same_losses(got, want, rtol=1e-5):
-    assert len(got) == len(want)
-    for a, b in zip(losses(got), losses(want)):
-        assert a.keys() == b.keys(), (a.keys(), b.keys())
-        for key in a:
-            if isinstance(a[key], float):
-                assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=1e-9), (key, a, b)
-            else:
-                assert a[key] == b[key], (key, a, b)
-
-
-def assert_same_params(got, want, atol=2e-6):
-    assert got.keys() == want.keys()
-    for name in want:
-        err = (got[name] - want[name].detach()).abs().max().item()
-        assert err <= atol, (name, err)
 
 
 def test_fsdp_training_equals_one_process(wan_path, tmp_path):

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -83,6 +84,17 @@ def _rank() -> int:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
+
+
+def _dcp_load(state: dict[str, Any], path: Path, *, partial: bool = False) -> None:
+    """``dcp.load`` in place; without a process group it reads in this process alone (DCP's
+    warning about that is the expected case here: one-process resume, export)."""
+    no_dist = not _dist_on()
+    planner = DefaultLoadPlanner(allow_partial_load=partial)
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, planner=planner, no_dist=no_dist)
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -173,7 +185,13 @@ def load_sharded_checkpoint(
             f"{'is set' if ema is not None else 'is null'}; resume with the saved run's ema_decay"
         )
     tensors = _tensor_state(networks, optimizers, ema)
-    dcp.load(tensors, checkpoint_id=path / SHARDED_DIR, no_dist=not _dist_on())
+    models = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    optims = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    _dcp_load(models, path / SHARDED_DIR)
+    # A parameter that never had a gradient (e.g. the dense critic's unused VSA gates) has
+    # no AdamW state in the checkpoint, but get_optimizer_state_dict creates one for every
+    # parameter: those keep their fresh (zero) state, which AdamW skips while grad is None.
+    _dcp_load(optims, path / SHARDED_DIR, partial=True)
     for role, net in networks.items():
         set_model_state_dict(net, tensors[f"model.{role}"])
         set_optimizer_state_dict(net, optimizers[role], tensors[f"optim.{role}"])
@@ -261,7 +279,7 @@ def load_network_weights(
             for n, p in module.named_parameters()
             if p.requires_grad
         }
-        dcp.load({"ema.generator": shadow}, checkpoint_id=path / SHARDED_DIR, no_dist=True)
+        _dcp_load({"ema.generator": shadow}, path / SHARDED_DIR)
         params = dict(module.named_parameters())
         with torch.no_grad():
             for name, value in shadow.items():
@@ -269,7 +287,7 @@ def load_network_weights(
         return
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     try:
-        dcp.load({f"model.{role}": weights}, checkpoint_id=path / SHARDED_DIR, no_dist=True)
+        _dcp_load({f"model.{role}": weights}, path / SHARDED_DIR)
     except Exception as err:  # DCP raises RuntimeError / CheckpointException on key mismatch
         raise ValueError(
             f"the {role} weights of {str(path)!r} do not match this transformer ({err}); "

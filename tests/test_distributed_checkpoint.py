@@ -1,0 +1,153 @@
+"""Sharded (DCP) checkpoints: saved by 2 gloo processes, resumed by 2 and by 1.
+
+Run A trains the tiny DMD setup of ``tests/_dist.py`` for 3 steps with FSDP over 2
+processes and saves a sharded checkpoint after step 2. From that checkpoint:
+
+* B: the same 2-process FSDP mesh resumes and must continue exactly as A did (bitwise:
+  the same operations on the same shards);
+* C: 2 processes on another mesh (replicate 2: every rank holds the full parameters, DCP
+  reshards) continue with the same losses (rtol 1e-5, parameters atol 2e-6: the gradient
+  reduction differs in summation order);
+* one process (the data-parallel emulation of ``_dist.EmulatedRanks``) loads the shards
+  into plain tensors and continues with A's losses (same tolerances);
+* ``fastwan export`` consolidates the sharded generator (and its EMA) into a Diffusers
+  folder equal to what the one process loaded;
+* one plain process (data-parallel size 1) resumes at the same place in the data: the
+  sampler position is translated from 2 data-parallel ranks to 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dist import (
+    assert_same_losses,
+    assert_same_params,
+    dmd_method,
+    losses,
+    rank_loader,
+    reference_run,
+    spawn,
+    tiny_recipe,
+    train_worker,
+)
+from _tiny_wan import build_tiny_wan
+from safetensors.torch import load_file
+
+from fastwan.data.sampler import DistributedSampler
+from fastwan.distributed.checkpoint import (
+    SHARDED_DIR,
+    is_sharded_checkpoint,
+    reshard_sampler_state,
+)
+from fastwan.train.checkpoint_io import COMPLETE_MARKER, latest_checkpoint
+from fastwan.train.trainer import Trainer
+
+STEPS, SAVE_AT = 3, 2
+
+
+@pytest.fixture(scope="module")
+def wan_path(tmp_path_factory):
+    return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"), num_layers=2)
+
+
+def _export(args: list[str]) -> int:
+    import fastwan.cli as cli
+
+    saved = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = ["fastwan.commands.train"]
+    try:
+        return cli.main(["export", *args])
+    finally:
+        cli.COMMAND_MODULES = saved
+
+
+@pytest.fixture(scope="module")
+def runs(wan_path, tmp_path_factory):
+    """Runs A, B, C (see the module docstring) in the same two processes."""
+    root = tmp_path_factory.mktemp("dist_runs")
+    run = root / "run"
+    ckpt = run / f"checkpoint-{SAVE_AT}"
+    base = {"wan": str(wan_path), "world": 2, "steps": STEPS}
+    cfgs = [
+        {**base, "out": str(run), "save_at": SAVE_AT, "result": str(root / "A.pt")},
+        {**base, "out": str(root / "B"), "resume": str(ckpt), "result": str(root / "B.pt")},
+        {**base, "out": str(root / "C"), "resume": str(ckpt), "result": str(root / "C.pt"),
+         "replicate": 2, "shard": 1},
+    ]  # fmt: skip
+    spawn(train_worker, 2, cfgs)
+    results = {n: torch.load(root / f"{n}.pt", weights_only=True) for n in "ABC"}
+    return run, ckpt, results
+
+
+def test_sharded_checkpoint_resumes_on_2_and_1_processes(wan_path, tmp_path, runs):
+    run, ckpt, results = runs
+    a, b, c = results["A"], results["B"], results["C"]
+
+    # the checkpoint: complete, atomic, sharded, one RNG file per rank
+    assert latest_checkpoint(run) == ckpt and (ckpt / COMPLETE_MARKER).is_file()
+    assert is_sharded_checkpoint(ckpt) and not (ckpt / "generator.safetensors").exists()
+    names = sorted(p.name for p in run.iterdir())
+    assert [n for n in names if "checkpoint" in n] == [ckpt.name]  # no temporary leftovers
+    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["format"] == "dcp" and state["step"] == SAVE_AT
+    assert state["layout"] == {"world_size": 2, "dp_size": 2, "sequence_parallel": 1}
+    assert len(list((ckpt / SHARDED_DIR).glob("*.distcp"))) == 2  # each rank wrote its shards
+
+    # B: same mesh -> exactly A's continuation (the restored history included)
+    assert losses(b["history"]) == losses(a["history"])
+    for role in a["params"]:
+        for name, value in a["params"][role].items():
+            assert torch.equal(b["params"][role][name], value), (role, name)
+    # C: another mesh, resharded on load
+    assert_same_losses(c["history"], a["history"])
+    for role in a["params"]:
+        assert_same_params(c["params"][role], a["params"][role])
+
+    # one process: the shards load into plain tensors and training continues as A did
+    trainer, method = reference_run(wan_path, tmp_path / "one", steps=STEPS)
+    assert trainer.resume(ckpt) == ckpt and trainer.step == SAVE_AT
+    method.load_rank_generators(ckpt)
+    loaded = {n: p.detach().clone() for n, p in trainer.networks["generator"].named_parameters()}
+    ema = {n: t.clone() for n, t in trainer.ema.shadow.items()}
+    assert any(not torch.equal(ema[n], loaded[n]) for n in ema)
+    trainer.train(STEPS - SAVE_AT)
+    assert_same_losses(trainer.history, a["history"])
+    for role, net in trainer.networks.items():
+        assert_same_params(dict(net.named_parameters()), a["params"][role])
+
+    # export consolidates the sharded generator (and its EMA) into a Diffusers folder
+    for flag, want in (([], loaded), (["--ema"], ema)):
+        out = tmp_path / f"export{''.join(flag)}"
+        assert _export([str(ckpt), "--out", str(out), "--model", str(wan_path), *flag]) == 0
+        saved = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+        for name, value in want.items():
+            assert torch.equal(saved[name], value), (flag, name)
+        assert (out / "vae").is_dir() and (out / "model_index.json").is_file()
+
+
+def test_resume_with_fewer_data_parallel_ranks_keeps_the_data_position(wan_path, tmp_path, runs):
+    # saved by 2 data-parallel processes; resumed by ONE plain process (data-parallel size 1)
+    ckpt = runs[1]
+    recipe = tiny_recipe(tmp_path / "one", steps=SAVE_AT + 1, accumulation=2)
+    loader = rank_loader(0, 1)
+    trainer = Trainer(dmd_method(wan_path, recipe), recipe, loader, log_fn=lambda _l: None)
+    trainer.resume(ckpt)
+    assert trainer.step == SAVE_AT
+    # 2 ranks x 2 steps x 1 sample consumed: the single rank continues at sample 4 of the
+    # epoch, i.e. with the samples ranks 0 and 1 would have read at step 3
+    assert (loader.sampler.epoch, loader.sampler.position) == (0, 4)
+    two = [DistributedSampler(8, dp_rank=r, dp_size=2, seed=3).epoch_indices(0) for r in (0, 1)]
+    assert loader.sampler.epoch_indices(0)[4:6] == [two[0][2], two[1][2]]
+    record = trainer.train(1)[0]
+    assert record["step"] == SAVE_AT + 1 and record["critic_loss"] > 0
+
+
+def test_sampler_state_translation():
+    state = DistributedSampler(8, dp_rank=1, dp_size=2, seed=3).state_dict()
+    state["position"] = 3  # 6 samples consumed globally
+    assert reshard_sampler_state(state, 3)["position"] == 2
+    assert reshard_sampler_state(state, 2) == state
+    with pytest.raises(ValueError, match="not a whole number of global batches"):
+        reshard_sampler_state(state, 4)
