@@ -113,17 +113,21 @@ def run_training(args: argparse.Namespace) -> int:
 
     setup = build_trainer(recipe, device=args.device, log_fn=log, progress=not args.no_progress)
     trainer = setup.trainer
+    # Under torchrun every rank runs this; rank 0 speaks and writes the run's files.
+    main = trainer.parallel is None or trainer.parallel.is_main
+    say = print if main else (lambda *_a, **_k: None)
     out_dir = trainer.output_dir
     if args.resume is not None:
         path = None if args.resume == "latest" else Path(args.resume)
         resumed = trainer.resume(path)
         if resumed is None:
-            print(f"no checkpoint under {out_dir}; starting from step 0")
+            say(f"no checkpoint under {out_dir}; starting from step 0")
         else:
-            print(f"resumed from {resumed} at step {trainer.step}")
+            say(f"resumed from {resumed} at step {trainer.step}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, out_dir / RECIPE_FILE)
-    print(
+    if main:
+        dump_recipe(recipe, out_dir / RECIPE_FILE)
+    say(
         f"{args.command}: {recipe.train.method} on {setup.device}, teacher {setup.model_path}, "
         f"steps {trainer.step} -> {recipe.train.max_steps}, output {out_dir}"
     )
@@ -134,7 +138,7 @@ def run_training(args: argparse.Namespace) -> int:
         initial=trainer.step,
         desc=args.command,
         unit="step",
-        disable=args.no_progress,
+        disable=args.no_progress or not main,
         file=sys.stderr,
     )
     last: dict = {}
@@ -156,13 +160,17 @@ def run_training(args: argparse.Namespace) -> int:
         checkpoint = saved  # the periodic save of the last step
     else:
         checkpoint = trainer.save_checkpoint()
-    print(f"done: {ran} steps in {elapsed:.1f}s ({elapsed / max(ran, 1):.2f} s/step)")
+    say(f"done: {ran} steps in {elapsed:.1f}s ({elapsed / max(ran, 1):.2f} s/step)")
     for key in sorted(k for k in last if k.endswith("_loss")):
         values = [r[key] for r in trainer.history if key in r]
         finite = all(math.isfinite(v) for v in values)
-        print(f"  {key}: last {last[key]:.4g}, mean {sum(values) / len(values):.4g}"
-              f"{'' if finite else ' (NON-FINITE values seen)'}")  # fmt: skip
-    print(f"checkpoint: {checkpoint}")
+        say(f"  {key}: last {last[key]:.4g}, mean {sum(values) / len(values):.4g}"
+            f"{'' if finite else ' (NON-FINITE values seen)'}")  # fmt: skip
+    say(f"checkpoint: {checkpoint}")
+    if trainer.parallel is not None and trainer.parallel.distributed:
+        from fastwan.distributed.mesh import destroy_parallel
+
+        destroy_parallel()
     return 0
 
 
