@@ -206,7 +206,7 @@ def test_validation_on_gpu_under_bf16_autocast(tmp_path, wan_dir, data_dir):
 
 def test_flow_validation_multistep_cfg(tmp_path, wan_dir, data_dir):
     train = {
-        "validation_sampler": "euler",
+        "validation_sampler": "scheduler",  # the folder's own (UniPC), read at build
         "validation_steps": 2,
         "validation_guidance_scale": 2.0,
         "validation_interval": 0,  # only at the end
@@ -217,7 +217,8 @@ def test_flow_validation_multistep_cfg(tmp_path, wan_dir, data_dir):
     recipe.train.max_steps = 1
     trainer = _build(recipe)
     v = trainer.validator
-    assert v.sampler == "euler" and v.num_inference_steps == 2 and v.uncond is not None
+    assert v.sampler == "scheduler" and v.num_inference_steps == 2 and v.uncond is not None
+    assert type(v.scheduler).__name__ == "UniPCMultistepScheduler"
     seen = []
     net = trainer.networks["generator"]
     hook = net.register_forward_pre_hook(
@@ -232,7 +233,8 @@ def test_flow_validation_multistep_cfg(tmp_path, wan_dir, data_dir):
     assert torch.equal(seen[-1], v.uncond)  # the negative prompt is the CFG's uncond
     with Image.open(step1 / "grid.png") as grid:
         assert grid.size == (4 * 64, 2 * 64 + 2)
-    # CFG matters: w = 1 gives another video
+    # CFG matters: w = 1 gives another video (here with the Euler sampler)
+    v.sampler = "euler"
     guided, _ = v.generate(net)
     v.guidance_scale = 1.0
     plain, _ = v.generate(net)
