@@ -72,6 +72,7 @@ def plot_loss_curves(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     series = {k: v for k, v in loss_series(history, keys).items() if v[0]}
     if not series:
@@ -98,6 +99,7 @@ def plot_loss_curves(
         if use_log:
             ax.set_yscale("log")
         ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("step")
     if title:
