@@ -196,7 +196,7 @@ def train_worker(cfgs: list[dict]) -> None:
     ``cfg["steps"]`` (saving a checkpoint after ``cfg["save_at"]`` steps), and let rank 0
     write ``{"history", "params"}`` to ``cfg["result"]``."""
     from fastwan.distributed.mesh import destroy_parallel, init_parallel
-    from fastwan.distributed.parallelize import parallelize_method
+    from fastwan.distributed.parallelize import all_finite, parallelize_method
     from fastwan.train.trainer import Trainer
 
     try:
@@ -223,8 +223,12 @@ def train_worker(cfgs: list[dict]) -> None:
                 trainer.save_checkpoint()
             trainer.train(cfg["steps"] - trainer.step)
             params = {role: full_params(net) for role, net in trainer.networks.items()}
+            # a NaN on rank 1 only must be seen by every rank (they raise together)
+            nan_on_1 = torch.tensor(float("nan") if state.rank == 1 else 1.0)
+            finite = [all_finite(torch.tensor(1.0)), all_finite(nan_on_1)]
             if state.is_main:
-                torch.save({"history": trainer.history, "params": params}, cfg["result"])
+                result = {"history": trainer.history, "params": params, "finite": finite}
+                torch.save(result, cfg["result"])
     finally:
         destroy_parallel()
 

@@ -63,6 +63,7 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
     assert [r["generator_updated"] for r in trainer.history] == [True, False, True]
     for name in ("fsdp", "replicate"):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert got["finite"] == [True, False]  # rank 0 saw rank 1's NaN
         assert_same_losses(got["history"], trainer.history)
         for role, net in trainer.networks.items():
             assert_same_params(got["params"][role], dict(net.named_parameters()))

@@ -35,6 +35,7 @@ from fastwan.distributed.activation_checkpoint import apply_activation_checkpoin
 from fastwan.distributed.mesh import ParallelState
 
 __all__ = [
+    "all_finite",
     "all_reduce_mean",
     "clip_grad_norm",
     "is_sharded",
@@ -155,3 +156,12 @@ def all_reduce_mean(values: Mapping[str, float], device: torch.device) -> dict[s
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, buf.tolist())}
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every rank: all ranks get the same answer, so they
+    raise together instead of leaving the others waiting in a collective."""
+    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)  # [1]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())

@@ -47,7 +47,12 @@ from fastwan.distributed.checkpoint import (
     save_trainer_checkpoint,
 )
 from fastwan.distributed.mesh import ParallelState, data_parallel_seed
-from fastwan.distributed.parallelize import all_reduce_mean, clip_grad_norm, set_gradient_sync
+from fastwan.distributed.parallelize import (
+    all_finite,
+    all_reduce_mean,
+    clip_grad_norm,
+    set_gradient_sync,
+)
 from fastwan.train.checkpoint_io import (
     capture_rng_state,
     checkpoint_dir,
@@ -245,7 +250,8 @@ class Trainer:
                 set_gradient_sync(net, i == len(batches) - 1)
             with self._autocast():
                 loss, info = loss_fn(batch, self.generator)
-            if not torch.isfinite(loss):
+            finite = all_finite(loss) if self._distributed else bool(torch.isfinite(loss))
+            if not finite:
                 raise FloatingPointError(
                     f"step {self.step + 1}: the {role} loss is {float(loss)}; lower "
                     f"optim.{role}.lr or check the data"
