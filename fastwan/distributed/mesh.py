@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from fastwan.train.config import ParallelConfig
 __all__ = [
     "MESH_DIMS",
     "ParallelState",
+    "broadcast_from_main",
     "data_parallel_seed",
     "destroy_parallel",
     "init_parallel",
@@ -204,6 +206,16 @@ def init_parallel(
         dev.type, (p.replicate, p.shard * p.sequence_parallel), mesh_dim_names=("replicate", "fsdp")
     )
     return ParallelState(parallel, rank, local_rank, world, dev, mesh, fsdp_mesh)
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable value, e.g. a list of CPU tensors) on every rank;
+    the object itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def destroy_parallel(state: ParallelState | None = None) -> None:

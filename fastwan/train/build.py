@@ -136,7 +136,7 @@ def build_trainer(
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
-    from fastwan.distributed.mesh import init_parallel
+    from fastwan.distributed.mesh import broadcast_from_main, init_parallel
     from fastwan.distributed.parallelize import parallelize_method
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
@@ -180,7 +180,11 @@ def build_trainer(
     prompts += list(t.validation_prompts) if validate else []
     if need_empty:
         prompts.append("")
-    encoded = _encode_prompts(model_path, prompts, recipe.data.text_length) if prompts else []
+    encoded = []
+    if prompts and parallel.is_main:
+        encoded = _encode_prompts(model_path, prompts, recipe.data.text_length)
+    if prompts and parallel.distributed:  # one text encoder per run, not one per GPU
+        encoded = broadcast_from_main(encoded)
     empty = encoded.pop() if need_empty else None
     negative_embedding = encoded.pop(0) if need_negative else None  # [L, dim]
     validation_embeddings = encoded  # one [L_i, dim] per validation prompt
