@@ -182,6 +182,17 @@ def full_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def adam_v_total(opt: torch.optim.Optimizer) -> float:
+    """Sum of AdamW's second moments over all parameters (collective for sharded ones)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0.0
+    for st in opt.state.values():
+        v = st["exp_avg_sq"]
+        total += float((v.full_tensor() if isinstance(v, DTensor) else v).sum())
+    return total
+
+
 def losses(history: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The history without its timings (equal between equal runs)."""
     return [{k: v for k, v in r.items() if k != "step_time"} for r in history]
@@ -215,8 +226,14 @@ def train_worker(cfgs: list[dict]) -> None:
             parallelize_method(method, state, recipe)
             loader = rank_loader(state.dp_rank, state.dp_size)
             trainer = Trainer(method, recipe, loader, log_fn=lambda _l: None, parallel=state)
+            resumed = None
             if cfg.get("resume"):
                 trainer.resume(cfg["resume"])
+                resumed = {
+                    "params": {r: full_params(n) for r, n in trainer.networks.items()},
+                    "position": (loader.sampler.epoch, loader.sampler.position),
+                    "adam_v": {r: adam_v_total(o) for r, o in trainer.optimizers.items()},
+                }
             save_at = cfg.get("save_at")
             if save_at is not None:
                 trainer.train(save_at - trainer.step)
@@ -227,7 +244,12 @@ def train_worker(cfgs: list[dict]) -> None:
             nan_on_1 = torch.tensor(float("nan") if state.rank == 1 else 1.0)
             finite = [all_finite(torch.tensor(1.0)), all_finite(nan_on_1)]
             if state.is_main:
-                result = {"history": trainer.history, "params": params, "finite": finite}
+                result = {
+                    "history": trainer.history,
+                    "params": params,
+                    "finite": finite,
+                    "resumed": resumed,
+                }
                 torch.save(result, cfg["result"])
     finally:
         destroy_parallel()

@@ -13,7 +13,10 @@ processes and saves a sharded checkpoint after step 2. From that checkpoint:
 * ``fastwan export`` consolidates the sharded generator (and its EMA) into a Diffusers
   folder equal to what the one process loaded;
 * one plain process (data-parallel size 1) resumes at the same place in the data: the
-  sampler position is translated from 2 data-parallel ranks to 1.
+  sampler position is translated from 2 data-parallel ranks to 1;
+* D: a one-process (safetensors) checkpoint resumes on 2 FSDP processes: every rank keeps
+  its shards of the networks, optimizer states and EMA, and the data position is
+  translated from 1 data-parallel rank to 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _dist import (
+    adam_v_total,
     assert_same_losses,
     assert_same_params,
     dmd_method,
@@ -64,8 +68,13 @@ def _export(args: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def runs(wan_path, tmp_path_factory):
-    """Runs A, B, C (see the module docstring) in the same two processes."""
+    """Runs A, B, C, D (see the module docstring) in the same two processes; D resumes
+    the one-process checkpoint ``one`` (returned with its trainer)."""
     root = tmp_path_factory.mktemp("dist_runs")
+    one_recipe = tiny_recipe(root / "one", steps=STEPS, accumulation=2)
+    one = Trainer(dmd_method(wan_path, one_recipe), one_recipe, rank_loader(0, 1))
+    one.train(SAVE_AT)
+    one_ckpt = one.save_checkpoint()
     run = root / "run"
     ckpt = run / f"checkpoint-{SAVE_AT}"
     base = {"wan": str(wan_path), "world": 2, "steps": STEPS}
@@ -74,14 +83,15 @@ def runs(wan_path, tmp_path_factory):
         {**base, "out": str(root / "B"), "resume": str(ckpt), "result": str(root / "B.pt")},
         {**base, "out": str(root / "C"), "resume": str(ckpt), "result": str(root / "C.pt"),
          "replicate": 2, "shard": 1},
+        {**base, "out": str(root / "D"), "resume": str(one_ckpt), "result": str(root / "D.pt")},
     ]  # fmt: skip
     spawn(train_worker, 2, cfgs)
-    results = {n: torch.load(root / f"{n}.pt", weights_only=True) for n in "ABC"}
-    return run, ckpt, results
+    results = {n: torch.load(root / f"{n}.pt", weights_only=True) for n in "ABCD"}
+    return run, ckpt, results, one
 
 
 def test_sharded_checkpoint_resumes_on_2_and_1_processes(wan_path, tmp_path, runs):
-    run, ckpt, results = runs
+    run, ckpt, results, _ = runs
     a, b, c = results["A"], results["B"], results["C"]
 
     # the checkpoint: complete, atomic, sharded, one RNG file per rank
@@ -151,3 +161,24 @@ def test_sampler_state_translation():
     assert reshard_sampler_state(state, 2) == state
     with pytest.raises(ValueError, match="not a whole number of global batches"):
         reshard_sampler_state(state, 4)
+
+
+def test_one_process_checkpoint_resumes_on_2_processes(runs):
+    # D: two FSDP processes load the one-process (safetensors) checkpoint, keep their shards
+    one, d = runs[3], runs[2]["D"]
+    resumed = d["resumed"]
+    for role, net in one.networks.items():
+        for name, value in net.named_parameters():
+            assert torch.equal(resumed["params"][role][name], value.detach()), (role, name)
+    # the AdamW states came along (fresh ones would be zero)
+    for role, opt in one.optimizers.items():
+        want = adam_v_total(opt)
+        assert want > 0 and abs(resumed["adam_v"][role] - want) <= 1e-6 * want, role
+    # 1 rank x 2 steps x 2 micro-batches consumed = position 2 on each of 2 ranks
+    assert resumed["position"] == (0, 2)
+    assert losses(d["history"][:SAVE_AT]) == losses(one.history)
+    last = d["history"][-1]
+    assert last["step"] == SAVE_AT + 1 and last["generator_updated"]
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("generator_loss", "critic_loss"))
+    moved = d["params"]["generator"]
+    assert any(not torch.equal(moved[n], resumed["params"]["generator"][n]) for n in moved)

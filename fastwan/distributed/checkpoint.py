@@ -60,6 +60,7 @@ __all__ = [
     "reshard_sampler_state",
     "restore_rank_rng",
     "resume_trainer_checkpoint",
+    "resume_trainer_from_full",
     "rng_file",
     "save_sharded_checkpoint",
     "save_trainer_checkpoint",
@@ -365,6 +366,72 @@ def resume_trainer_checkpoint(
     restore_rank_rng(
         path,
         state["layout"],
+        trainer.parallel,
+        {generator_name: trainer.generator},
+        seed=trainer.recipe.train.seed,
+        step=trainer.step,
+    )
+    trainer.method.set_step(trainer.step)
+
+
+def resume_trainer_from_full(
+    trainer: Any, path: str | Path, state: Mapping[str, Any], generator_name: str = "train"
+) -> None:
+    """Load a ONE-process checkpoint (``<role>.safetensors`` + ``trainer_state.pt`` +
+    ``rng_rank0.pt``) into a multi-process Trainer: every rank reads the full tensors and
+    keeps its shards (networks, AdamW states, EMA); the data position is translated to
+    this mesh; data-parallel rank 0 continues the saved random stream, the others start
+    fresh ones (with a warning). ``state`` is the loaded ``trainer_state.pt``."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    path = Path(path)
+    full = StateDictOptions(full_state_dict=True)
+    for role, net in trainer.networks.items():
+        set_model_state_dict(net, load_file(str(path / f"{role}.safetensors")), options=full)
+        # torch's optimizer state is keyed by position in the param list the Trainer built
+        # ([p for p in net.parameters() if p.requires_grad]); DCP's helpers key it by name.
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        saved = state["optimizers"][role]
+        by_name = {
+            "state": {names[i]: s for i, s in saved["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]
+            ],
+        }
+        # never-updated parameters (the dense critic's VSA gates) have no saved state
+        lenient = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(net, trainer.optimizers[role], by_name, options=lenient)
+        trainer.schedulers[role].load_state_dict(state["schedulers"][role])
+    if (state["ema"] is None) != (trainer.ema is None):
+        raise ValueError(
+            f"checkpoint {str(path)!r} {'lacks' if state['ema'] is None else 'has'} an EMA "
+            "but this run's train.ema_decay "
+            f"{'is set' if trainer.ema is not None else 'is null'}; resume with the saved "
+            "run's ema_decay"
+        )
+    if trainer.ema is not None:
+        with torch.no_grad():
+            for name, shadow in trainer.ema.shadow.items():
+                value = state["ema"]["shadow"][name].to(shadow.device, shadow.dtype)
+                if isinstance(shadow, DTensor):  # keep this rank's shard of the full tensor
+                    value = distribute_tensor(value, shadow.device_mesh, shadow.placements)
+                shadow.copy_(value)
+        trainer.ema.decay = float(state["ema"]["decay"])
+        trainer.ema.num_updates = int(state["ema"]["num_updates"])
+    trainer.step = int(state["step"])
+    trainer.history = list(state["history"])
+    saved_data = state["data"]
+    if saved_data is not None and hasattr(trainer.data, "load_state_dict"):
+        dp_size = getattr(getattr(trainer.data, "sampler", None), "dp_size", None)
+        if isinstance(dp_size, int) and "dp_size" in saved_data:
+            saved_data = reshard_sampler_state(saved_data, dp_size)
+        trainer.data.load_state_dict(saved_data)
+    trainer._data_iter = None
+    restore_rank_rng(
+        path,
+        _layout(None),
         trainer.parallel,
         {generator_name: trainer.generator},
         seed=trainer.recipe.train.seed,

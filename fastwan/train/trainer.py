@@ -44,6 +44,7 @@ from torch import nn
 from fastwan.distributed.checkpoint import (
     is_sharded_checkpoint,
     resume_trainer_checkpoint,
+    resume_trainer_from_full,
     save_trainer_checkpoint,
 )
 from fastwan.distributed.mesh import ParallelState, data_parallel_seed
@@ -446,11 +447,9 @@ class Trainer:
         if is_sharded_checkpoint(path):  # saved by N processes; loads on any mesh
             resume_trainer_checkpoint(self, path, _GENERATOR_NAME)
             return path
-        if self._distributed:
-            raise ValueError(
-                f"{str(path)!r} is a one-process checkpoint; resume it with one process, or "
-                "export it and start the multi-process run from the export (model.student)"
-            )
+        if self._distributed:  # a one-process checkpoint: every rank keeps its shards
+            resume_trainer_from_full(self, path, state, _GENERATOR_NAME)
+            return path
         for role, net in self.networks.items():
             net.load_state_dict(load_file(str(path / _weights_file(role)), device="cpu"))
             self.optimizers[role].load_state_dict(state["optimizers"][role])
