@@ -219,6 +219,7 @@ def train_worker(cfgs: list[dict]) -> None:
                 replicate=cfg.get("replicate", 1),
                 shard=cfg.get("shard", cfg["world"]),
                 sequence_parallel=cfg.get("sp", 1),
+                accumulation=cfg.get("accum", 1),
                 activation_checkpointing=cfg.get("ac", "none"),
             )
             state = init_parallel(recipe.parallel, "cpu")
@@ -319,11 +320,12 @@ class interleaved_loader:  # noqa: N801 - used like a function returning an iter
             ld.load_state_dict(state)
 
 
-def reference_run(wan_path, out, *, steps: int, world: int = 2):
-    """One process computing what ``world`` FSDP ranks compute together: (Trainer, method)."""
+def reference_run(wan_path, out, *, steps: int, world: int = 2, accumulation: int = 1):
+    """One process computing what ``world`` FSDP ranks, each accumulating ``accumulation``
+    micro-batches, compute together: (Trainer, method)."""
     from fastwan.train.trainer import Trainer
 
-    recipe = tiny_recipe(out, steps=steps, accumulation=world)
+    recipe = tiny_recipe(out, steps=steps, accumulation=world * accumulation)
     method = EmulatedRanks(dmd_method(wan_path, recipe), recipe.train.seed, world)
     trainer = Trainer(method, recipe, interleaved_loader(world), log_fn=lambda _l: None)
     return trainer, method

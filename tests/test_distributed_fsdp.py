@@ -5,7 +5,8 @@ of 1) train the tiny DMD setup of ``tests/_dist.py`` for 3 steps (the generator 
 at steps 1 and 3, the critic every step) with the real :class:`Trainer`. The reference
 is one process running the same Trainer over both ranks' micro-batches, each drawn with
 its rank's generator (:class:`_dist.EmulatedRanks`), which is what the two ranks compute
-together: the mean of their gradients. With sequence parallel 2 (and selective activation
+together: the mean of their gradients; also with 2 accumulated micro-batches per rank
+(reduced once, after the second). With sequence parallel 2 (and selective activation
 checkpointing) the two ranks form one data-parallel rank: the reference is one plain
 process on that rank's data.
 
@@ -48,6 +49,8 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
     layouts = {
         "fsdp": {"shard": 2},
         "replicate": {"replicate": 2, "shard": 1},
+        # 2 micro-batches per rank and step: gradients reduced after the second only
+        "accum": {"shard": 2, "accum": 2},
         # Ulysses SP 2 (one data-parallel rank) with selective activation checkpointing
         "sp": {"shard": 1, "sp": 2, "ac": "selective"},
     }
@@ -67,6 +70,14 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
         assert_same_losses(got["history"], trainer.history)
         for role, net in trainer.networks.items():
             assert_same_params(got["params"][role], dict(net.named_parameters()))
+
+    # gradient accumulation: what 2 ranks x 2 micro-batches compute = 4 micro-batches
+    trainer4, _ = reference_run(wan_path, tmp_path / "ref4", steps=STEPS, accumulation=2)
+    trainer4.train(STEPS)
+    got = torch.load(tmp_path / "accum.pt", weights_only=True)
+    assert_same_losses(got["history"], trainer4.history)
+    for role, net in trainer4.networks.items():
+        assert_same_params(got["params"][role], dict(net.named_parameters()))
 
     # SP ranks share data, timesteps and noise: the run equals one process on rank 0's data
     recipe = tiny_recipe(tmp_path / "ref_sp", steps=STEPS)

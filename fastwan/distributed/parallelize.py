@@ -6,8 +6,9 @@
 when ``replicate == 1``, HSDP (sharded within a group, replicated across groups) when both
 dimensions are > 1, replication only (DDP-like) when ``shard x sp == 1``. On CUDA with
 ``train.mixed_precision: bf16`` parameters are gathered in bf16 and gradients reduced in
-fp32 (``MixedPrecisionPolicy``); ``parallel.cpu_offload`` keeps the sharded parameters,
-gradients and optimizer states in CPU memory.
+fp32 (``MixedPrecisionPolicy``); ``cpu_offload=True`` keeps the sharded parameters,
+gradients and optimizer states in CPU memory (not a recipe field yet: the methods take
+their device from their parameters, which offloading keeps on the CPU).
 
 :func:`parallelize_method` does it for a method's networks: activation checkpointing on
 the trainable ones first (so FSDP wraps the checkpointed blocks), then FSDP2 for the
@@ -65,12 +66,15 @@ def shard_transformer(
     *,
     mixed_precision: bool = False,
     cpu_offload: bool = False,
+    trainable: bool = True,
 ) -> nn.Module:
     """``fully_shard`` each block of ``net``, then ``net`` itself (in place; returned).
 
     mixed_precision: bf16 parameters in forward/backward, fp32 gradient reduction (only
     applied on CUDA: bf16 matmuls on CPU are slow and tests compare fp32 numbers).
     cpu_offload: parameters, gradients and optimizer states live on the CPU between uses.
+    trainable: ``False`` for a network that only runs forward (the frozen teacher): every
+    block reshards right after its forward, as no backward will need it again.
     """
     if state.fsdp_mesh is None:
         raise ValueError(
@@ -89,7 +93,8 @@ def shard_transformer(
     blocks = _blocks(net)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again first in backward: keep them.
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+        keep = trainable and i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=not keep, **kwargs)
     fully_shard(net, **kwargs)
     return net
 
@@ -111,17 +116,16 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
     if not state.distributed:
         return
     mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
-    offload = bool(getattr(parallel, "cpu_offload", False))
-    nets = list(trainable.values())
+    nets = [(net, True) for net in trainable.values()]
     teacher = getattr(method, "teacher", None)
     if teacher is not None:
-        nets.append(teacher)
-    for net in nets:
+        nets.append((teacher, False))
+    for net, is_trainable in nets:
         if state.sp_size > 1:
             from fastwan.distributed.sequence_parallel import enable_sequence_parallel
 
             enable_sequence_parallel(net, state.sp_group)
-        shard_transformer(net, state, mixed_precision=mixed, cpu_offload=offload)
+        shard_transformer(net, state, mixed_precision=mixed, trainable=is_trainable)
         if state.sp_size > 1:
             for module in net.modules():  # every FSDP unit reduces its own gradients
                 if isinstance(module, FSDPModule):
