@@ -182,3 +182,85 @@ def test_one_process_checkpoint_resumes_on_2_processes(runs):
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("generator_loss", "critic_loss"))
     moved = d["params"]["generator"]
     assert any(not torch.equal(moved[n], resumed["params"]["generator"][n]) for n in moved)
+
+
+def _parquet_data(root):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from _tiny_wan import TEXT_DIM
+
+    from fastwan.data.schema import arrow_schema, video_row
+
+    rng = np.random.default_rng(0)
+    rows = [
+        video_row(
+            id=f"clip_{i}",
+            latent=rng.standard_normal((16, 2, 8, 8)).astype(np.float32),
+            text_embedding=rng.standard_normal((3 + i, TEXT_DIM)).astype(np.float32),
+            caption=f"caption {i}",
+            file_name=f"clip_{i}.mp4",
+            width=64,
+            height=64,
+            num_frames=5,
+            fps=16.0,
+        )
+        for i in range(8)
+    ]
+    root.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema("video")), root / "s.parquet")
+    return root
+
+
+def test_torchrun_distill_then_one_process_resume(wan_path, tmp_path, capsys):
+    """The user's commands: `torchrun --nproc_per_node=2 -m fastwan.cli distill`, then
+    `fastwan distill --resume latest` in one process with the mesh overridden."""
+    import os
+    import subprocess
+    import sys
+
+    from _dist import free_port
+
+    data = _parquet_data(tmp_path / "data")
+    out = tmp_path / "run"
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""
+model: {{teacher: {wan_path}, dtype: fp32, teacher_dtype: fp32}}
+train: {{method: dmd, max_steps: 2, global_batch_size: 2, mixed_precision: fp32, seed: 3,
+         log_interval: 1, checkpoint_interval: 0, report_to: [], output_dir: {out}}}
+parallel: {{world_size: 2, replicate: 1, shard: 2, activation_checkpointing: full}}
+data: {{path: {data}, num_workers: 0, text_length: 16, num_frames: 5, height: 64, width: 64}}
+optim: {{generator: {{lr: 1.0e-3}}, critic: {{lr: 1.0e-3}}}}
+dmd: {{generator_update_interval: 1, guidance_scale: 3.0, flow_shift: 3.0}}
+vsa: {{sparsity: 0.5, tile_size: [1, 2, 2], backend: torch}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "fastwan.cli", "distill", str(recipe),
+           "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 2 steps") == 1  # rank 0 alone reports
+    ckpt = out / "checkpoint-2"
+    assert is_sharded_checkpoint(ckpt) and (out / "recipe.yaml").is_file()
+    history = torch.load(ckpt / "trainer_state.pt", weights_only=True)["history"]
+    assert [r["step"] for r in history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["critic_loss"])) for r in history)
+
+    import fastwan.cli as cli
+
+    saved = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = ["fastwan.commands.train"]
+    try:
+        rc = cli.main(["distill", str(recipe), "--resume", "latest", "--no-progress",
+                       "--device", "cpu", "--train.max_steps=3", "--parallel.world_size=1",
+                       "--parallel.shard=1", "--train.gradient_accumulation_steps=2"])  # fmt: skip
+    finally:
+        cli.COMMAND_MODULES = saved
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    assert "at step 2" in printed.out and "done: 1 steps" in printed.out
+    state = torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    assert state["history"][:2] == history and state["step"] == 3
+    # 2 ranks x 2 steps consumed 4 samples: one rank with 2 micro-batches per step is at 6
+    assert (state["data"]["dp_size"], state["data"]["position"]) == (1, 6)
