@@ -16,9 +16,10 @@
 With ``parallel.world_size > 1`` (launched by ``torchrun``): the layout is checked before
 any model is loaded, the process group and mesh start
 (:func:`fastwan.distributed.mesh.init_parallel`), each rank reads its data-parallel rank's
-samples (sequence-parallel ranks share them), the networks are loaded on the CPU and
-sharded with FSDP2 / HSDP (activation checkpointing from ``parallel``), and only rank 0
-logs to trackers. Validation videos are generated in one-process runs only.
+samples (sequence-parallel ranks share them), the prompts are encoded on rank 0 only,
+the networks are loaded on the CPU and sharded with FSDP2 / HSDP (activation checkpointing
+from ``parallel``) by the ranks of a node in turns, and only rank 0 logs to trackers.
+Validation videos are generated in one-process runs only.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def build_trainer(
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
-    from fastwan.distributed.mesh import broadcast_from_main, init_parallel
+    from fastwan.distributed.mesh import broadcast_from_main, in_turns, init_parallel
     from fastwan.distributed.parallelize import parallelize_method
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
@@ -205,32 +206,37 @@ def build_trainer(
         empty_embedding=empty,
     )
 
-    if t.method == "dmd":
-        teacher = _load(m.teacher, m.teacher_dtype, load_dev)
-        separate = m.dtype != m.teacher_dtype
-        student = _load(m.student_path, m.dtype, load_dev) if m.student or separate else None
-        critic = _load(m.critic_path, m.dtype, load_dev) if m.critic or separate else None
-        method = DMDMethod(
-            teacher,
-            recipe.dmd,
-            recipe.vsa,
-            negative_embedding,
-            latent_shape=latent_shape_of(model_path, recipe),
-            student=student,
-            critic=critic,
-            expand_timesteps=expand,
-        )
-    else:
-        method = FlowMethod(
-            _load(m.student_path, m.dtype, load_dev),
-            recipe.vsa,
-            flow_shift=recipe.dmd.flow_shift,
-            min_ratio=recipe.dmd.min_timestep_ratio,
-            max_ratio=recipe.dmd.max_timestep_ratio,
-            expand_timesteps=expand,
-        )
+    def build_method():  # the networks, wrapped for this rank (FSDP2 keeps its shards)
+        if t.method == "dmd":
+            teacher = _load(m.teacher, m.teacher_dtype, load_dev)
+            separate = m.dtype != m.teacher_dtype
+            student = _load(m.student_path, m.dtype, load_dev) if m.student or separate else None
+            critic = _load(m.critic_path, m.dtype, load_dev) if m.critic or separate else None
+            method = DMDMethod(
+                teacher,
+                recipe.dmd,
+                recipe.vsa,
+                negative_embedding,
+                latent_shape=latent_shape_of(model_path, recipe),
+                student=student,
+                critic=critic,
+                expand_timesteps=expand,
+            )
+        else:
+            method = FlowMethod(
+                _load(m.student_path, m.dtype, load_dev),
+                recipe.vsa,
+                flow_shift=recipe.dmd.flow_shift,
+                min_ratio=recipe.dmd.min_timestep_ratio,
+                max_ratio=recipe.dmd.max_timestep_ratio,
+                expand_timesteps=expand,
+            )
+        parallelize_method(method, parallel, recipe)
+        return method
+
+    # Ranks of a node build in turns: a node holds one rank's full models at a time.
+    method = in_turns(build_method, parallel)
     validator = None
-    parallelize_method(method, parallel, recipe)
     if validate and parallel.distributed:
         validate = False
         if parallel.is_main:
