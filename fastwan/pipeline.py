@@ -126,7 +126,7 @@ class VideoGenerator:
         preset: str | WanPreset | None = None,
         attention: str | None = None,
         sparsity: float | None = None,
-        tile_size: Sequence[int] = (4, 4, 4),
+        tile_size: Sequence[int] | None = None,
         backend: str = "auto",
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -152,6 +152,7 @@ class VideoGenerator:
         mode = attention if attention is not None else p.attention
         if mode == "vsa" and sparsity is None and p.attention == "vsa":
             sparsity = p.sparsity
+        tile_size = p.tile_size if tile_size is None else tile_size
         set_attention(
             components.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
         )
@@ -170,10 +171,12 @@ class VideoGenerator:
         mode: str,
         *,
         sparsity: float | None = None,
-        tile_size: Sequence[int] = (4, 4, 4),
+        tile_size: Sequence[int] | None = None,
         backend: str = "auto",
     ) -> None:
-        """Switch the transformer's self-attention (``"vsa"`` / ``"dense"``) in place."""
+        """Switch the transformer's self-attention (``"vsa"`` / ``"dense"``) in place
+        (``tile_size``: default the preset's)."""
+        tile_size = self.preset.tile_size if tile_size is None else tile_size
         set_attention(
             self.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
         )
@@ -231,9 +234,14 @@ class VideoGenerator:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+    def encode_prompt(
+        self, prompts: list[str], max_sequence_length: int | None = None
+    ) -> torch.Tensor:
         """UMT5 embeddings ``[B, L, text_dim]``: padding positions beyond each prompt's
-        tokens are zeroed, as the Wan pipeline does."""
+        tokens are zeroed, as the Wan pipeline does. ``L`` defaults to the preset's
+        ``text_length`` (512 for Wan)."""
+        if max_sequence_length is None:
+            max_sequence_length = self.preset.text_length
         tok = self.components.tokenizer
         inputs = tok(
             [clean_prompt(p) for p in prompts],
@@ -308,7 +316,7 @@ class VideoGenerator:
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         flow_shift: float | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         output_type: str = "np",
         callback: Callback | None = None,
     ) -> GenerationOutput:
@@ -325,6 +333,8 @@ class VideoGenerator:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(x, str) and x.strip() for x in prompts):
             raise ValueError("prompt must be a non-empty string or a list of them")
+        if max_sequence_length is None:
+            max_sequence_length = p.text_length
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
             raise ValueError(f"max_sequence_length must be an int, got {max_sequence_length!r}")
         if max_sequence_length < 1:

@@ -174,15 +174,11 @@ class WanVideoEncoder:
         dtype: torch.dtype = torch.float32,
         tiling: bool = False,
     ) -> WanVideoEncoder:
-        from diffusers import AutoencoderKLWan
-
-        from fastwan.models.loading import resolve_model_path
+        from fastwan.models.loading import load_vae, resolve_model_path
 
         root = resolve_model_path(path)
         dev = default_device(str(device) if device is not None else None)
-        vae = AutoencoderKLWan.from_pretrained(
-            str(_component_dir(root, "vae", "video encoding")), torch_dtype=dtype
-        )
+        vae = load_vae(_component_dir(root, "vae", "video encoding"), dtype=dtype)
         if tiling:
             vae.enable_tiling()
         return cls(vae.to(dev), device=dev)

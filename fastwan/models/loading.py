@@ -38,8 +38,16 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
         return path
     name = str(path_or_id)
     try:
-        repo_id = get_preset(name).hub_id
+        preset = get_preset(name)
     except ValueError:
+        preset = None
+    if preset is not None and preset.bundled:  # the toy world's weights ship with fastwan
+        from fastwan.toy.assets import toy_model_path
+
+        return toy_model_path(preset.name)
+    if preset is not None:
+        repo_id = preset.hub_id
+    else:
         repo_id = name if _REPO_ID.match(name) and not name.startswith(".") else None
     if repo_id is None:
         raise ValueError(
@@ -211,6 +219,28 @@ def load_transformer(
     return transformer.eval()
 
 
+# VAE classes fastwan provides itself (the toy world's pixel VAE), by config class name.
+_FASTWAN_VAES = {"ToyPixelVAE": ("fastwan.toy.pixel_vae", "ToyPixelVAE")}
+
+
+def load_vae(vae_dir: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """The VAE of ``vae_dir`` (a pipeline's ``vae/`` folder): diffusers' ``AutoencoderKLWan``,
+    or a fastwan VAE class named by ``_class_name`` in its config (eval mode, on the CPU)."""
+    import importlib
+
+    vae_dir = Path(vae_dir)
+    config_file = vae_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{str(vae_dir)!r} has no config.json; pass a pipeline's vae/ folder")
+    name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKLWan")
+    if name in _FASTWAN_VAES:
+        module, attr = _FASTWAN_VAES[name]
+        cls = getattr(importlib.import_module(module), attr)
+    else:
+        from diffusers import AutoencoderKLWan as cls
+    return cls.from_pretrained(str(vae_dir), torch_dtype=dtype).eval()
+
+
 def load_scheduler(path: str | Path, flow_shift: float | None = None):
     """The pipeline's diffusers scheduler, with the flow shift replaced when given."""
     import diffusers
@@ -272,7 +302,6 @@ def load_components(
 ) -> WanComponents:
     """Load all components on the CPU (the caller moves them); the preset is given, or
     recognised from the folder name / hub id, or from the transformer's architecture."""
-    from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     path = resolve_model_path(path_or_id)
@@ -294,7 +323,7 @@ def load_components(
         tile_size=tile_size,
         backend=backend,
     )
-    vae = AutoencoderKLWan.from_pretrained(str(path / "vae"), torch_dtype=vae_dtype).eval()
+    vae = load_vae(path / "vae", dtype=vae_dtype)
     text_encoder = UMT5EncoderModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return WanComponents(

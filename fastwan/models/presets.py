@@ -48,6 +48,9 @@ class WanPreset:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per latent token
     vae_stride: tuple[int, int, int] = (4, 8, 8)  # VAE downsampling (t, h, w)
+    tile_size: tuple[int, int, int] = (4, 4, 4)  # VSA tile in latent tokens (t, h, w)
+    text_length: int = 512  # text tokens the model was trained with (padding included)
+    bundled: bool = False  # weights ship inside fastwan (the toy world), no hub download
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -79,7 +82,15 @@ class WanPreset:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        for name in ("height", "width", "num_frames", "fps", "num_inference_steps", "num_layers"):
+        for name in (
+            "height",
+            "width",
+            "num_frames",
+            "fps",
+            "num_inference_steps",
+            "num_layers",
+            "text_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(
@@ -112,6 +123,25 @@ _WAN22_5B = dict(
     vae_stride=(4, 16, 16),
     flow_shift=5.0,
     expand_timesteps=True,
+)
+# The toy world's tiny Wan (fastwan/toy): 32 x 32 pixels folded 4 x 4 into 48 channels,
+# 8 frames, 2 x 2 patches -> an 8 x 4 x 4 token grid, 16 VSA tiles of 2 x 2 x 2 tokens.
+_TOY = dict(
+    dim=128,
+    num_layers=6,
+    in_channels=48,
+    num_heads=4,
+    ffn_dim=512,
+    flow_shift=3.0,
+    height=32,
+    width=32,
+    num_frames=8,
+    fps=8,
+    vae_stride=(1, 4, 4),
+    tile_size=(2, 2, 2),
+    text_length=16,
+    negative_prompt="",
+    bundled=True,
 )
 _480P = dict(height=480, width=832, num_frames=81, fps=16)
 _704P = dict(height=704, width=1280, num_frames=121, fps=24)
@@ -153,6 +183,16 @@ PRESETS: dict[str, WanPreset] = {
             attention="dense",
             aliases=("fastwan2.2-ti2v-5b",),
         ),
+        WanPreset("toy-teacher", "", **_TOY, num_inference_steps=50, guidance_scale=4.0),
+        WanPreset(
+            "toy-student",
+            "",
+            **_TOY,
+            timesteps=FASTWAN_TIMESTEPS,
+            guidance_scale=1.0,
+            attention="vsa",
+            sparsity=0.75,
+        ),
     )
 }
 
@@ -192,7 +232,8 @@ def get_preset(name: str) -> WanPreset:
         raise ValueError(f"preset must be a non-empty string, got {name!r}")
     key = _normalise(name)
     for preset in PRESETS.values():
-        if key == preset.name or key in preset.aliases or key == _normalise(preset.hub_id):
+        hub = _normalise(preset.hub_id) if preset.hub_id else None
+        if key == preset.name or key in preset.aliases or key == hub:
             return preset
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
 

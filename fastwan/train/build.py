@@ -18,8 +18,8 @@ any model is loaded, the process group and mesh start
 (:func:`fastwan.distributed.mesh.init_parallel`), each rank reads its data-parallel rank's
 samples (sequence-parallel ranks share them), the prompts are encoded on rank 0 only,
 the networks are loaded on the CPU and sharded with FSDP2 / HSDP (activation checkpointing
-from ``parallel``) by the ranks of a node in turns, and only rank 0 logs to trackers.
-Validation videos are generated in one-process runs only.
+from ``parallel``) by the ranks of a node in turns, and only rank 0 logs to trackers and
+writes validation videos (every rank generates them with its shards).
 """
 
 from __future__ import annotations

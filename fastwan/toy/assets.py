@@ -1,0 +1,145 @@
+"""The toy world's model folders: building a fresh one, and finding the shipped ones.
+
+A toy model is a Diffusers-format Wan folder like any other (``model_index.json``,
+``transformer/`` a ``WanTransformer3DModel``, ``text_encoder/`` a ``UMT5EncoderModel``,
+``tokenizer/``, ``scheduler/``), only tiny, with :class:`~fastwan.toy.pixel_vae.ToyPixelVAE`
+as its ``vae/``. The shipped teacher and student live under ``fastwan/toy/weights/`` as
+``toy-teacher/`` and ``toy-student/`` (their folder names are their presets' names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastwan.models.presets import get_preset, transformer_config
+from fastwan.toy import world
+
+__all__ = [
+    "TEXT_DIM",
+    "WEIGHTS_DIR",
+    "build_toy_pipeline",
+    "latent_stats",
+    "toy_model_path",
+    "toy_tokenizer",
+    "toy_transformer_config",
+]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TEXT_DIM = 64  # the toy UMT5's d_model = the transformer's text_dim
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def toy_model_path(name: str) -> Path:
+    """The shipped toy model folder: ``"teacher"`` / ``"student"`` (or ``"toy-teacher"`` ...)."""
+    key = name if name.startswith("toy-") else f"toy-{name}"
+    if key not in ("toy-teacher", "toy-student"):
+        raise ValueError(f"toy model must be 'teacher' or 'student', got {name!r}")
+    path = WEIGHTS_DIR / key
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"the toy {key} weights are missing from {path}; reinstall fastwan, or rebuild them "
+            "with the commands in recipes/toy_teacher.yaml and recipes/toy_distill.yaml"
+        )
+    return path
+
+
+def toy_tokenizer():
+    """A T5-style unigram tokenizer whose pieces are the grammar's words (letters as a
+    fallback, so any text tokenises); ``<pad>`` is id 0 as the Wan pipeline expects."""
+    from transformers import T5Tokenizer
+
+    text_length = get_preset("toy-teacher").text_length
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(world.grammar_words())]
+    vocab += [("\u2581", -60.0)] + [(c, -80.0) for c in _LETTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=text_length)
+
+
+def _text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def toy_transformer_config() -> dict:
+    """``WanTransformer3DModel`` config of the toy preset (dim 128, 6 layers, 4 heads)."""
+    config = transformer_config(get_preset("toy-teacher"))
+    config.update(text_dim=TEXT_DIM, freq_dim=64, rope_max_seq_len=64)
+    return config
+
+
+def latent_stats(num_clips: int = 256, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixel VAE's latents over random training clips."""
+    from fastwan.toy.pixel_vae import ToyPixelVAE
+
+    rng = np.random.default_rng(seed)
+    combos = world.train_combos()
+    picks = [combos[i] for i in rng.integers(0, len(combos), num_clips)]
+    clips = world.render_batch(picks, rng.integers(0, 2**31, num_clips))  # [N, T, H, W, 3]
+    x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1  # [N, 3, T, H, W]
+    z = ToyPixelVAE(scale_factor_spatial=get_preset("toy-teacher").vae_stride[1]).encode(x)
+    z = z.latent_dist.mean.double()  # [N, C, T, h, w]
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a fresh toy Wan folder (random transformer and text encoder drawn from
+    ``seed``) to ``path``: the starting point of the toy teacher's training."""
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+    from fastwan.toy.pixel_vae import ToyPixelVAE
+
+    preset = get_preset("toy-teacher")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mean, std = latent_stats()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # module constructors draw from the global generator
+        tokenizer = toy_tokenizer()
+        text_encoder = _text_encoder(len(tokenizer))
+        transformer = WanTransformer3DModel(**toy_transformer_config()).eval()
+    vae = ToyPixelVAE(scale_factor_spatial=preset.vae_stride[1], latents_mean=mean, latents_std=std)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=preset.flow_shift
+    )
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    text_encoder.save_pretrained(str(path / "text_encoder"))
+    transformer.save_pretrained(str(path / "transformer"))
+    vae.save_pretrained(str(path / "vae"))
+    scheduler.save_pretrained(str(path / "scheduler"))
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "expand_timesteps": False,
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["fastwan.toy.pixel_vae", "ToyPixelVAE"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
