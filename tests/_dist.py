@@ -201,13 +201,46 @@ def losses(history: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------- the worker process
 
 
+class ForwardValidator:
+    """The contract of fastwan.train.validation.Validator, tiny: ``generate`` runs the
+    generator (no grad, eval) on a fixed input, ``run`` also writes the output's mean."""
+
+    @torch.no_grad()
+    def generate(self, net: torch.nn.Module) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, *LATENT, generator=g)  # [1, C, T, H, W]
+        cond = torch.randn(1, MAX_TEXT_LEN, TEXT_DIM, generator=g)  # [1, L, dim]
+        net.eval()
+        try:
+            out = net(
+                hidden_states=x,
+                timestep=torch.tensor([500.0]),
+                encoder_hidden_states=cond,
+                return_dict=False,
+            )[0]
+        finally:
+            net.train()
+        return out
+
+    def run(self, net: torch.nn.Module, step: int, output_dir: str | Path) -> dict:
+        mean = float(self.generate(net).mean())
+        path = Path(output_dir) / f"validation-{step}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{mean}\n")
+        return {"images": {}}
+
+
 def train_worker(cfgs: list[dict]) -> None:
     """One rank of multi-process runs, one per config (same processes, one process group):
     build the tiny DMD setup on the config's mesh, optionally resume, train to
     ``cfg["steps"]`` (saving a checkpoint after ``cfg["save_at"]`` steps), and let rank 0
     write ``{"history", "params"}`` to ``cfg["result"]``."""
     from fastwan.distributed.mesh import destroy_parallel, init_parallel
-    from fastwan.distributed.parallelize import all_finite, parallelize_method
+    from fastwan.distributed.parallelize import (
+        DistributedValidator,
+        all_finite,
+        parallelize_method,
+    )
     from fastwan.train.trainer import Trainer
 
     try:
@@ -226,7 +259,13 @@ def train_worker(cfgs: list[dict]) -> None:
             method = dmd_method(cfg["wan"], recipe)
             parallelize_method(method, state, recipe)
             loader = rank_loader(state.dp_rank, state.dp_size)
-            trainer = Trainer(method, recipe, loader, log_fn=lambda _l: None, parallel=state)
+            validator = None
+            if cfg.get("validate"):  # validation (EMA swapped in) after every step
+                recipe.train.validation_interval = 1
+                validator = DistributedValidator(ForwardValidator(), state)
+            trainer = Trainer(
+                method, recipe, loader, log_fn=lambda _l: None, parallel=state, validator=validator
+            )
             resumed = None
             if cfg.get("resume"):
                 trainer.resume(cfg["resume"])

@@ -47,7 +47,8 @@ def wan_path(tmp_path_factory):
 
 def test_fsdp_training_equals_one_process(wan_path, tmp_path):
     layouts = {
-        "fsdp": {"shard": 2},
+        # with validation of the EMA weights after every step (must not change training)
+        "fsdp": {"shard": 2, "validate": True},
         "replicate": {"replicate": 2, "shard": 1},
         # 2 micro-batches per rank and step: gradients reduced after the second only
         "accum": {"shard": 2, "accum": 2},
@@ -64,6 +65,8 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
     trainer, _ = reference_run(wan_path, tmp_path / "ref", steps=STEPS)
     trainer.train(STEPS)
     assert [r["generator_updated"] for r in trainer.history] == [True, False, True]
+    written = sorted(p.name for p in (tmp_path / "fsdp").glob("validation-*.txt"))
+    assert written == [f"validation-{i}.txt" for i in range(1, STEPS + 1)]  # rank 0 wrote
     for name in ("fsdp", "replicate"):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert got["finite"] == [True, False]  # rank 0 saw rank 1's NaN

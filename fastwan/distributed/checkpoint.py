@@ -108,8 +108,11 @@ def _tensor_state(
     optimizers: Mapping[str, torch.optim.Optimizer] | None,
     ema: EMA | None,
 ) -> dict[str, Any]:
+    from fastwan.distributed.parallelize import reshard
+
     state: dict[str, Any] = {}
     for role, net in networks.items():
+        reshard(net)  # a no-grad forward may have left gathered parameters behind
         state[f"model.{role}"] = get_model_state_dict(net)
         if optimizers is not None:
             state[f"optim.{role}"] = get_optimizer_state_dict(net, optimizers[role])

@@ -19,6 +19,8 @@ optimizer). The optimizers must be built after this (the parameters become DTens
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,11 +38,13 @@ from fastwan.distributed.activation_checkpoint import apply_activation_checkpoin
 from fastwan.distributed.mesh import ParallelState
 
 __all__ = [
+    "DistributedValidator",
     "all_finite",
     "all_reduce_mean",
     "clip_grad_norm",
     "is_sharded",
     "parallelize_method",
+    "reshard",
     "set_gradient_sync",
     "shard_transformer",
 ]
@@ -134,6 +138,15 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
                         module.set_force_sum_reduction_for_comms(True)
 
 
+def reshard(net: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP unit of ``net``: after a no-grad forward
+    the root (and a block kept for backward) still hold full plain tensors, and whatever
+    reads ``named_parameters()`` next (EMA, validation, state dicts) must see the shards."""
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def set_gradient_sync(net: nn.Module, enabled: bool) -> None:
     """Reduce gradients in this backward (``True``) or only accumulate them locally
     (``False``: the micro-steps of gradient accumulation before the last one)."""
@@ -169,3 +182,30 @@ def all_finite(value: torch.Tensor) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+class DistributedValidator:
+    """Runs a one-process validator (:class:`fastwan.train.validation.Validator`) in a
+    multi-process run: every rank generates with the sharded generator (its forward needs
+    the collectives of all ranks; SP ranks need the same inputs, which the prompts and
+    seeds give), rank 0 alone writes the videos and returns the result."""
+
+    def __init__(self, validator: Any, state: ParallelState) -> None:
+        self.validator = validator
+        self.state = state
+
+    def __call__(self, trainer: Any) -> Any:
+        net = trainer.networks["generator"]
+        reshard(net)  # the EMA swap works on the shards
+        ema = getattr(trainer, "ema", None)
+        with ema.swapped_in(net) if ema is not None else nullcontext(net):
+            if self.state.is_main:
+                result = self.validator.run(net, trainer.step, trainer.output_dir)
+            else:
+                self.validator.generate(net)  # the same forwards, nothing written
+                result = None
+        # The no-grad forwards left gathered EMA weights in the root and the last block;
+        # training must gather the live weights (restored into the shards) again.
+        reshard(net)
+        self.state.barrier()  # the files exist before any rank goes on
+        return result

@@ -80,12 +80,6 @@ def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, in
     for name, value in (("height", d.height), ("width", d.width)):
         if value % ss:
             raise ValueError(f"data.{name} {value} must be a multiple of the VAE stride {ss}")
-    if (d.num_frames - 1) % st:
-        lo = (d.num_frames - 1) // st * st + 1
-        raise ValueError(
-            f"data.num_frames {d.num_frames} must be 1 + a multiple of the VAE's temporal "
-            f"factor {st}; e.g. {lo} or {lo + st}"
-        )
     channels = int(transformer.get("in_channels", vae.get("z_dim", 16)))
     return channels, (d.num_frames - 1) // st + 1, d.height // ss, d.width // ss
 
@@ -144,7 +138,7 @@ def build_trainer(
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
     from fastwan.distributed.mesh import broadcast_from_main, in_turns, init_parallel
-    from fastwan.distributed.parallelize import parallelize_method
+    from fastwan.distributed.parallelize import DistributedValidator, parallelize_method
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
     from fastwan.models.loading import read_model_index, resolve_model_path
@@ -243,13 +237,6 @@ def build_trainer(
     # Ranks of a node build in turns: a node holds one rank's full models at a time.
     method = in_turns(build_method, parallel)
     validator = None
-    if validate and parallel.distributed:
-        validate = False
-        if parallel.is_main:
-            (log_fn or print)(
-                "validation videos are skipped in multi-process runs; export a checkpoint "
-                "and run `fastwan generate`"
-            )
     if validate:
         validator = Validator.from_recipe(
             recipe,
@@ -259,8 +246,10 @@ def build_trainer(
             latent_shape=latent_shape_of(model_path, recipe),
             model_path=model_path,
             expand_timesteps=expand,
-            progress=progress,
+            progress=progress and parallel.is_main,
         )
+        if parallel.distributed:  # all ranks generate (sharded forwards), rank 0 writes
+            validator = DistributedValidator(validator, parallel)
     trainer = Trainer(
         method,
         recipe,
