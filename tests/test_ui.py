@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -254,6 +256,35 @@ def test_an_unexpected_failure_is_a_message_too(ui, monkeypatch):
     assert "internal error (RuntimeError): CUDA out of memory" in status
 
 
+def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
+    model = ui.student_model
+    real_generate = model.generate
+    active, overlap = [], []
+
+    def tracked(*args, **kwargs):
+        active.append(1)
+        overlap.append(len(active))
+        time.sleep(0.05)  # long enough for the other thread to arrive
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(model, "generate", tracked)
+    results = []
+    threads = [
+        threading.Thread(target=lambda s=s: results.append(run_generate(ui, *gen_args(seed=s))))
+        for s in (21, 22, 23)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert overlap == [1, 1, 1]  # never two generations at once
+    assert sorted(r[1] for r in results) == [21, 22, 23]
+    assert all(r[3].startswith("Generated") for r in results)
+
+
 def test_random_seed_draws_valid_varied_seeds(ui):
     seeds = {ui.random_seed() for _ in range(20)}
     assert len(seeds) > 15 and all(0 <= s <= ui_app.MAX_SEED for s in seeds)
@@ -336,7 +367,9 @@ def main(monkeypatch):
     return cli.main
 
 
-def test_ui_command_builds_the_page_and_binds_loopback_by_default(main, model_dir, monkeypatch):
+def test_ui_command_builds_the_page_and_binds_loopback_by_default(
+    main, model_dir, monkeypatch, capsys
+):
     served = {}
 
     def fake_launch(app, *, host, port, block):
@@ -362,10 +395,21 @@ def test_ui_command_builds_the_page_and_binds_loopback_by_default(main, model_di
     )
     assert rc == 0
     assert served["host"] == "127.0.0.1" and served["port"] == 7999 and served["block"]
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:7999" in err and "warning" not in err
     assert served["app"]._queue.max_size == 16
     config = served["app"].get_config_file()
     frames = next(c for c in config["components"] if c["props"].get("elem_id") == "frames")
     assert [c[1] for c in frames["props"]["choices"]] == [1, 5]
+
+
+def test_ui_command_warns_when_serving_beyond_loopback(main, model_dir, monkeypatch, capsys):
+    served = {}
+    monkeypatch.setattr(ui_app, "launch", lambda app, **kw: served.update(kw))
+    argv = ["ui", "--model", str(model_dir), "--preset", STUDENT_PRESET, "--device", "cpu"]
+    assert main(argv + ["--host", "0.0.0.0", "--max-frames", "1"]) == 0
+    assert served["host"] == "0.0.0.0"
+    assert "warning: serving on 0.0.0.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             f"warning: serving on {args.host}: anyone who can reach it can run the model",
             file=sys.stderr,
         )
-    print(f"fastwan ui: http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
+    print(f"fastwan ui: http://{shown}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
     launch(app, host=args.host, port=args.port, block=True)
     return 0
