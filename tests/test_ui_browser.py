@@ -10,6 +10,7 @@ installed; ``.ci/run`` installs them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import socket
@@ -44,8 +45,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_loopback(address) -> bool:
+    host = str(address[0])
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def outside_connections():
+    """Addresses beyond loopback that this process (the server) connected to."""
+    seen = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def record(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address):
+            seen.append(address)
+
+    def connect(sock, address):
+        record(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        record(sock, address)
+        return real_connect_ex(sock, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        yield seen
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, outside_connections):
     model_dir = build_tiny_wan(tmp_path_factory.mktemp("ui-browser") / "tiny", gates="fastvideo")
 
     def loader(preset):
@@ -105,23 +140,28 @@ def requested_urls(driver) -> set[str]:
     return urls
 
 
+def click(wait: WebDriverWait, css: str) -> None:
+    """Click once the element is there and clickable (Gradio renders the page in steps)."""
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, css))).click()
+
+
 def status_text(driver) -> str:
     return driver.find_element(By.CSS_SELECTOR, "#status").text
 
 
 def test_type_a_prompt_click_generate_and_get_a_playable_video(
-    server, browser, tmp_path, tmp_path_factory
+    server, browser, outside_connections, tmp_path, tmp_path_factory
 ):
     wait = WebDriverWait(browser, 45)
     browser.get(server)
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
 
     # An empty prompt is refused in the page, and the page keeps working afterwards.
-    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    click(wait, "#generate")
     wait.until(lambda d: "prompt is empty" in status_text(d))
 
     prompt.send_keys(PROMPT)
-    browser.find_element(By.CSS_SELECTOR, "#frames input").click()
+    click(wait, "#frames input")
     option = wait.until(
         EC.element_to_be_clickable(
             (By.CSS_SELECTOR, f"#frames li[role='option'][aria-label='{FRAMES}']")
@@ -133,7 +173,7 @@ def test_type_a_prompt_click_generate_and_get_a_playable_video(
             d.find_element(By.CSS_SELECTOR, "#frames input").get_attribute("value") == str(FRAMES)
         )
     )
-    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    click(wait, "#generate")
     video = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#video video[src]")))
     wait.until(lambda d: "Generated" in status_text(d))
     assert f"Generated {FRAMES} frames" in status_text(browser)
@@ -161,6 +201,7 @@ def test_type_a_prompt_click_generate_and_get_a_playable_video(
     assert any(u.startswith(server) for u in urls)
     elsewhere = sorted(u for u in urls if not u.startswith((server, "data:", "blob:")))
     assert not elsewhere, elsewhere
+    assert not outside_connections  # nor did the server (analytics, version checks)
 
     artifacts = tmp_path_factory.getbasetemp() / "artifacts"
     artifacts.mkdir(exist_ok=True)
@@ -175,22 +216,29 @@ def test_compare_shows_teacher_and_student_side_by_side_with_the_speedup(server,
     browser.get(server)
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
     prompt.send_keys(PROMPT)
-    tab = next(
-        b
-        for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']")
-        if "Compare" in b.text
+    tab = wait.until(
+        lambda d: next(
+            (
+                b
+                for b in d.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+                if "Compare" in b.text
+            ),
+            False,
+        )
     )
     tab.click()
     steps = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#teacher-steps input")))
     steps.clear()
     steps.send_keys("4")
-    browser.find_element(By.CSS_SELECTOR, "#compare").click()
+    click(wait, "#compare")
     wait.until(lambda d: "Speedup" in d.find_element(By.CSS_SELECTOR, "#compare-timings").text)
     table = browser.find_element(By.CSS_SELECTOR, "#compare-timings").text
     assert "teacher (dense, 4 steps, CFG 5)" in table and "student (VSA 0.8, 3 DMD steps)" in table
     sources = []
     for elem_id in ("teacher-video", "student-video"):
-        video = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} video[src]")
+        video = wait.until(
+            EC.presence_of_element_located((By.CSS_SELECTOR, f"#{elem_id} video[src]"))
+        )
         wait.until(lambda d, v=video: d.execute_script("return arguments[0].readyState", v) >= 1)
         sources.append(video.get_attribute("src"))
     assert sources[0] != sources[1] and all(src.startswith(server) for src in sources)
