@@ -404,12 +404,21 @@ def test_ui_command_builds_the_page_and_binds_loopback_by_default(
 
 
 def test_ui_command_warns_when_serving_beyond_loopback(main, model_dir, monkeypatch, capsys):
-    served = {}
+    served, loads = {}, []
     monkeypatch.setattr(ui_app, "launch", lambda app, **kw: served.update(kw))
+    original = VideoGenerator.from_pretrained
+
+    def from_pretrained(source, **kwargs):
+        loads.append(kwargs)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(VideoGenerator, "from_pretrained", staticmethod(from_pretrained))
     argv = ["ui", "--model", str(model_dir), "--preset", STUDENT_PRESET, "--device", "cpu"]
-    assert main(argv + ["--host", "0.0.0.0", "--max-frames", "1"]) == 0
+    assert main(argv + ["--host", "0.0.0.0", "--max-frames", "1", "--cpu-offload"]) == 0
     assert served["host"] == "0.0.0.0"
     assert "warning: serving on 0.0.0.0" in capsys.readouterr().err
+    # The model flags reach the loader (the student only: no teacher without --teacher).
+    assert len(loads) == 1 and loads[0]["cpu_offload"] and loads[0]["preset"] == STUDENT_PRESET
 
 
 @pytest.mark.parametrize(

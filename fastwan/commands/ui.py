@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
     p.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep the models on the CPU and move each component to the GPU for its stage "
+        "(a teacher and a student that do not fit side by side)",
+    )
+    p.add_argument(
         "--max-sequence-length", type=int, default=None, help="default: the model's text length"
     )
     p.set_defaults(func=run)
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 backend=args.vsa_backend,
                 device=args.device,
                 dtype=args.dtype,
+                cpu_offload=args.cpu_offload,
             )
 
         return load
