@@ -285,6 +285,25 @@ def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
     assert all(r[3].startswith("Generated") for r in results)
 
 
+def test_close_removes_the_videos_and_a_temporary_folder(ui, tmp_path):
+    kept = FastWanUI(
+        LazyModel.ready("student", ui.student_model),
+        max_frames=1,
+        max_pixels=MAX_PIXELS,
+        max_sequence_length=16,
+        output_dir=tmp_path / "mine",
+    )
+    other = tmp_path / "mine" / "notes.txt"
+    other.write_text("not a video of the UI")
+    path = kept.generate(*gen_args(num_frames=1)).path
+    kept.close()
+    assert not path.exists() and other.exists()  # a folder given is the user's: kept
+    temp = FastWanUI(LazyModel.ready("student", ui.student_model), max_frames=1)
+    assert temp.output_dir.is_dir()
+    temp.close()
+    assert not temp.output_dir.exists()
+
+
 def test_random_seed_draws_valid_varied_seeds(ui):
     seeds = {ui.random_seed() for _ in range(20)}
     assert len(seeds) > 15 and all(0 <= s <= ui_app.MAX_SEED for s in seeds)

@@ -172,5 +172,8 @@ def run(args: argparse.Namespace) -> int:
         )
     shown = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(f"fastwan ui: http://{shown}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
-    launch(app, host=args.host, port=args.port, block=True)
+    try:
+        launch(app, host=args.host, port=args.port, block=True)  # until Ctrl+C
+    finally:
+        ui.close()
     return 0

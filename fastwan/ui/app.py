@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -327,6 +328,7 @@ class FastWanUI:
         )
         self.vsa_backend = vsa_backend
         self.max_sequence_length = max_sequence_length
+        self._own_dir = output_dir is None  # a temporary folder of ours: removed by close()
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fastwan-ui-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.keep_videos = keep_videos
@@ -346,6 +348,14 @@ class FastWanUI:
         attn = self.student_model.attention
         sparsity = attn["sparsity"] if attn["mode"] == "vsa" else self.student_model.preset.sparsity
         return attn["mode"], float(sparsity)
+
+    def close(self) -> None:
+        """Delete the videos written (and the output folder when it is a temporary one)."""
+        with self._lock:
+            while self._written:
+                self._written.popleft().unlink(missing_ok=True)
+            if self._own_dir:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
 
     def random_seed(self) -> int:
         return int(torch.randint(0, MAX_SEED + 1, (1,), generator=self._seed_rng))
