@@ -193,7 +193,7 @@ class VideoResult:
     width: int
     num_frames: int
     fps: int
-    setup: str  # e.g. "VSA 0.8, 3 steps"
+    setup: str  # e.g. "VSA 0.8, 3 DMD steps"
 
 
 @dataclass(frozen=True)
