@@ -112,7 +112,7 @@ def validate_layout(
         raise ValueError(
             f"parallel.world_size is {p.world_size} but {have} process(es) are running; "
             f"launch with `torchrun --nproc_per_node={p.world_size} ...` (or across nodes, "
-            f"scripts/*.slurm) or set --parallel.world_size={have} with "
+            f"scripts/slurm/) or set --parallel.world_size={have} with "
             f"parallel.replicate x shard x sequence_parallel = {have}"
         )
     if num_heads is not None and num_heads % p.sequence_parallel:
