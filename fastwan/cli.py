@@ -12,6 +12,7 @@ import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
+    "fastwan.commands.demo",
     "fastwan.commands.generate",
     "fastwan.commands.preprocess",
     "fastwan.commands.synthesize",

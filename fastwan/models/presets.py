@@ -126,9 +126,11 @@ _WAN22_5B = dict(
 )
 # The toy world's tiny Wan (fastwan/toy): 32 x 32 pixels folded 4 x 4 into 48 channels,
 # 8 frames, 2 x 2 patches -> an 8 x 4 x 4 token grid, 16 VSA tiles of 2 x 2 x 2 tokens.
+# A token carries 48 x 2 x 2 = 192 values: the width (256) must exceed that, or the
+# noise outside the output projection's span is never removed by sampling.
 _TOY = dict(
-    dim=128,
-    num_layers=6,
+    dim=256,
+    num_layers=4,
     in_channels=48,
     num_heads=4,
     ffn_dim=512,

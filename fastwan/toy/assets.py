@@ -77,7 +77,7 @@ def _text_encoder(vocab_size: int):
 
 
 def toy_transformer_config() -> dict:
-    """``WanTransformer3DModel`` config of the toy preset (dim 128, 6 layers, 4 heads)."""
+    """``WanTransformer3DModel`` config of the toy preset (dim 256, 4 layers, 4 heads)."""
     config = transformer_config(get_preset("toy-teacher"))
     config.update(text_dim=TEXT_DIM, freq_dim=64, rope_max_seq_len=64)
     return config

@@ -80,6 +80,12 @@ def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, in
     for name, value in (("height", d.height), ("width", d.width)):
         if value % ss:
             raise ValueError(f"data.{name} {value} must be a multiple of the VAE stride {ss}")
+    if (d.num_frames - 1) % st:
+        lo = (d.num_frames - 1) // st * st + 1
+        raise ValueError(
+            f"data.num_frames {d.num_frames} must be 1 + a multiple of the VAE's temporal "
+            f"factor {st}; e.g. {lo} or {lo + st}"
+        )
     channels = int(transformer.get("in_channels", vae.get("z_dim", 16)))
     return channels, (d.num_frames - 1) // st + 1, d.height // ss, d.width // ss
 
