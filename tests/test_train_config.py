@@ -241,6 +241,7 @@ def test_malformed_overrides():
         ("parallel.shard=3", "parallel.replicate", "must equal world_size"),
         ("parallel.activation_checkpointing=some", "parallel.activation_checkpointing", "full"),
         ("data.num_frames=0", "data.num_frames", ">= 1"),
+        ("parallel.cpu_offload=maybe", "parallel.cpu_offload", "true or false"),
         ("data.height=450", "data.height", "multiple of 16"),
         ("data.cfg_dropout=1", "data.cfg_dropout", "[0, 1)"),
         ("model.teacher=", "model.teacher", "Diffusers folder"),
@@ -350,3 +351,15 @@ def test_config_import_is_light():
         "assert 'torch' not in sys.modules, 'config imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_cpu_offload_needs_more_than_one_process():
+    assert load_recipe(R13, ["parallel.cpu_offload=true"]).parallel.cpu_offload
+    one = [
+        "parallel.world_size=1",
+        "parallel.replicate=1",
+        "train.global_batch_size=2",
+        "parallel.cpu_offload=true",
+    ]
+    with pytest.raises(ValueError, match=r"parallel.cpu_offload: .*world_size > 1"):
+        load_recipe(R13, one)

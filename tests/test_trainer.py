@@ -265,6 +265,15 @@ def test_flow_vsa_follows_sparsity_schedule(wan_path):
     assert get_attention(method.model)["sparsity"] == 0.5
 
 
+def test_method_device_is_the_compute_device_under_cpu_offload(wan_path):
+    # FSDP CPU offload keeps parameters on the CPU: the method must still compute (and draw
+    # noise) on the device parallelize_method sets, not where the parameters live.
+    method = FlowMethod(_teacher(wan_path), _vsa())
+    assert method.device == torch.device("cpu")
+    method.compute_device = torch.device("meta")
+    assert method.device == torch.device("meta")
+
+
 def test_simulate_rollout_on_text_only_batches(wan_path, tmp_path):
     recipe = _recipe("dmd", tmp_path, steps=2)
     recipe.dmd.rollout = "simulate"

@@ -129,13 +129,22 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
             from fastwan.distributed.sequence_parallel import enable_sequence_parallel
 
             enable_sequence_parallel(net, state.sp_group)
-        shard_transformer(net, state, mixed_precision=mixed, trainable=is_trainable)
+        shard_transformer(
+            net,
+            state,
+            mixed_precision=mixed,
+            cpu_offload=parallel.cpu_offload,
+            trainable=is_trainable,
+        )
         if state.sp_size > 1:
             for module in net.modules():  # every FSDP unit reduces its own gradients
                 if isinstance(module, FSDPModule):
                     module.set_gradient_divide_factor(float(state.dp_size))
                     if state.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                         module.set_force_sum_reduction_for_comms(True)
+    if parallel.cpu_offload:
+        # Offloaded shards live on the CPU; the method must still compute on the device.
+        method.compute_device = state.device  # type: ignore[attr-defined]
 
 
 def reshard(net: nn.Module) -> None:

@@ -103,6 +103,7 @@ class DMDMethod:
         self.dmd = dmd
         self.vsa = vsa
         self.expand_timesteps = bool(expand_timesteps)
+        self.compute_device: torch.device | None = None  # set under FSDP CPU offload
         self.negative = self._negative(negative_embedding, negative_mask)  # [1, L, dim]
         if latent_shape is not None:
             latent_shape = tuple(latent_shape)
@@ -162,6 +163,10 @@ class DMDMethod:
     # ------------------------------------------------------------------ interface
     @property
     def device(self) -> torch.device:
+        """Where the method computes: ``compute_device`` when set (FSDP CPU offload keeps
+        the parameters on the CPU), else the device of the trained network."""
+        if self.compute_device is not None:
+            return self.compute_device
         return _param_device(self.student)
 
     def networks(self) -> dict[str, nn.Module]:

@@ -162,6 +162,7 @@ class FlowMethod:
         self.model = transformer
         self.vsa = vsa
         self.expand_timesteps = bool(expand_timesteps)
+        self.compute_device: torch.device | None = None  # set under FSDP CPU offload
         self.flow_shift = float(flow_shift)
         self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
         self.model.requires_grad_(True)
@@ -171,6 +172,10 @@ class FlowMethod:
 
     @property
     def device(self) -> torch.device:
+        """Where the method computes: ``compute_device`` when set (FSDP CPU offload keeps
+        the parameters on the CPU), else the device of the trained network."""
+        if self.compute_device is not None:
+            return self.compute_device
         return _param_device(self.model)
 
     def networks(self) -> dict[str, nn.Module]:

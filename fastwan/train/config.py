@@ -531,11 +531,21 @@ class ParallelConfig:
     shard: int = 1
     sequence_parallel: int = 1
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded states in host memory
 
     def __post_init__(self) -> None:
         for name in ("world_size", "replicate", "shard", "sequence_parallel"):
             _check_int(self, name, 1)
         _check_choice(self, "activation_checkpointing", ("none", "full", "selective"))
+        if not isinstance(self.cpu_offload, bool):
+            _fail(self, "cpu_offload", f"must be true or false, got {self.cpu_offload!r}")
+        if self.cpu_offload and self.world_size == 1:
+            _fail(
+                self,
+                "cpu_offload",
+                "offloads FSDP shards and needs world_size > 1; set cpu_offload: false for "
+                "a one-process run",
+            )
         product = self.replicate * self.shard * self.sequence_parallel
         if product != self.world_size:
             other = self.shard * self.sequence_parallel
