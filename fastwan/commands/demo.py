@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_run_prompts)
+    p = sub.add_parser("ship", help="copy an exported teacher/student into fastwan's weights")
+    p.add_argument("model", help="an exported toy folder (fastwan export ... --out DIR)")
+    p.add_argument("--role", required=True, choices=("teacher", "student"))
+    p.set_defaults(func=_run_ship)
     p = sub.add_parser("probe", help="train the attribute probe on rendered clips")
     p.add_argument("--out", required=True, help="safetensors file to write")
     p.add_argument("--steps", type=int, default=1500)
@@ -108,4 +112,11 @@ def _run_probe(args: argparse.Namespace) -> int:
 
     accuracy = train_probe(args.out, steps=args.steps, seed=args.seed)
     print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    return 0
+
+
+def _run_ship(args: argparse.Namespace) -> int:
+    from fastwan.toy.assets import ship_model
+
+    print(f"shipped {args.model} as {ship_model(args.model, args.role)}")
     return 0

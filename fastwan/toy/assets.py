@@ -23,6 +23,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "build_toy_pipeline",
     "latent_stats",
+    "ship_model",
     "toy_model_path",
     "toy_tokenizer",
     "toy_transformer_config",
@@ -137,6 +138,31 @@ def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
+
+
+def ship_model(src: str | Path, role: str, *, dest_root: str | Path | None = None) -> Path:
+    """Copy an exported toy folder to ``weights/toy-<role>`` with the transformer's weights
+    stored in float16 (half the bytes; loading casts back to the requested dtype)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    src = Path(src)
+    if not (src / "model_index.json").is_file():
+        raise ValueError(f"{str(src)!r} is not a pipeline folder (no model_index.json)")
+    dest = Path(dest_root if dest_root is not None else WEIGHTS_DIR) / f"toy-{role}"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    weights = tmp / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(half, str(weights), metadata={"format": "pt"})
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 def _diffusers_version() -> str:

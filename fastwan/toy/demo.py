@@ -372,6 +372,7 @@ def _live_distill(settings: DemoSettings) -> tuple[list[dict], dict]:
             f"train.micro_batch_size={settings.live_batch}",
             f"train.global_batch_size={settings.live_batch}",
             "train.ema_decay=null",
+            "train.ema_start_step=0",
             "train.checkpoint_interval=0",
             f"train.log_interval={max(1, settings.live_steps // 10)}",
             f"train.seed={settings.seed}",

@@ -171,11 +171,12 @@ def render_clip(combo: Combo, seed: int) -> np.ndarray:
     margin = 1.2 * r + 0.5
 
     def start(v: int) -> float:
-        if v > 0:
-            return rng.uniform(margin, SIZE - margin - travel)
-        if v < 0:
-            return rng.uniform(margin + travel, SIZE - margin)
-        return rng.uniform(margin, SIZE - margin)
+        # Objects enter from the side they move away from, near the middle of the other
+        # axis, with a few pixels of jitter: a small model learns where things are, and
+        # seeds still vary size, speed, place and tint.
+        centre = SIZE / 2 - v * travel / 2
+        jitter = 2.0 if v else 3.0
+        return float(np.clip(centre + rng.uniform(-jitter, jitter), margin, SIZE - margin))
 
     x0, y0 = start(vx), start(vy)
     color = np.clip(np.array(_RGB[combo.color]) + rng.uniform(-0.04, 0.04, 3), 0, 1)
