@@ -20,36 +20,21 @@ _WORDS = (
     "over under of and with sky field water road car ball tree house video walking slowly "
     "fast bright dark low quality static blurry"
 ).split()
-_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 TEXT_DIM = 32  # UMT5 d_model == the transformer's text_dim
 MAX_TEXT_LEN = 16  # a short text context keeps cross-attention cheap
 
 
 def tiny_tokenizer():
-    from transformers import T5Tokenizer
+    from fastwan.toy.assets import word_tokenizer
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(_WORDS)]
-    vocab += [("\u2581", -60.0)] + [(c, -80.0) for c in _LETTERS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_TEXT_LEN)
+    return word_tokenizer(list(_WORDS), MAX_TEXT_LEN)
 
 
 def tiny_text_encoder(vocab_size: int):
-    from transformers import UMT5Config, UMT5EncoderModel
+    from fastwan.toy.assets import tiny_umt5
 
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        dropout_rate=0.0,
-    )
-    return UMT5EncoderModel(config).eval()
+    return tiny_umt5(vocab_size, TEXT_DIM, d_kv=8, d_ff=64)
 
 
 def tiny_transformer_config(variant: str = "wan2.1", num_layers: int = 2) -> dict:

@@ -25,7 +25,9 @@ __all__ = [
     "latent_stats",
     "ship_model",
     "toy_model_path",
+    "tiny_umt5",
     "toy_tokenizer",
+    "word_tokenizer",
     "toy_transformer_config",
 ]
 
@@ -48,26 +50,26 @@ def toy_model_path(name: str) -> Path:
     return path
 
 
-def toy_tokenizer():
-    """A T5-style unigram tokenizer whose pieces are the grammar's words (letters as a
+def word_tokenizer(words: list[str], model_max_length: int):
+    """A T5-style unigram tokenizer whose pieces are whole ``words`` (letters as a
     fallback, so any text tokenises); ``<pad>`` is id 0 as the Wan pipeline expects."""
     from transformers import T5Tokenizer
 
-    text_length = get_preset("toy-teacher").text_length
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(world.grammar_words())]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(words)]
     vocab += [("\u2581", -60.0)] + [(c, -80.0) for c in _LETTERS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=text_length)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _text_encoder(vocab_size: int):
+def tiny_umt5(vocab_size: int, d_model: int, *, d_kv: int, d_ff: int):
+    """A 2-layer, 4-head ``UMT5EncoderModel`` with random weights (eval mode)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     config = UMT5Config(
         vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=128,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
@@ -75,6 +77,11 @@ def _text_encoder(vocab_size: int):
         dropout_rate=0.0,
     )
     return UMT5EncoderModel(config).eval()
+
+
+def toy_tokenizer():
+    """The toy world's tokenizer: the grammar's words, the toy preset's text length."""
+    return word_tokenizer(world.grammar_words(), get_preset("toy-teacher").text_length)
 
 
 def toy_transformer_config() -> dict:
@@ -114,7 +121,7 @@ def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # module constructors draw from the global generator
         tokenizer = toy_tokenizer()
-        text_encoder = _text_encoder(len(tokenizer))
+        text_encoder = tiny_umt5(len(tokenizer), TEXT_DIM, d_kv=16, d_ff=128)
         transformer = WanTransformer3DModel(**toy_transformer_config()).eval()
     vae = ToyPixelVAE(scale_factor_spatial=preset.vae_stride[1], latents_mean=mean, latents_std=std)
     scheduler = UniPCMultistepScheduler(
