@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM
-from torch.utils.data import Dataset
+from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, RandomSamples, collate_tensors
 
 from fastwan.data.sampler import DistributedSampler, ResumableLoader
 from fastwan.distributed.mesh import data_parallel_seed
@@ -79,38 +78,12 @@ def spawn(fn: Callable, world: int, *args: Any) -> None:
 # ------------------------------------------------------------------------ tiny setup
 
 
-class RandomSamples(Dataset):
-    """Random latents and text embeddings, keyed like LatentDataset (``(index, epoch)``)."""
-
-    def __init__(self, n: int = NUM_SAMPLES, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.latents = torch.randn(n, *LATENT, generator=g)  # [N, C, T, H, W]
-        self.text = torch.randn(n, MAX_TEXT_LEN, TEXT_DIM, generator=g)  # [N, L, dim]
-        lengths = torch.randint(3, MAX_TEXT_LEN + 1, (n,), generator=g)  # [N]
-        self.mask = torch.arange(MAX_TEXT_LEN)[None] < lengths[:, None]  # [N, L]
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key
-        return {
-            "latents": self.latents[i],
-            "text_embedding": self.text[i],
-            "text_mask": self.mask[i],
-        }
-
-
-def _collate(samples):
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
 def rank_loader(dp_rank: int, dp_size: int) -> ResumableLoader:
-    ds = RandomSamples()
+    ds = RandomSamples(NUM_SAMPLES, latent=LATENT)
     sampler = DistributedSampler(
         len(ds), batch_size=1, dp_rank=dp_rank, dp_size=dp_size, seed=DATA_SEED
     )
-    return ResumableLoader(ds, sampler, collate_fn=_collate)
+    return ResumableLoader(ds, sampler, collate_fn=collate_tensors)
 
 
 def tiny_recipe(

@@ -162,3 +162,63 @@ def add_fastvideo_gates(transformer_dir: str | Path, seed: int = 1) -> dict[str,
     state.update(added)
     save_file(state, file, metadata={"format": "pt"})
     return added
+
+
+# ----------------------------------------------------------------- random training data
+
+TINY_LATENT = (16, 2, 8, 8)  # C, T, H, W of a 5 x 64 x 64 clip: a (2, 4, 4) token grid
+
+
+def write_random_video_shard(root: str | Path, *, latent=TINY_LATENT, n: int = 4) -> Path:
+    """One parquet ``video`` shard of ``n`` random latents and prompt embeddings (of
+    ``3 + i`` tokens) under ``root``; returns ``root``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastwan.data.schema import arrow_schema, video_row
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    rows = [
+        video_row(
+            id=f"clip_{i}",
+            latent=rng.standard_normal(latent).astype(np.float32),
+            text_embedding=rng.standard_normal((3 + i, TEXT_DIM)).astype(np.float32),
+            caption=f"caption {i}",
+            file_name=f"clip_{i}.mp4",
+            width=64,
+            height=64,
+            num_frames=5,
+            fps=16.0,
+        )
+        for i in range(n)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema("video")), root / "s.parquet")
+    return root
+
+
+class RandomSamples(torch.utils.data.Dataset):
+    """Random latents and text embeddings; keys are ``(index, epoch)`` like LatentDataset's."""
+
+    def __init__(self, n: int, seed: int = 0, latent=TINY_LATENT):
+        g = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(n, *latent, generator=g)  # [N, C, T, H, W]
+        self.text = torch.randn(n, MAX_TEXT_LEN, TEXT_DIM, generator=g)  # [N, L, dim]
+        lengths = torch.randint(3, MAX_TEXT_LEN + 1, (n,), generator=g)  # [N]
+        self.mask = torch.arange(MAX_TEXT_LEN)[None] < lengths[:, None]  # [N, L]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return {
+            "latents": self.latents[i],
+            "text_embedding": self.text[i],
+            "text_mask": self.mask[i],
+        }
+
+
+def collate_tensors(samples):
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

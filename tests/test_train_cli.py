@@ -8,14 +8,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from _tiny_wan import TEXT_DIM, build_tiny_wan
+from _tiny_wan import build_tiny_wan, write_random_video_shard
 from safetensors.torch import load_file
-
-from fastwan.data.schema import arrow_schema, video_row
 
 LATENT = (16, 2, 8, 8)
 
@@ -27,24 +23,7 @@ def wan_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    rows = [
-        video_row(
-            id=f"clip_{i}",
-            latent=rng.standard_normal(LATENT).astype(np.float32),
-            text_embedding=rng.standard_normal((3 + i, TEXT_DIM)).astype(np.float32),
-            caption=f"caption {i}",
-            file_name=f"clip_{i}.mp4",
-            width=64,
-            height=64,
-            num_frames=5,
-            fps=16.0,
-        )
-        for i in range(4)
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema("video")), root / "s.parquet")
-    return root
+    return write_random_video_shard(tmp_path_factory.mktemp("data"), latent=LATENT)
 
 
 def _main(argv: list[str]) -> int:

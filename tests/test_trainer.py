@@ -11,8 +11,7 @@ import copy
 
 import pytest
 import torch
-from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, build_tiny_wan
-from torch.utils.data import Dataset
+from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, RandomSamples, build_tiny_wan, collate_tensors
 
 from fastwan.data.sampler import DistributedSampler, ResumableLoader
 from fastwan.methods.dmd import DMDMethod
@@ -42,30 +41,11 @@ def _teacher(wan_path):
     return load_transformer(wan_path)
 
 
-class _RandomSamples(Dataset):
-    """Random latents and text embeddings; keys are ``(index, epoch)`` like LatentDataset's."""
-
-    def __init__(self, n: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.latents = torch.randn(n, *LATENT, generator=g)  # [N, C, T, H, W]
-        self.text = torch.randn(n, MAX_TEXT_LEN, TEXT_DIM, generator=g)  # [N, L, dim]
-        lengths = torch.randint(3, MAX_TEXT_LEN + 1, (n,), generator=g)  # [N]
-        self.mask = torch.arange(MAX_TEXT_LEN)[None] < lengths[:, None]  # [N, L]
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key
-        return {
-            "latents": self.latents[i],
-            "text_embedding": self.text[i],
-            "text_mask": self.mask[i],
-        }
+def _RandomSamples(n: int, seed: int = 0) -> RandomSamples:
+    return RandomSamples(n, seed, latent=LATENT)
 
 
-def _collate(samples):
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+_collate = collate_tensors
 
 
 def _loader(n: int = 6, micro: int = 1) -> ResumableLoader:
