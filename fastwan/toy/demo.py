@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class DemoSettings:
     teacher: str = "toy-teacher"
     student: str = "toy-student"
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def make(cls, out_dir: str | Path, *, quick: bool = False, **overrides: Any) -> DemoSettings:
@@ -235,8 +234,15 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     real_groups = [g for g in range(len(held_out)) for _ in range(settings.real_seeds_per_prompt)]
     real = real_clips(real_combos, seed=settings.seed + 777)
 
-    def score(clips: np.ndarray) -> dict[str, float]:
-        return score_clips(probe, clips, combos, groups, real, real_groups)
+    def row(model: str, steps: int, attention: str, seconds: float, clips: np.ndarray) -> dict:
+        scores = score_clips(probe, clips, combos, groups, real, real_groups)
+        return dict(
+            model=model,
+            steps=steps,
+            attention=attention,
+            sec_per_clip=seconds / len(prompts),
+            **scores,
+        )
 
     teacher = VideoGenerator.from_pretrained(settings.teacher, preset="toy-teacher", device="cpu")
     student = VideoGenerator.from_pretrained(settings.student, preset="toy-student", device="cpu")
@@ -248,25 +254,19 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     student.generate(prompts[:1], seed=0)
     t_clips, t_sec = _generate(teacher, prompts, settings.seed)
     s_clips, s_sec = _generate(student, prompts, settings.seed)
-    n = len(prompts)
-    t_row = dict(
-        model="teacher",
-        steps=p_t.num_inference_steps,
-        attention=f"dense, CFG {p_t.guidance_scale:g}",
-        sec_per_clip=t_sec / n,
-        **score(t_clips),
+    sparse = f"VSA {p_s.sparsity:g}"
+    t_row = row(
+        "teacher",
+        p_t.num_inference_steps,
+        f"dense, CFG {p_t.guidance_scale:g}",
+        t_sec,
+        t_clips,
     )
-    s_row = dict(
-        model="student (shipped)",
-        steps=len(p_s.timesteps),
-        attention=f"VSA {p_s.sparsity:g}",
-        sec_per_clip=s_sec / n,
-        **score(s_clips),
-    )
+    s_row = row("student (shipped)", len(p_s.timesteps), sparse, s_sec, s_clips)
     rows += [t_row, s_row]
     clips_by_model["teacher"] = t_clips
     clips_by_model["student"] = s_clips
-    log(f"      teacher {t_sec:.1f}s, student {s_sec:.2f}s for {n} clips")
+    log(f"      teacher {t_sec:.1f}s, student {s_sec:.2f}s for {len(prompts)} clips")
 
     # 2. Live sparse distillation from the teacher.
     history: list[dict] = []
@@ -280,26 +280,13 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
         )
         b_clips, b_sec = _generate(before, prompts, settings.seed)
         rows.append(
-            dict(
-                model="student before (teacher weights)",
-                steps=len(p_s.timesteps),
-                attention=f"VSA {p_s.sparsity:g}",
-                sec_per_clip=b_sec / n,
-                **score(b_clips),
-            )
+            row("student before (teacher weights)", len(p_s.timesteps), sparse, b_sec, b_clips)
         )
         history, live_state = _live_distill(settings)
         before.transformer.load_state_dict(live_state)
         a_clips, a_sec = _generate(before, prompts, settings.seed)
-        rows.append(
-            dict(
-                model=f"student after {settings.live_steps} live steps",
-                steps=len(p_s.timesteps),
-                attention=f"VSA {p_s.sparsity:g}",
-                sec_per_clip=a_sec / n,
-                **score(a_clips),
-            )
-        )
+        name = f"student after {settings.live_steps} live steps"
+        rows.append(row(name, len(p_s.timesteps), sparse, a_sec, a_clips))
         clips_by_model["live"] = a_clips
     else:
         log("[2/3] live distillation skipped (--live-steps 0)")
