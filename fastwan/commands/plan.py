@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastwan.commands.train import parse_trailing_overrides
+
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     # Not argparse-required: given after the recipe they arrive with the overrides.
@@ -61,14 +63,7 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
     for action in ("--gpu-memory-gb", "--overhead-gb"):
         options.add_argument(action, type=float, default=argparse.SUPPRESS)
     options.add_argument("--no-fail", action="store_true", default=argparse.SUPPRESS)
-    _, extra = options.parse_known_args(list(args.overrides), namespace=args)
-    bad = [x for x in extra if "=" not in x or not x.startswith("--")]
-    if bad:
-        raise ValueError(
-            f"unrecognised arguments {bad}; recipe overrides look like --section.key=VALUE "
-            "(e.g. --parallel.shard=8)"
-        )
-    return extra
+    return parse_trailing_overrides(options, args, "--parallel.shard=8")
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -74,19 +74,26 @@ def _add_train_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _split_overrides(args: argparse.Namespace) -> list[str]:
-    """Options given after the recipe land in ``args.overrides`` with the overrides: parse
-    them into ``args``; what is left must be ``--section.key=VALUE``."""
-    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    _add_train_options(options, args.method)
+def parse_trailing_overrides(
+    options: argparse.ArgumentParser, args: argparse.Namespace, example: str
+) -> list[str]:
+    """Options given after the recipe land in ``args.overrides`` with the recipe
+    overrides: parse those ``options`` knows into ``args`` and return the rest, which must
+    be ``--section.key=VALUE`` (``example`` shows one in the error)."""
     _, extra = options.parse_known_args(list(args.overrides), namespace=args)
     bad = [x for x in extra if "=" not in x or not x.startswith("--")]
     if bad:
         raise ValueError(
             f"unrecognised arguments {bad}; recipe overrides look like --section.key=VALUE "
-            "(e.g. --train.max_steps=10)"
+            f"(e.g. {example})"
         )
     return extra
+
+
+def _split_overrides(args: argparse.Namespace) -> list[str]:
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_train_options(options, args.method)
+    return parse_trailing_overrides(options, args, "--train.max_steps=10")
 
 
 def run_training(args: argparse.Namespace) -> int:
