@@ -7,6 +7,18 @@ import sys
 from pathlib import Path
 
 
+def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> None:
+    """Where and how a loaded model runs: VSA backend, device, dtype, CPU offload."""
+    p.add_argument(
+        "--vsa-backend",
+        default="auto",
+        choices=("auto", "torch", "triton", "flex", "reference"),
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
+    p.add_argument("--cpu-offload", action="store_true", help=cpu_offload_help)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
@@ -52,18 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first video; +1 per prompt")
     p.add_argument("--attention", choices=("vsa", "dense"), default=None)
     p.add_argument("--sparsity", type=float, default=None, help="VSA sparsity in [0, 1)")
-    p.add_argument(
-        "--vsa-backend",
-        default="auto",
-        choices=("auto", "torch", "triton", "flex", "reference"),
-    )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
-    p.add_argument(
-        "--cpu-offload",
-        action="store_true",
-        help="move each component to the GPU only for its stage",
-    )
+    add_runtime_arguments(p, "move each component to the GPU only for its stage")
     p.add_argument("--max-sequence-length", type=int, default=512)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)

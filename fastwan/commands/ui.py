@@ -7,6 +7,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from fastwan.commands.generate import add_runtime_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -44,17 +46,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
     p.add_argument("--examples", type=Path, default=None, help="example prompts, one a line")
-    p.add_argument(
-        "--vsa-backend",
-        default="auto",
-        choices=("auto", "torch", "triton", "flex", "reference"),
-    )
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
-    p.add_argument(
-        "--cpu-offload",
-        action="store_true",
-        help="keep the models on the CPU and move each component to the GPU for its stage "
+    add_runtime_arguments(
+        p,
+        "keep the models on the CPU and move each component to the GPU for its stage "
         "(a teacher and a student that do not fit side by side)",
     )
     p.add_argument(
