@@ -124,22 +124,24 @@ _WAN22_5B = dict(
     flow_shift=5.0,
     expand_timesteps=True,
 )
-# The toy world's tiny Wan (fastwan/toy): 32 x 32 pixels folded 4 x 4 into 48 channels,
-# 8 frames, 2 x 2 patches -> an 8 x 4 x 4 token grid, 16 VSA tiles of 2 x 2 x 2 tokens.
-# A token carries 48 x 2 x 2 = 192 values: the width (256) must exceed that, or the
-# noise outside the output projection's span is never removed by sampling.
+# The toy world's tiny Wan (fastwan/toy): 16 x 16 pixels folded 2 x 2 into 12 channels
+# plus 3 coordinate channels (ToyPixelVAE), 8 frames, 2 x 2 patches -> an 8 x 4 x 4 token
+# grid, 16 VSA tiles of 2 x 2 x 2 tokens.
+# A token carries 15 x 2 x 2 = 60 values (a 4 x 4 pixel block): the width must exceed
+# that, or the noise outside the output projection's span is never removed by sampling.
+# (An earlier 32 x 32 world with 192 values per token trained to noisy 4 x 4 blocks.)
 _TOY = dict(
     dim=256,
     num_layers=4,
-    in_channels=48,
+    in_channels=15,
     num_heads=4,
     ffn_dim=512,
-    flow_shift=3.0,
-    height=32,
-    width=32,
+    flow_shift=2.0,
+    height=16,
+    width=16,
     num_frames=8,
     fps=8,
-    vae_stride=(1, 4, 4),
+    vae_stride=(1, 2, 2),
     tile_size=(2, 2, 2),
     text_length=16,
     negative_prompt="",
@@ -185,7 +187,7 @@ PRESETS: dict[str, WanPreset] = {
             attention="dense",
             aliases=("fastwan2.2-ti2v-5b",),
         ),
-        WanPreset("toy-teacher", "", **_TOY, num_inference_steps=50, guidance_scale=4.0),
+        WanPreset("toy-teacher", "", **_TOY, num_inference_steps=50, guidance_scale=2.0),
         WanPreset(
             "toy-student",
             "",

@@ -33,6 +33,8 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TEXT_DIM = 64  # the toy UMT5's d_model = the transformer's text_dim
+COORD_CHANNELS = 3  # frame, row, column ramps in the latent (see ToyPixelVAE)
+COORD_GAIN = 5.0  # their std after normalisation (the pixel channels': 1)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -91,19 +93,31 @@ def toy_transformer_config() -> dict:
     return config
 
 
-def latent_stats(num_clips: int = 256, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the pixel VAE's latents over random training clips."""
+def toy_vae(latents_mean=None, latents_std=None):
+    """The toy world's pixel VAE (fold of the toy preset's stride, coordinate channels)."""
     from fastwan.toy.pixel_vae import ToyPixelVAE
 
+    return ToyPixelVAE(
+        scale_factor_spatial=get_preset("toy-teacher").vae_stride[1],
+        coord_channels=COORD_CHANNELS,
+        latents_mean=latents_mean,
+        latents_std=latents_std,
+    )
+
+
+def latent_stats(num_clips: int = 256, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixel VAE's latents over random training clips; the
+    coordinate channels' std is divided by ``COORD_GAIN`` so that, normalised, they stand
+    out of the noise earlier than the pixels do."""
     rng = np.random.default_rng(seed)
     combos = world.train_combos()
     picks = [combos[i] for i in rng.integers(0, len(combos), num_clips)]
     clips = world.render_batch(picks, rng.integers(0, 2**31, num_clips))  # [N, T, H, W, 3]
     x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1  # [N, 3, T, H, W]
-    z = ToyPixelVAE(scale_factor_spatial=get_preset("toy-teacher").vae_stride[1]).encode(x)
-    z = z.latent_dist.mean.double()  # [N, C, T, h, w]
+    z = toy_vae().encode(x).latent_dist.mean.double()  # [N, C, T, h, w]
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4))
+    std[std.shape[0] - COORD_CHANNELS :] /= COORD_GAIN
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 
@@ -111,8 +125,6 @@ def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     """Write a fresh toy Wan folder (random transformer and text encoder drawn from
     ``seed``) to ``path``: the starting point of the toy teacher's training."""
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-
-    from fastwan.toy.pixel_vae import ToyPixelVAE
 
     preset = get_preset("toy-teacher")
     path = Path(path)
@@ -123,7 +135,7 @@ def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
         tokenizer = toy_tokenizer()
         text_encoder = tiny_umt5(len(tokenizer), TEXT_DIM, d_kv=16, d_ff=128)
         transformer = WanTransformer3DModel(**toy_transformer_config()).eval()
-    vae = ToyPixelVAE(scale_factor_spatial=preset.vae_stride[1], latents_mean=mean, latents_std=std)
+    vae = toy_vae(mean, std)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=preset.flow_shift
     )

@@ -26,7 +26,7 @@ import torch
 
 from fastwan.toy import world
 
-__all__ = ["DemoSettings", "run_demo", "format_table", "TABLE_COLUMNS"]
+__all__ = ["DemoSettings", "GOALS", "check_goals", "run_demo", "format_table", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = (
     "model",
@@ -38,7 +38,35 @@ TABLE_COLUMNS = (
     "frechet",
     "diversity",
 )
-_UPSCALE = 4  # pixels per toy pixel in the written clips
+_UPSCALE = 8  # pixels per toy pixel in the written clips
+
+# The toy world's quality and speed bars (issue 7), checked on the shipped models.
+GOALS = {
+    "teacher_accuracy": 0.9,  # teacher mean attribute accuracy, at least
+    "student_accuracy_ratio": 0.95,  # student accuracy / teacher accuracy, at least
+    "student_frechet_ratio": 1.5,  # student Frechet distance / teacher's, at most
+    "student_diversity": 0.5,  # student within-prompt spread / real clips', at least
+    "student_speedup": 15.0,  # teacher seconds per clip / student's, at least
+}
+
+
+def check_goals(teacher: dict, student: dict) -> list[dict]:
+    """Each bar of :data:`GOALS` for a teacher row and a student row of the demo's table:
+    ``{"goal", "value", "target", "met"}`` (``target`` is a floor, or a ceiling for the
+    Frechet ratio)."""
+    values = {
+        "teacher_accuracy": teacher["accuracy"],
+        "student_accuracy_ratio": student["accuracy"] / max(teacher["accuracy"], 1e-12),
+        "student_frechet_ratio": student["frechet"] / max(teacher["frechet"], 1e-12),
+        "student_diversity": student["diversity"],
+        "student_speedup": teacher["sec_per_clip"] / student["sec_per_clip"],
+    }
+    out = []
+    for goal, target in GOALS.items():
+        value = float(values[goal])
+        met = value <= target if goal == "student_frechet_ratio" else value >= target
+        out.append({"goal": goal, "value": value, "target": target, "met": bool(met)})
+    return out
 
 
 @dataclass
@@ -314,6 +342,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
         },
         "held_out_prompts": sorted(set(prompts)),
         "rows": rows,
+        "goals": check_goals(t_row, s_row),
         "live_history": history,
         "files": {"videos": videos, "contact_sheet": "contact_sheet.png", "plots": "plots.png"},
         "seconds": time.perf_counter() - t_start,
@@ -321,6 +350,11 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     (out / "results.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
     log("")
     log(format_table(rows))
+    log("\nshipped models against the goals:")
+    for g in results["goals"]:
+        cmp = "<=" if g["goal"] == "student_frechet_ratio" else ">="
+        mark = "met" if g["met"] else "NOT met"
+        log(f"  {g['goal']:<24} {g['value']:8.3f}  (goal {cmp} {g['target']:g})  {mark}")
     log(f"\ndone in {results['seconds']:.0f}s; results in {out}")
     return results
 

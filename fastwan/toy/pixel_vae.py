@@ -1,7 +1,15 @@
 """The toy world's "VAE": pixels folded into channels, exactly invertible, no weights.
 
 ``encode`` folds each ``s x s`` pixel block of a ``[B, 3, T, H, W]`` video in [-1, 1] into
-channels (``[B, 3 s^2, T, H/s, W/s]``, a pixel unshuffle); ``decode`` unfolds it. It speaks
+channels (``[B, 3 s^2, T, H/s, W/s]``, a pixel unshuffle); ``decode`` unfolds it.
+
+With ``coord_channels=3`` the latent also carries three fixed coordinate channels (linear
+ramps over frame, row and column, in [-1, 1]) that ``decode`` drops. Wan's transformer
+has no absolute position embedding (RoPE is relative, the patch embedding has no
+padding), so from noise alone a token cannot tell where (or when) it is; real Wan learns
+that from edge effects at scale, a toy model in minutes does not: it then renders
+fragments that neither sit nor move where the prompt says. The ramps, denoised like any
+channel, tell each token its place as soon as the noise starts to clear. It speaks
 the part of diffusers' ``AutoencoderKLWan`` interface that fastwan uses (config fields
 ``z_dim``, ``scale_factor_spatial``, ``scale_factor_temporal``, ``latents_mean``,
 ``latents_std``; ``encode(x).latent_dist``; ``decode(z, return_dict=False)``), so the toy
@@ -56,18 +64,24 @@ class ToyPixelVAE(ModelMixin, ConfigMixin):
         latents_mean: list[float] | None = None,
         latents_std: list[float] | None = None,
         z_dim: int | None = None,
+        coord_channels: int = 0,
     ) -> None:
         super().__init__()
         if scale_factor_temporal != 1:
             raise ValueError("ToyPixelVAE keeps every frame: scale_factor_temporal must be 1")
         if scale_factor_spatial < 1:
             raise ValueError(f"scale_factor_spatial must be >= 1, got {scale_factor_spatial}")
-        if z_dim is not None and z_dim != in_channels * scale_factor_spatial**2:
+        if coord_channels not in (0, 3):
             raise ValueError(
-                f"z_dim must be in_channels x scale_factor_spatial^2 = "
-                f"{in_channels * scale_factor_spatial**2}, got {z_dim}"
+                f"coord_channels must be 0 (none) or 3 (frame, row, column), got {coord_channels}"
             )
-        z_dim = in_channels * scale_factor_spatial**2
+        want = in_channels * scale_factor_spatial**2 + coord_channels
+        if z_dim is not None and z_dim != want:
+            raise ValueError(
+                f"z_dim must be in_channels x scale_factor_spatial^2 + coord_channels = "
+                f"{want}, got {z_dim}"
+            )
+        z_dim = want
         self.register_to_config(z_dim=z_dim)
         for name, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
             if value is not None and len(value) != z_dim:
@@ -93,17 +107,27 @@ class ToyPixelVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"height {h} and width {w} must be multiples of {s}")
         z = x.reshape(b, c, t, h // s, s, w // s, s)
         z = z.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * s * s, t, h // s, w // s)
+        if self.config.coord_channels:
+            z = torch.cat([z, self.coordinates(b, t, h // s, w // s).to(z)], dim=1)
         out = _EncoderOutput(_Posterior(z))
         return out if return_dict else (out.latent_dist,)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True):
         """``[B, 3 s^2, T, h, w]`` -> ``[B, 3, T, h s, w s]``."""
         s = self.config.scale_factor_spatial
+        z = z[:, : z.shape[1] - self.config.coord_channels]  # the pixel channels
         b, cz, t, h, w = z.shape
         c = cz // (s * s)
         x = z.reshape(b, c, s, s, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
         x = x.reshape(b, c, t, h * s, w * s)
         return _DecoderOutput(x) if return_dict else (x,)
+
+    @staticmethod
+    def coordinates(b: int, t: int, h: int, w: int) -> torch.Tensor:
+        """The coordinate channels ``[b, 3, t, h, w]``: frame, row, column ramps in [-1, 1]."""
+        axes = [torch.linspace(-1, 1, n) if n > 1 else torch.zeros(1) for n in (t, h, w)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # [3, t, h, w]
+        return grid.expand(b, -1, -1, -1, -1)
 
     def enable_tiling(self) -> None:
         """Nothing to tile: kept for interface parity with ``AutoencoderKLWan``."""

@@ -35,20 +35,20 @@ class ToyProbe(nn.Module):
         # Strided convolutions, no pooling: cheap enough to train on a laptop CPU.
         self.body = nn.Sequential(
             nn.Conv3d(3, 16, (3, 4, 4), stride=(1, 2, 2), padding=1),
-            nn.ReLU(),  # [16, T, 16, 16]
+            nn.ReLU(),  # [16, T, S/2, S/2]
             nn.Conv3d(16, 32, (3, 4, 4), stride=2, padding=1),
-            nn.ReLU(),  # [32, T/2, 8, 8]
+            nn.ReLU(),  # [32, T/2, S/4, S/4]
             nn.Conv3d(32, 64, 3, stride=2, padding=1),
-            nn.ReLU(),  # [64, T/4, 4, 4]
+            nn.ReLU(),  # [64, T/4, S/8, S/8]
         )
         # Per-frame 2-D convolutions with a global max: translation-invariant shape cues.
         self.frames = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.ReLU(),  # [32, 16, 16]
+            nn.ReLU(),  # [32, S/2, S/2]
             nn.Conv2d(32, 32, 3, stride=2, padding=1),
-            nn.ReLU(),  # [32, 8, 8]
+            nn.ReLU(),  # [32, S/4, S/4]
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
@@ -123,10 +123,17 @@ def _augment(clips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
 
 
-def _batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+# The probe trains on twice the world's ranges of size, speed and place: generated clips
+# stray further than real ones, and the judge must read them fairly.
+TRAIN_SPREAD = 2.0
+
+
+def _batch(
+    rng: np.random.Generator, n: int, spread: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     combos = world.all_combos()
     picks = [combos[i] for i in rng.integers(0, len(combos), n)]
-    clips = world.render_batch(picks, rng.integers(0, 2**31, n))
+    clips = world.render_batch(picks, rng.integers(0, 2**31, n), spread=spread)
     return clips, np.array([c.labels() for c in picks])
 
 
@@ -163,7 +170,7 @@ def train_probe(
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="probe", unit="step", disable=not progress, file=sys.stderr)
     for _ in bar:
-        clips, labels = _batch(rng, batch_size)
+        clips, labels = _batch(rng, batch_size, spread=TRAIN_SPREAD)
         x = _augment(torch.from_numpy(clips), gen)
         y = torch.from_numpy(labels)
         logits = probe(x)
