@@ -192,11 +192,11 @@ def test_shipped_models_load_by_preset_name_with_their_sampling(shipped):
     assert size < 30 * 2**20  # everything shipped under fastwan/toy/weights
 
 
-def _held_out_generations(shipped):
+def _held_out_generations(shipped, seeds: int = 2):
     import time
 
     teacher, student = shipped
-    combos = sorted(world.HELD_OUT, key=world.canonical_prompt)
+    combos = [c for c in sorted(world.HELD_OUT, key=world.canonical_prompt) for _ in range(seeds)]
     prompts = [world.canonical_prompt(c) for c in combos]
     teacher.generate(prompts[:1], seed=0, num_inference_steps=2)  # warm-up
     student.generate(prompts[:1], seed=0)
@@ -215,24 +215,26 @@ def held_out(shipped):
 
 
 def test_shipped_student_is_much_faster_than_the_teacher(held_out):
-    _, t_frames, t_sec, s_frames, s_sec = held_out
-    assert t_frames.shape == s_frames.shape == (12, world.NUM_FRAMES, world.SIZE, world.SIZE, 3)
+    combos, t_frames, t_sec, s_frames, s_sec = held_out
+    shape = (len(combos), world.NUM_FRAMES, world.SIZE, world.SIZE, 3)
+    assert t_frames.shape == s_frames.shape == shape
     # 100 dense CFG forwards vs 3 sparse ones; the demo's goal is 15x, this bound leaves
     # room for a busy CPU
     assert t_sec / s_sec >= 10, (t_sec, s_sec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7: the shipped toy teacher does not yet reach 90% attribute accuracy "
-    "(it renders colour and background, not coherent shapes and motion); see the notes",
-)
-def test_shipped_models_meet_the_quality_bars(held_out):
+def test_shipped_teacher_meets_its_quality_bar(held_out):
+    combos, t_frames, _, _, _ = held_out
+    t_acc = attribute_accuracy(load_probe(), t_frames, combos)
+    assert t_acc["mean"] >= 0.9, t_acc
+    assert min(t_acc["color"], t_acc["direction"], t_acc["background"]) >= 0.9, t_acc
+
+
+def test_shipped_student_keeps_the_teachers_quality(held_out):
     combos, t_frames, _, s_frames, _ = held_out
     probe = load_probe()
     t_acc = attribute_accuracy(probe, t_frames, combos)["mean"]
     s_acc = attribute_accuracy(probe, s_frames, combos)["mean"]
-    assert t_acc >= 0.9, t_acc
     assert s_acc >= 0.95 * t_acc, (s_acc, t_acc)
 
 

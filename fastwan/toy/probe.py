@@ -128,9 +128,7 @@ def _augment(clips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 TRAIN_SPREAD = 2.0
 
 
-def _batch(
-    rng: np.random.Generator, n: int, spread: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
+def _batch(rng: np.random.Generator, n: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     combos = world.all_combos()
     picks = [combos[i] for i in rng.integers(0, len(combos), n)]
     clips = world.render_batch(picks, rng.integers(0, 2**31, n), spread=spread)
