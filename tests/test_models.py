@@ -72,7 +72,7 @@ def test_presets_cover_the_supported_models_with_their_defaults():
     }
     toy = get_preset("toy-student")  # the embedded toy world: weights ship with fastwan
     assert toy.bundled and toy.tile_size == (2, 2, 2) and toy.text_length == 16
-    assert toy.latent_shape() == (48, 8, 8, 8) and toy.few_step and toy.sparsity == 0.75
+    assert toy.latent_shape() == (15, 8, 8, 8) and toy.few_step and toy.sparsity == 0.75
     fast = get_preset("FastVideo/FastWan2.1-T2V-1.3B-Diffusers")  # a hub id works too
     assert fast.name == "fastwan2.1-t2v-1.3b"
     assert fast.timesteps == (1000, 757, 522) and fast.attention == "vsa"
