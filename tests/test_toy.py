@@ -286,6 +286,8 @@ def test_goals_are_floors_except_the_frechet_ceiling():
     assert set(result) == set(GOALS) and all(g["met"] for g in result.values())
     assert result["student_speedup"]["value"] == pytest.approx(20.0)
     assert result["student_accuracy_ratio"]["value"] == pytest.approx(0.90 / 0.92)
+    assert result["student_frechet_ratio"]["cmp"] == "<="
+    assert result["student_speedup"]["cmp"] == ">="
     bad = dict(accuracy=0.80, frechet=16.0, diversity=0.2, sec_per_clip=0.1)
     result = {g["goal"]: g["met"] for g in check_goals(dict(teacher, accuracy=0.85), bad)}
     assert not any(result.values())
