@@ -35,7 +35,7 @@ from _dist import (
     tiny_recipe,
     train_worker,
 )
-from _tiny_wan import build_tiny_wan
+from _tiny_wan import build_tiny_wan, write_random_video_shard
 from safetensors.torch import load_file
 
 from fastwan.data.sampler import DistributedSampler
@@ -184,34 +184,6 @@ def test_one_process_checkpoint_resumes_on_2_processes(runs):
     assert any(not torch.equal(moved[n], resumed["params"]["generator"][n]) for n in moved)
 
 
-def _parquet_data(root):
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from _tiny_wan import TEXT_DIM
-
-    from fastwan.data.schema import arrow_schema, video_row
-
-    rng = np.random.default_rng(0)
-    rows = [
-        video_row(
-            id=f"clip_{i}",
-            latent=rng.standard_normal((16, 2, 8, 8)).astype(np.float32),
-            text_embedding=rng.standard_normal((3 + i, TEXT_DIM)).astype(np.float32),
-            caption=f"caption {i}",
-            file_name=f"clip_{i}.mp4",
-            width=64,
-            height=64,
-            num_frames=5,
-            fps=16.0,
-        )
-        for i in range(8)
-    ]
-    root.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema("video")), root / "s.parquet")
-    return root
-
-
 def test_torchrun_distill_then_one_process_resume(wan_path, tmp_path, capsys):
     """The user's commands: `torchrun --nproc_per_node=2 -m fastwan.cli distill`, then
     `fastwan distill --resume latest` in one process with the mesh overridden."""
@@ -221,7 +193,8 @@ def test_torchrun_distill_then_one_process_resume(wan_path, tmp_path, capsys):
 
     from _dist import free_port
 
-    data = _parquet_data(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    data = write_random_video_shard(tmp_path / "data", n=8)
     out = tmp_path / "run"
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"""
