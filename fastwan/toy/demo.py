@@ -189,6 +189,7 @@ def _contact_sheet(path: Path, prompts: Sequence[str], columns: dict[str, np.nda
 def _plot(path: Path, rows: list[dict], history: list[dict]) -> None:
     """Loss curves of the live distillation and speed vs quality of every model."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     from fastwan.train.plots import loss_series
 
@@ -208,6 +209,10 @@ def _plot(path: Path, rows: list[dict], history: list[dict]) -> None:
         ax_sq.scatter(row["sec_per_clip"], row["accuracy"], s=40)
         ax_sq.annotate(row["model"], (row["sec_per_clip"], row["accuracy"]), fontsize=8)
     ax_sq.set_xscale("log")
+    # labels at 1-2-5 steps in plain seconds: matplotlib's default minor labels collide
+    ax_sq.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_sq.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax_sq.xaxis.set_minor_formatter(NullFormatter())
     ax_sq.set_xlabel("seconds per clip (log)")
     ax_sq.set_ylabel("mean attribute accuracy")
     ax_sq.set_title("speed vs quality (held-out prompts)")
