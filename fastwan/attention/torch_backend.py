@@ -7,6 +7,11 @@ exactly (as dense attention does) instead of going through ``exp(s - lse)``: an 
 rounded at ``|s| ~ 1e3`` scales a whole row of P by ``1 + 1e-4``, which the backward's
 ``dS = P (dP - rowsum(P dP))`` cancellation amplifies.
 
+Partial edge tiles cost nothing for their padding (a 480P Wan grid, 21 x 30 x 52 in 4^3
+tiles, is 18% padding): query tiles are grouped by valid count and only their valid rows
+are computed, and keys are gathered token by token (valid tokens only) instead of tile by
+tile. Grids that tile exactly keep the cheaper whole-tile gather.
+
 Chunks are small (cache-sized) and reuse preallocated buffers: on CPU, fresh large
 allocations cost page faults, and passes over cache-resident scores are cheap.
 
@@ -14,19 +19,33 @@ Layout (shared by every fine-stage backend):
   q_t, k_t, v_t: [B, H, N * slots, D] tiled (see ``tiling.TilePlan``)
   idx:           [B, H, N, k] int, selected key tiles per query tile
   counts:        [N] int32, valid tokens per tile (keys beyond are masked)
-  out:           [B, H, N * slots, D];  lse: [B, H, N * slots] float32
+  out:           [B, H, N * slots, D];  lse: [B, H, N * slots] (pad rows: 0)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+# Token-index tables are built for this many (row, key) pairs at a time.
+_INDEX_BLOCK = 2**20
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores and softmax in float32, or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Chunk:
+    rows: slice | torch.Tensor  # query-tile rows of the flattened [B * H * N] axis
+    n: int  # number of rows
+    q_len: int  # valid query tokens per row (same for every row of a chunk)
+    k_len: int  # gathered keys per row (the longest row's valid keys)
+    key_index: torch.Tensor  # whole-tile: [n * K] tile ids; token: [n * k_len] token ids
+    bias: torch.Tensor | None  # [n, 1, k_len] -inf past a row's keys, None when all equal
 
 
 class _Chunks:
@@ -39,58 +58,121 @@ class _Chunks:
         self.rows = B * H * self.N
         dev = q_t.device
         self.acc = _acc_dtype(q_t.dtype)
+        self.key_tile = idx.reshape(self.rows, self.K).long()  # [rows, K] in [0, N)
         # selected key tiles as rows of the flattened [B * H * N] tile axis
         bh_base = torch.arange(B * H, device=dev).repeat_interleave(self.N) * self.N
-        self.sel = idx.reshape(self.rows, self.K).long() + bh_base.view(-1, 1)  # [rows, K]
-        self.bias = None  # [N, slots] additive key mask, only when some tile is partial
-        if bool((counts < slots).any()):
-            ok = torch.arange(slots, device=dev).view(1, slots) < counts.view(-1, 1).long()
-            self.bias = torch.zeros(self.N, slots, device=dev, dtype=self.acc)
-            self.bias.masked_fill_(~ok, float("-inf"))
-            self.key_tile = idx.reshape(self.rows, self.K).long()  # [rows, K] in [0, N)
+        self.sel = self.key_tile + bh_base.view(-1, 1)  # [rows, K]
+        counts = counts.to(dev).long()
+        self.partial = bool((counts < slots).any())
         keys = self.K * slots
+        if self.partial:
+            self.counts = counts
+            self.slot = torch.arange(slots, device=dev)
+            q_len = counts.repeat(B * H)  # [rows]
+            k_len = counts[self.key_tile].sum(1)  # [rows] valid keys per row
+            # Group rows by query count; longest key rows first, so chunks pad little.
+            self.order = torch.argsort(q_len * (keys + 1) + k_len, descending=True, stable=True)
+            self.q_len = q_len[self.order].tolist()
+            self.k_len = k_len[self.order].tolist()
         esize = torch.finfo(self.acc).bits // 8
         per_row = esize * (n_score_bufs * slots * keys + n_kv_bufs * keys * D)
-        self.chunk = max(1, min(self.rows, chunk_bytes // max(per_row, 1)))
+        c = max(1, min(self.rows, chunk_bytes // max(per_row, 1)))
+        # A batched matmul splits its batch over threads: 3 rows on 2 threads idle one.
+        threads = torch.get_num_threads()
+        self.chunk = c - c % threads if c > threads else c
         c = self.chunk
         self.score_bufs = [
-            torch.empty(c, slots, keys, device=dev, dtype=self.acc) for _ in range(n_score_bufs)
+            torch.empty(c * slots * keys, device=dev, dtype=self.acc) for _ in range(n_score_bufs)
         ]
         self.kv_bufs = [
-            torch.empty(c * self.K, slots * D, device=dev, dtype=q_t.dtype)
-            for _ in range(n_kv_bufs)
+            torch.empty(c * keys, D, device=dev, dtype=q_t.dtype) for _ in range(n_kv_bufs)
         ]
         self.cast_bufs = (
-            [torch.empty(c, keys, D, device=dev, dtype=self.acc) for _ in range(n_kv_bufs)]
+            [torch.empty(c * keys, D, device=dev, dtype=self.acc) for _ in range(n_kv_bufs)]
             if q_t.dtype != self.acc
             else None
         )
 
     def __iter__(self):
-        for r0 in range(0, self.rows, self.chunk):
-            yield r0, min(self.rows, r0 + self.chunk)
+        if not self.partial:
+            for r0 in range(0, self.rows, self.chunk):
+                r1 = min(self.rows, r0 + self.chunk)
+                rows = slice(r0, r1)
+                keys = self.sel[rows].reshape(-1)
+                yield _Chunk(rows, r1 - r0, self.slots, self.K * self.slots, keys, None)
+            return
+        block = max(self.chunk, _INDEX_BLOCK // (self.K * self.slots))
+        for b0 in range(0, self.rows, block):
+            b1 = min(self.rows, b0 + block)
+            table = self._token_table(b0, b1)  # [b1 - b0, longest row]
+            r0 = b0
+            while r0 < b1:
+                q_len = self.q_len[r0]
+                r1 = r0 + 1
+                while r1 < min(b1, r0 + self.chunk) and self.q_len[r1] == q_len:
+                    r1 += 1
+                k_len = self.k_len[r0]  # rows are sorted: the first is the longest
+                keys = table[r0 - b0 : r1 - b0, :k_len]
+                bias = None
+                if self.k_len[r1 - 1] != k_len:
+                    lens = torch.tensor(self.k_len[r0:r1], device=keys.device)
+                    pad = torch.arange(k_len, device=keys.device) >= lens.view(-1, 1)
+                    bias = torch.zeros(r1 - r0, 1, k_len, device=keys.device, dtype=self.acc)
+                    bias.masked_fill_(pad.view(r1 - r0, 1, k_len), float("-inf"))
+                rows = self.order[r0:r1]
+                yield _Chunk(rows, r1 - r0, q_len, k_len, keys.reshape(-1), bias)
+                r0 = r1
 
-    def gather(self, x_tiles, r0, r1, i):
-        """Selected key tiles of rows r0:r1 -> [r1 - r0, K * slots, D] in the acc dtype."""
-        c = r1 - r0
-        buf = self.kv_bufs[i][: c * self.K]
-        torch.index_select(x_tiles, 0, self.sel[r0:r1].reshape(-1), out=buf)
-        out = buf.view(c, self.K * self.slots, self.D)
+    def _token_table(self, b0: int, b1: int) -> torch.Tensor:
+        """Valid key tokens of ordered rows b0:b1 as [b1 - b0, longest] token ids of the
+        flattened [B * H * N * slots] axis, each row's tokens first (pads point at token 0,
+        masked by the chunk's bias). Valid slots are a prefix of each tile."""
+        rows = self.order[b0:b1]
+        n, width = b1 - b0, max(self.k_len[b0:b1])
+        tok = self.sel[rows].unsqueeze(-1) * self.slots + self.slot  # [n, K, slots]
+        valid = (self.slot < self.counts[self.key_tile[rows]].unsqueeze(-1)).view(n, -1)
+        # row i's j-th valid token goes to column j; pads to a spare last column
+        col = valid.cumsum(1).sub_(1).masked_fill_(~valid, width)  # [n, K * slots]
+        table = torch.zeros(n, width + 1, dtype=torch.long, device=tok.device)
+        table.scatter_(1, col, tok.view(n, -1))
+        return table[:, :width]
+
+    def gather(self, x, ch: _Chunk, i: int) -> torch.Tensor:
+        """Selected keys of chunk ``ch`` from x ([rows * slots, D]) -> [n, k_len, D] in the
+        acc dtype."""
+        n, D = ch.n, self.D
+        buf = self.kv_bufs[i][: n * ch.k_len]
+        if self.partial:
+            torch.index_select(x, 0, ch.key_index, out=buf)
+        else:  # whole tiles: one contiguous [slots * D] row each
+            out_tiles = buf.view(n * self.K, self.slots * D)
+            torch.index_select(x.view(-1, self.slots * D), 0, ch.key_index, out=out_tiles)
+        out = buf.view(n, ch.k_len, D)
         if self.cast_bufs is None:
             return out
-        return self.cast_bufs[i][:c].copy_(out)
+        return self.cast_bufs[i][: n * ch.k_len].view(n, ch.k_len, D).copy_(out)
 
-    def softmax_(self, q_scaled, ks, r0, r1, with_lse: bool):
+    def scatter_add_(self, dx, src, ch: _Chunk) -> None:
+        """dx[selected keys of ch] += src ([n, k_len, D]); dx is [rows * slots, D]."""
+        if self.partial:
+            dx.index_add_(0, ch.key_index, src.view(-1, self.D))
+        else:  # [tiles, slots, D]: index_add_ over 3-D slices takes a faster CPU path
+            dx3 = dx.view(-1, self.slots, self.D)
+            dx3.index_add_(0, ch.key_index, src.view(-1, self.slots, self.D))
+
+    def scores(self, i: int, ch: _Chunk) -> torch.Tensor:
+        return self.score_bufs[i][: ch.n * ch.q_len * ch.k_len].view(ch.n, ch.q_len, ch.k_len)
+
+    def softmax_(self, q_scaled, ks, ch: _Chunk, with_lse: bool):
         """Exact row softmax of ``q_scaled @ ks^T`` (q pre-multiplied by the softmax scale),
-        in place in the score buffer.
+        in place in score buffer 0.
 
-        Returns P [c, slots, K * slots] and, if asked, the row log-sum-exp [c, slots]."""
-        s = self.score_bufs[0][: r1 - r0]
-        if self.bias is None:
+        Returns P [n, q_len, k_len] and, if asked, the row log-sum-exp [n, q_len]."""
+        s = self.scores(0, ch)
+        if ch.bias is None:
             torch.bmm(q_scaled, ks.transpose(1, 2), out=s)
         else:
-            kbias = self.bias[self.key_tile[r0:r1]].view(r1 - r0, 1, -1)
-            torch.baddbmm(kbias, q_scaled, ks.transpose(1, 2), out=s)
+            torch.baddbmm(ch.bias, q_scaled, ks.transpose(1, 2), out=s)
         if not with_lse:  # one fused kernel, in place (row-wise, so aliasing is safe)
             return torch.ops.aten._softmax.out(s, -1, False, out=s), None
         # lse = s_j - log p_j at the row's largest score, where p_j >= 1 / keys is precise.
@@ -109,19 +191,25 @@ def fine_forward(
     scale: float,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ch = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=1, n_kv_bufs=2)
-    B, H, Sp, D = ch.shape
-    qb = q_t.reshape(ch.rows, slots, D)
-    kb = k_t.reshape(ch.rows, slots * D)
-    vb = v_t.reshape(ch.rows, slots * D)
-    out = torch.empty(ch.rows, slots, D, device=q_t.device, dtype=ch.acc)
-    lse = torch.empty(ch.rows, slots, device=q_t.device, dtype=ch.acc)
-    for r0, r1 in ch:
-        ks = ch.gather(kb, r0, r1, 0)  # [c, K * slots, D]
-        vs = ch.gather(vb, r0, r1, 1)
-        q = qb[r0:r1].to(ch.acc) * scale  # [c, slots, D], small: scaling q beats scaling S
-        p, lse[r0:r1] = ch.softmax_(q, ks, r0, r1, with_lse=True)
-        torch.bmm(p, vs, out=out[r0:r1])
+    ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=1, n_kv_bufs=2)
+    B, H, Sp, D = ch_.shape
+    qb = q_t.reshape(ch_.rows, slots, D)
+    kx = k_t.reshape(-1, D)
+    vx = v_t.reshape(-1, D)
+    new = torch.zeros if ch_.partial else torch.empty  # pad query rows stay 0
+    out = new(ch_.rows, slots, D, device=q_t.device, dtype=ch_.acc)
+    lse = new(ch_.rows, slots, device=q_t.device, dtype=ch_.acc)
+    for ch in ch_:
+        ks = ch_.gather(kx, ch, 0)  # [n, k_len, D]
+        vs = ch_.gather(vx, ch, 1)
+        q = qb[ch.rows, : ch.q_len].to(ch_.acc) * scale  # small: scaling q beats scaling S
+        p, row_lse = ch_.softmax_(q, ks, ch, with_lse=True)
+        if ch_.partial:
+            out[ch.rows, : ch.q_len] = torch.bmm(p, vs)
+            lse[ch.rows, : ch.q_len] = row_lse
+        else:
+            torch.bmm(p, vs, out=out[ch.rows])
+            lse[ch.rows] = row_lse
     return out.view(B, H, Sp, D).to(q_t.dtype), lse.view(B, H, Sp)
 
 
@@ -138,37 +226,47 @@ def fine_backward(
     scale: float,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # out and lse are unused: rows are renormalised exactly (see the module docstring).
-    ch = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=2, n_kv_bufs=2)
-    B, H, Sp, D = ch.shape
-    c, K, acc, dev = ch.chunk, ch.K, ch.acc, q_t.device
-    qb = q_t.reshape(ch.rows, slots, D)
-    kb = k_t.reshape(ch.rows, slots * D)
-    vb = v_t.reshape(ch.rows, slots * D)
-    dob = do.reshape(ch.rows, slots, D)
-    dq = torch.empty(ch.rows, slots, D, device=dev, dtype=acc)
-    # [rows, slots, D]: index_add_ over 3-D slices takes a much faster CPU path than 2-D rows
-    dk = torch.zeros(ch.rows, slots, D, device=dev, dtype=acc)
-    dv = torch.zeros(ch.rows, slots, D, device=dev, dtype=acc)
-    dkv_sel = torch.empty(c, K * slots, D, device=dev, dtype=acc)  # reused for dV then dK
-    for r0, r1 in ch:
-        n = r1 - r0
-        rows = ch.sel[r0:r1].reshape(-1)
-        ks = ch.gather(kb, r0, r1, 0)
-        vs = ch.gather(vb, r0, r1, 1)
-        q = qb[r0:r1].to(acc) * scale  # pre-scaled: dK = dS^T (scale q) needs no rescale
-        g = dob[r0:r1].to(acc)
-        p, _ = ch.softmax_(q, ks, r0, r1, with_lse=False)  # [n, slots, K * slots]
-        buf = dkv_sel[:n]
-        torch.bmm(p.transpose(1, 2), g, out=buf)  # dV of the selected tiles
-        dv.index_add_(0, rows, buf.view(n * K, slots, D))
-        dp = torch.bmm(g, vs.transpose(1, 2), out=ch.score_bufs[1][:n])
-        # dS = P * (dP - rowsum(P * dP)), in place: dp <- P*dP - P*rowsum(P*dP)
-        dp.mul_(p)
-        dp.sub_(p.mul_(dp.sum(-1, keepdim=True)))
-        torch.bmm(dp, ks, out=dq[r0:r1]).mul_(scale)
-        torch.bmm(dp.transpose(1, 2), q, out=buf)  # dK of the selected tiles
-        dk.index_add_(0, rows, buf.view(n * K, slots, D))
+    # lse is unused: rows are renormalised exactly (see the module docstring).
+    ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=2, n_kv_bufs=2)
+    B, H, Sp, D = ch_.shape
+    acc, dev = ch_.acc, q_t.device
+    qb = q_t.reshape(ch_.rows, slots, D)
+    kx = k_t.reshape(-1, D)
+    vx = v_t.reshape(-1, D)
+    dob = do.reshape(ch_.rows, slots, D)
+    # delta = rowsum(P * dP) = rowsum(dO * O) when O is exact (not rounded to a low
+    # precision): one pass over [S, D] instead of three over the scores.
+    delta = None
+    if out.dtype == acc:
+        delta = (dob * out.reshape(ch_.rows, slots, D)).sum(-1, keepdim=True)  # [rows, slots, 1]
+    new = torch.zeros if ch_.partial else torch.empty  # pad query rows get no gradient
+    dq = new(ch_.rows, slots, D, device=dev, dtype=acc)
+    dk = torch.zeros(ch_.rows * slots, D, device=dev, dtype=acc)
+    dv = torch.zeros(ch_.rows * slots, D, device=dev, dtype=acc)
+    dkv_sel = torch.empty(ch_.chunk * ch_.K * slots, D, device=dev, dtype=acc)
+    for ch in ch_:
+        n = ch.n
+        ks = ch_.gather(kx, ch, 0)  # [n, k_len, D]
+        vs = ch_.gather(vx, ch, 1)
+        q = qb[ch.rows, : ch.q_len].to(acc) * scale  # pre-scaled: dK = dS^T (scale q)
+        g = dob[ch.rows, : ch.q_len].to(acc)  # [n, q_len, D]
+        p, _ = ch_.softmax_(q, ks, ch, with_lse=False)  # [n, q_len, k_len]
+        buf = dkv_sel[: n * ch.k_len].view(n, ch.k_len, D)  # reused for dV then dK
+        torch.bmm(p.transpose(1, 2), g, out=buf)  # dV of the selected keys
+        ch_.scatter_add_(dv, buf, ch)
+        dp = torch.bmm(g, vs.transpose(1, 2), out=ch_.scores(1, ch))
+        # dS = P * (dP - rowsum(P * dP)), in place
+        if delta is not None:
+            dp.sub_(delta[ch.rows, : ch.q_len]).mul_(p)
+        else:  # dp <- P*dP - P*rowsum(P*dP)
+            dp.mul_(p)
+            dp.sub_(p.mul_(dp.sum(-1, keepdim=True)))
+        if ch_.partial:
+            dq[ch.rows, : ch.q_len] = torch.bmm(dp, ks).mul_(scale)
+        else:
+            torch.bmm(dp, ks, out=dq[ch.rows]).mul_(scale)
+        torch.bmm(dp.transpose(1, 2), q, out=buf)  # dK of the selected keys
+        ch_.scatter_add_(dk, buf, ch)
     shape = (B, H, Sp, D)
     return (
         dq.view(shape).to(q_t.dtype),
