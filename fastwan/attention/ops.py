@@ -40,16 +40,21 @@ def vsa_fine_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine-stage forward. Shapes: q_t/k_t/v_t [B, H, N*slots, D], idx [B, H, N, k],
     counts [N]. Returns out [B, H, N*slots, D] and lse [B, H, N*slots] (float32; float64
-    for float64 inputs)."""
-    return fine_backend(backend).fine_forward(
-        q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), idx, counts, slots, scale
-    )
+    for float64 inputs), or [B, H, 0] for the torch backend, whose backward renormalises
+    rows exactly and needs no lse (which saves a pass over the scores)."""
+    args = (q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), idx, counts, slots, scale)
+    if backend == "torch":
+        return fine_backend(backend).fine_forward(*args, with_lse=False)
+    return fine_backend(backend).fine_forward(*args)
 
 
 @vsa_fine_fwd.register_fake
 def _(q_t, k_t, v_t, idx, counts, slots, scale, backend):
     lse_dtype = torch.float64 if q_t.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q_t), q_t.new_empty(q_t.shape[:-1], dtype=lse_dtype)
+    B, H, Sp, _ = q_t.shape
+    return torch.empty_like(q_t), q_t.new_empty(
+        B, H, 0 if backend == "torch" else Sp, dtype=lse_dtype
+    )
 
 
 @torch.library.custom_op("fastwan::vsa_fine_bwd", mutates_args=())

@@ -12,8 +12,8 @@ tiles, is 18% padding): query tiles are grouped by valid count and only their va
 are computed, and keys are gathered token by token (valid tokens only) instead of tile by
 tile. Grids that tile exactly keep the cheaper whole-tile gather.
 
-Chunks are small (cache-sized) and reuse preallocated buffers: on CPU, fresh large
-allocations cost page faults, and passes over cache-resident scores are cheap.
+Chunks are small (about one query tile per thread) and reuse preallocated buffers: on
+CPU, fresh large allocations cost page faults.
 
 Layout (shared by every fine-stage backend):
   q_t, k_t, v_t: [B, H, N * slots, D] tiled (see ``tiling.TilePlan``)
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20  # per thread (measured best: one row per thread)
 # Token-index tables are built for this many (row, key) pairs at a time.
 _INDEX_BLOCK = 2**20
 
@@ -40,7 +40,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class _Chunk:
-    rows: slice | torch.Tensor  # query-tile rows of the flattened [B * H * N] axis
+    rows: slice  # query-tile rows, in the chunk order (see ``_Chunks.ordered``)
     n: int  # number of rows
     q_len: int  # valid query tokens per row (same for every row of a chunk)
     k_len: int  # gathered keys per row (the longest row's valid keys)
@@ -76,11 +76,10 @@ class _Chunks:
             self.k_len = k_len[self.order].tolist()
         esize = torch.finfo(self.acc).bits // 8
         per_row = esize * (n_score_bufs * slots * keys + n_kv_bufs * keys * D)
-        c = max(1, min(self.rows, chunk_bytes // max(per_row, 1)))
-        # A batched matmul splits its batch over threads: 3 rows on 2 threads idle one.
-        threads = torch.get_num_threads()
-        self.chunk = c - c % threads if c > threads else c
-        c = self.chunk
+        # A CPU batched matmul splits its batch over threads: whole rows per thread (3 rows
+        # on 2 threads would idle one), chunk_bytes of working set each.
+        threads = torch.get_num_threads() if dev.type == "cpu" else 1
+        self.chunk = c = min(self.rows, threads * max(1, chunk_bytes // max(per_row, 1)))
         self.score_bufs = [
             torch.empty(c * slots * keys, device=dev, dtype=self.acc) for _ in range(n_score_bufs)
         ]
@@ -119,9 +118,21 @@ class _Chunks:
                     pad = torch.arange(k_len, device=keys.device) >= lens.view(-1, 1)
                     bias = torch.zeros(r1 - r0, 1, k_len, device=keys.device, dtype=self.acc)
                     bias.masked_fill_(pad.view(r1 - r0, 1, k_len), float("-inf"))
-                rows = self.order[r0:r1]
-                yield _Chunk(rows, r1 - r0, q_len, k_len, keys.reshape(-1), bias)
+                yield _Chunk(slice(r0, r1), r1 - r0, q_len, k_len, keys.reshape(-1), bias)
                 r0 = r1
+
+    def ordered(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, N * slots, ...] -> [rows, slots, ...] with query tiles in chunk order
+        (grouped by valid count), so every chunk is a slice."""
+        x = x.reshape(self.rows, self.slots, *x.shape[3:])
+        return x.index_select(0, self.order) if self.partial else x
+
+    def unordered(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``ordered``: [rows, slots, ...] -> [B, H, N * slots, ...]."""
+        if self.partial:
+            x = torch.empty_like(x).index_copy_(0, self.order, x)
+        B, H, Sp, _ = self.shape
+        return x.view(B, H, Sp, *x.shape[2:])
 
     def _token_table(self, b0: int, b1: int) -> torch.Tensor:
         """Valid key tokens of ordered rows b0:b1 as [b1 - b0, longest] token ids of the
@@ -190,27 +201,28 @@ def fine_forward(
     slots: int,
     scale: float,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    with_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out [B, H, N * slots, D] and lse [B, H, N * slots] (or, without
+    ``with_lse``, an empty [B, H, 0]: this backend's backward does not need it)."""
     ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=1, n_kv_bufs=2)
     B, H, Sp, D = ch_.shape
-    qb = q_t.reshape(ch_.rows, slots, D)
+    qo = ch_.ordered(q_t)  # [rows, slots, D]
     kx = k_t.reshape(-1, D)
     vx = v_t.reshape(-1, D)
     new = torch.zeros if ch_.partial else torch.empty  # pad query rows stay 0
     out = new(ch_.rows, slots, D, device=q_t.device, dtype=ch_.acc)
-    lse = new(ch_.rows, slots, device=q_t.device, dtype=ch_.acc)
+    lse = new(ch_.rows, slots if with_lse else 0, device=q_t.device, dtype=ch_.acc)
     for ch in ch_:
         ks = ch_.gather(kx, ch, 0)  # [n, k_len, D]
         vs = ch_.gather(vx, ch, 1)
-        q = qb[ch.rows, : ch.q_len].to(ch_.acc) * scale  # small: scaling q beats scaling S
-        p, row_lse = ch_.softmax_(q, ks, ch, with_lse=True)
-        if ch_.partial:
-            out[ch.rows, : ch.q_len] = torch.bmm(p, vs)
+        q = qo[ch.rows, : ch.q_len].to(ch_.acc) * scale  # small: scaling q beats scaling S
+        p, row_lse = ch_.softmax_(q, ks, ch, with_lse=with_lse)
+        torch.bmm(p, vs, out=out[ch.rows, : ch.q_len])
+        if with_lse:
             lse[ch.rows, : ch.q_len] = row_lse
-        else:
-            torch.bmm(p, vs, out=out[ch.rows])
-            lse[ch.rows] = row_lse
-    return out.view(B, H, Sp, D).to(q_t.dtype), lse.view(B, H, Sp)
+    lse = ch_.unordered(lse) if with_lse else lse.new_empty(B, H, 0)
+    return ch_.unordered(out).to(q_t.dtype), lse
 
 
 def fine_backward(
@@ -230,15 +242,14 @@ def fine_backward(
     ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=2, n_kv_bufs=2)
     B, H, Sp, D = ch_.shape
     acc, dev = ch_.acc, q_t.device
-    qb = q_t.reshape(ch_.rows, slots, D)
+    qo, doo = ch_.ordered(q_t), ch_.ordered(do)  # [rows, slots, D]
     kx = k_t.reshape(-1, D)
     vx = v_t.reshape(-1, D)
-    dob = do.reshape(ch_.rows, slots, D)
     # delta = rowsum(P * dP) = rowsum(dO * O) when O is exact (not rounded to a low
     # precision): one pass over [S, D] instead of three over the scores.
     delta = None
     if out.dtype == acc:
-        delta = (dob * out.reshape(ch_.rows, slots, D)).sum(-1, keepdim=True)  # [rows, slots, 1]
+        delta = (doo * ch_.ordered(out)).sum(-1, keepdim=True)  # [rows, slots, 1]
     new = torch.zeros if ch_.partial else torch.empty  # pad query rows get no gradient
     dq = new(ch_.rows, slots, D, device=dev, dtype=acc)
     dk = torch.zeros(ch_.rows * slots, D, device=dev, dtype=acc)
@@ -248,8 +259,8 @@ def fine_backward(
         n = ch.n
         ks = ch_.gather(kx, ch, 0)  # [n, k_len, D]
         vs = ch_.gather(vx, ch, 1)
-        q = qb[ch.rows, : ch.q_len].to(acc) * scale  # pre-scaled: dK = dS^T (scale q)
-        g = dob[ch.rows, : ch.q_len].to(acc)  # [n, q_len, D]
+        q = qo[ch.rows, : ch.q_len].to(acc) * scale  # pre-scaled: dK = dS^T (scale q)
+        g = doo[ch.rows, : ch.q_len].to(acc)  # [n, q_len, D]
         p, _ = ch_.softmax_(q, ks, ch, with_lse=False)  # [n, q_len, k_len]
         buf = dkv_sel[: n * ch.k_len].view(n, ch.k_len, D)  # reused for dV then dK
         torch.bmm(p.transpose(1, 2), g, out=buf)  # dV of the selected keys
@@ -261,15 +272,12 @@ def fine_backward(
         else:  # dp <- P*dP - P*rowsum(P*dP)
             dp.mul_(p)
             dp.sub_(p.mul_(dp.sum(-1, keepdim=True)))
-        if ch_.partial:
-            dq[ch.rows, : ch.q_len] = torch.bmm(dp, ks).mul_(scale)
-        else:
-            torch.bmm(dp, ks, out=dq[ch.rows]).mul_(scale)
+        torch.bmm(dp, ks, out=dq[ch.rows, : ch.q_len]).mul_(scale)
         torch.bmm(dp.transpose(1, 2), q, out=buf)  # dK of the selected keys
         ch_.scatter_add_(dk, buf, ch)
     shape = (B, H, Sp, D)
     return (
-        dq.view(shape).to(q_t.dtype),
+        ch_.unordered(dq).to(q_t.dtype),
         dk.view(shape).to(k_t.dtype),
         dv.view(shape).to(v_t.dtype),
     )
