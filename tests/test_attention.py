@@ -266,11 +266,63 @@ def test_chunking_does_not_change_results():
     idx = torch.sort(idx, -1).values.to(torch.int32)
     args = (idx, plan.counts, plan.slots, 0.2)
     big = fine_forward(qt, kt, vt, *args, chunk_bytes=2**40)
-    small = fine_forward(qt, kt, vt, *args, chunk_bytes=1)  # one query tile per chunk
+    small = fine_forward(qt, kt, vt, *args, chunk_bytes=1)  # one query tile per thread
     torch.testing.assert_close(big, small, rtol=1e-6, atol=1e-6)
     gb = fine_backward(plan.tile(do), qt, kt, vt, *big, *args, chunk_bytes=2**40)
     gs = fine_backward(plan.tile(do), qt, kt, vt, *big, *args, chunk_bytes=1)
     torch.testing.assert_close(gb, gs, rtol=1e-5, atol=1e-6)
+
+
+def _masked_fine_oracle(q_t, k_t, v_t, idx, plan, scale):
+    """Fine stage as dense masked attention in the tiled layout (float64): query slot i of
+    tile a sees key slot j of tile b iff b is selected by a and j is a valid slot."""
+    n, slots = plan.num_tiles, plan.slots
+    tile_sel = torch.zeros(*idx.shape[:2], n, n, dtype=torch.bool)
+    tile_sel.scatter_(-1, idx.long(), True)  # [B, H, N(q), N(k)]
+    allowed = tile_sel.repeat_interleave(slots, 2).repeat_interleave(slots, 3)
+    allowed &= plan.slot_valid.view(1, 1, 1, -1)
+    s = (q_t @ k_t.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v_t, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**40])
+def test_torch_fine_stage_pad_rows_lse_and_grads(chunk_bytes):
+    """Partial edge tiles: valid rows match dense masked attention (out, lse, dq, dk, dv);
+    pad query rows get out = lse = dq = 0 and their dO never reaches dk / dv."""
+    grid, tile, B, H, D, k_sel = (3, 5, 7), (4, 4, 4), 2, 2, 16, 3
+    plan = get_tile_plan(grid, tile)
+    n = plan.num_tiles
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = _qkv(B, H, math.prod(grid), D, scale=3.0, seed=5, n=4)
+    qt, kt, vt = (plan.tile(x).requires_grad_() for x in (q, k, v))
+    idx = torch.stack([torch.randperm(n, generator=g)[:k_sel] for _ in range(B * H * n)])
+    idx = idx.sort(-1).values.view(B, H, n, k_sel).to(torch.int32)
+    args = (idx, plan.counts, plan.slots, 0.3)
+    valid, pad = plan.slot_valid, ~plan.slot_valid
+    assert pad.any()  # the grid leaves partial tiles
+
+    out, lse = fine_forward(qt.detach(), kt.detach(), vt.detach(), *args, chunk_bytes=chunk_bytes)
+    ref_out, ref_lse = _masked_fine_oracle(qt, kt, vt, idx, plan, 0.3)
+    torch.testing.assert_close(out[:, :, valid], ref_out[:, :, valid].detach())
+    torch.testing.assert_close(lse[:, :, valid], ref_lse[:, :, valid].detach())
+    assert not out[:, :, pad].any() and not lse[:, :, pad].any()
+    out2, no_lse = fine_forward(
+        qt.detach(), kt.detach(), vt.detach(), *args, chunk_bytes=chunk_bytes, with_lse=False
+    )
+    assert torch.equal(out2, out) and no_lse.shape == (B, H, 0)
+
+    do_t = plan.tile(do)  # pad rows hold zeros; garbage there must not matter
+    noisy = do_t.clone()
+    noisy[:, :, pad] = 1e3 * torch.randn(B, H, int(pad.sum()), D, generator=g, dtype=do.dtype)
+    ref = torch.autograd.grad(ref_out[:, :, valid], (qt, kt, vt), do_t[:, :, valid])
+    for d in (do_t, noisy):
+        got = fine_backward(
+            d, qt.detach(), kt.detach(), vt.detach(), out, lse, *args, chunk_bytes=chunk_bytes
+        )
+        assert not got[0][:, :, pad].any()  # dq of pad rows
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_torch_compile_fullgraph():

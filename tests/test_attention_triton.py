@@ -224,6 +224,34 @@ def test_pad_rows_do_not_leak():
     assert (clean_grads[0][:, :, ~plan.slot_valid] == 0).all()  # pad rows of dQ
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile", TILES)
+def test_fused_tile_mean_matches_torch(tile, dtype):
+    """The fused tile mean (valid slots only, float32 accumulation, garbage pads ignored)
+    and its gradient equal ``TilePlan.tiled_mean`` on a float32 copy."""
+    from fastwan.attention.ops import TileMeanFunction
+
+    plan, q, _, _, _, _ = _tiled_case((3, 5, 7), tile, D=40)
+    x = q.to(dtype).clone().requires_grad_()
+    got = TileMeanFunction.apply(x, plan.counts, plan.slot_weight, plan.slots)
+    assert got.dtype == torch.float32 and got.shape == (2, 2, plan.num_tiles, 40)
+    x_ref = q.to(dtype).clone().requires_grad_()
+    ref = plan.tiled_mean(x_ref.float())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    dmean = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (dx,) = torch.autograd.grad(got, x, dmean)
+    (dx_ref,) = torch.autograd.grad(ref, x_ref, dmean)
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx, dx_ref)
+    with pytest.raises(ValueError, match="multiple of slots"):
+        triton_backend.tile_mean(q[:, :, :-1], plan.counts, plan.slots)
+    # schema, fake (torch.compile) implementation and dynamic-shape tracing of the op
+    checks = torch.library.opcheck(
+        torch.ops.fastwan.vsa_tile_mean.default, (q.to(dtype), plan.counts, plan.slots)
+    )
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
 def test_rejects_unsupported_inputs():
     plan, q, k, v, _, idx = _tiled_case((3, 5, 7), (4, 4, 4), B=1, H=1)
     with pytest.raises(ValueError, match="backend='torch'"):

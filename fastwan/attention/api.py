@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastwan.attention.ops import VSAFineFunction
+from fastwan.attention.ops import TileMeanFunction, VSAFineFunction
 from fastwan.attention.reference import vsa_reference
 from fastwan.attention.tiling import (
     get_tile_plan,
@@ -161,7 +161,13 @@ def video_sparse_attention(
     q_t, k_t, v_t = plan.tile(q), plan.tile(k), plan.tile(v)  # [B, H, N * slots, D]
     # Coarse stage in float32: N x N is small and the selection should not flip with dtype.
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc = plan.tiled_mean(q_t.to(cdt)), plan.tiled_mean(k_t.to(cdt))  # [B, H, N, D]
+
+    def tile_mean(x_t: torch.Tensor) -> torch.Tensor:  # [B, H, N * slots, D] -> [B, H, N, D]
+        if name == "triton":  # fused: no float32 copy of the tiled tensor
+            return TileMeanFunction.apply(x_t, plan.counts, plan.slot_weight, plan.slots)
+        return plan.tiled_mean(x_t.to(cdt))
+
+    qc, kc = tile_mean(q_t), tile_mean(k_t)  # [B, H, N, D]
     scores_c = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, N, N]
     idx = select_topk_tiles(scores_c, k_sel)  # [B, H, N, k]
 
@@ -169,7 +175,7 @@ def video_sparse_attention(
         q_t, k_t, v_t, idx.to(torch.int32), plan.counts, plan.slots, scale, name
     )
     if gate is not None:
-        vc = plan.tiled_mean(v_t.to(cdt))
+        vc = tile_mean(v_t)
         coarse = torch.softmax(scores_c, dim=-1) @ vc  # [B, H, N, D]
         out_t = out_t + plan.tile(gate) * plan.broadcast_tiles(coarse.to(q.dtype))
     out = plan.untile(out_t)  # [B, H, S, D]

@@ -3,6 +3,8 @@
 1. ``torch.library.custom_op`` ops ``fastwan::vsa_fine_fwd`` / ``fastwan::vsa_fine_bwd`` with
    fake implementations, so ``torch.compile`` traces through them without graph breaks.
 2. ``VSAFineFunction``: the autograd function pairing them.
+   (``fastwan::vsa_tile_mean`` / ``TileMeanFunction``: the coarse stage's fused tile mean
+   on the Triton backend, the same layers.)
 3. The public ``video_sparse_attention`` (``fastwan.attention.api``) builds on 2.
 
 The ``backend`` string picks the implementation module at call time: ``torch``
@@ -100,3 +102,33 @@ class VSAFineFunction(torch.autograd.Function):
             do, q_t, k_t, v_t, out, lse, idx, counts, ctx.slots, ctx.scale, ctx.backend
         )
         return dq, dk, dv, None, None, None, None, None
+
+
+@torch.library.custom_op("fastwan::vsa_tile_mean", mutates_args=())
+def vsa_tile_mean(x_t: torch.Tensor, counts: torch.Tensor, slots: int) -> torch.Tensor:
+    """Float32 mean over each tile's valid slots (Triton): [B, H, N*slots, D] -> [B, H, N, D]."""
+    return fine_backend("triton").tile_mean(x_t, counts, slots)
+
+
+@vsa_tile_mean.register_fake
+def _(x_t, counts, slots):
+    B, H, Sp, D = x_t.shape
+    return x_t.new_empty(B, H, Sp // slots, D, dtype=torch.float32)
+
+
+class TileMeanFunction(torch.autograd.Function):
+    """Autograd for ``vsa_tile_mean``: dx = slot_weight * dmean broadcast over each tile's
+    slots (slot_weight: [N*slots], 1 / count on valid slots, 0 on pads)."""
+
+    @staticmethod
+    def forward(ctx, x_t, counts, slot_weight, slots):
+        ctx.save_for_backward(slot_weight)
+        ctx.slots, ctx.dtype = slots, x_t.dtype
+        return vsa_tile_mean(x_t, counts, slots)
+
+    @staticmethod
+    def backward(ctx, dmean):  # [B, H, N, D]
+        (w,) = ctx.saved_tensors
+        N = dmean.shape[-2]
+        dx = dmean.unsqueeze(-2) * w.view(N, ctx.slots, 1).to(dmean.dtype)  # [B, H, N, slots, D]
+        return dx.flatten(-3, -2).to(ctx.dtype), None, None, None

@@ -234,6 +234,25 @@ def _dkdv_kernel(
     tl.store(DV + head + kv_off, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
 
+@triton.jit
+def _tile_mean_kernel(
+    X, OUT, COUNTS, N, D,
+    SLOTS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Mean of one tile's valid slots, accumulated in float32 from X's own dtype (no
+    float32 copy of the tiled tensor): [SLOTS, D] -> [D]."""
+    n = tl.program_id(0)  # tile
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, SLOTS)
+    cols = tl.arange(0, BLOCK_D)
+    d_ok = cols < D
+    count = tl.load(COUNTS + n)
+    off = (bh * N * SLOTS + n * SLOTS + rows)[:, None] * D + cols[None, :]
+    x = tl.load(X + off, mask=(rows < count)[:, None] & d_ok[None, :], other=0.0)
+    mean = tl.sum(x.to(tl.float32), 0) / count.to(tl.float32)
+    tl.store(OUT + (bh * N + n) * D + cols, mean, mask=d_ok)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -306,6 +325,26 @@ def build_reverse_index(idx: torch.Tensor, num_tiles: int) -> tuple[torch.Tensor
     offsets = torch.zeros(BH * N + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(torch.bincount(key, minlength=BH * N), 0)
     return offsets, q_tiles
+
+
+def tile_mean(x_t: torch.Tensor, counts: torch.Tensor, slots: int) -> torch.Tensor:
+    """Mean over each tile's valid slots of a tiled ``[B, H, N * slots, D]`` tensor, in
+    float32: ``[B, H, N, D]``. One read of x_t in its own dtype; the torch equivalent
+    (``TilePlan.tiled_mean(x_t.float())``) first writes a float32 copy of it."""
+    if x_t.dtype not in _SUPPORTED:
+        raise ValueError(f"tile_mean supports float32, float16 and bfloat16, got {x_t.dtype}")
+    B, H, Sp, D = x_t.shape
+    if Sp % slots:
+        raise ValueError(f"tiled length {Sp} is not a multiple of slots={slots}")
+    N = Sp // slots
+    x_t = x_t.contiguous()
+    counts = counts.to(device=x_t.device, dtype=torch.int32).contiguous()  # [N]
+    out = torch.empty(B, H, N, D, device=x_t.device, dtype=torch.float32)
+    with _on_device(x_t):
+        _tile_mean_kernel[(N, B * H)](
+            x_t, out, counts, N, D, SLOTS=slots, BLOCK_D=_block_d(D), num_warps=4
+        )
+    return out
 
 
 def fine_forward(
@@ -384,4 +423,4 @@ def fine_backward(
     return dq, dk, dv
 
 
-__all__ = ["build_reverse_index", "fine_backward", "fine_forward", "slots_for"]
+__all__ = ["build_reverse_index", "fine_backward", "fine_forward", "slots_for", "tile_mean"]
