@@ -26,6 +26,7 @@ from fastwan.diffusion.samplers import (
     sample_euler,
     sample_scheduler,
 )
+from fastwan.models.compile import compile_blocks, parse_compile
 from fastwan.models.loading import WanComponents, load_components, with_flow_shift
 from fastwan.models.presets import WanPreset
 from fastwan.models.vsa import get_attention, set_attention
@@ -106,7 +107,17 @@ class VideoGenerator:
         *,
         device: str | torch.device | None = None,
         cpu_offload: bool = False,
+        compile: bool | str = False,
+        vae_tiling: bool = False,
     ) -> None:
+        self.compile_backend = parse_compile(compile)
+        if not isinstance(vae_tiling, bool):
+            raise ValueError(f"vae_tiling must be True or False, got {vae_tiling!r}")
+        if vae_tiling and not hasattr(components.vae, "enable_tiling"):
+            raise ValueError(
+                f"vae_tiling: {type(components.vae).__name__} has no enable_tiling(); "
+                "pass vae_tiling=False"
+            )
         self.components = components
         self.device = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +127,11 @@ class VideoGenerator:
         if not self.cpu_offload:
             for module in (components.text_encoder, components.transformer, components.vae):
                 module.to(self.device)
+        if self.compile_backend is not None:
+            compile_blocks(components.transformer, backend=self.compile_backend)
+        self.vae_tiling = vae_tiling
+        if vae_tiling:  # decode in overlapping spatial tiles: bounded memory at any size
+            components.vae.enable_tiling()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -132,13 +148,18 @@ class VideoGenerator:
         dtype: str | torch.dtype | None = None,
         vae_dtype: str | torch.dtype = torch.float32,
         cpu_offload: bool = False,
+        compile: bool | str = False,
+        vae_tiling: bool = False,
     ) -> VideoGenerator:
         """Load a Diffusers-format Wan folder (or hub id / preset name).
 
         attention: ``"vsa"`` or ``"dense"``; default the preset's (VSA for FastWan).
         sparsity: VSA sparsity; default the preset's. dtype: default bf16 on CUDA, fp32 on
         CPU (the VAE runs in ``vae_dtype``). cpu_offload: keep components on the CPU and
-        move each to ``device`` only for its stage.
+        move each to ``device`` only for its stage. compile: ``torch.compile`` each
+        transformer block (``True`` = inductor, or a backend name; the first generation
+        at a new size pays the compile). vae_tiling: decode in overlapping spatial tiles
+        (diffusers' ``enable_tiling``) to bound the VAE's memory at large sizes.
         """
         dev = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +177,13 @@ class VideoGenerator:
         set_attention(
             components.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
         )
-        return cls(components, device=dev, cpu_offload=cpu_offload)
+        return cls(
+            components,
+            device=dev,
+            cpu_offload=cpu_offload,
+            compile=compile,
+            vae_tiling=vae_tiling,
+        )
 
     @property
     def preset(self) -> WanPreset:

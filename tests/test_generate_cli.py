@@ -83,6 +83,9 @@ def test_generate_batches_prompts_from_a_file(main, model_dir, tmp_path, capsys)
             "--timesteps",
             "1000,500",
             "--no-progress",
+            "--compile",
+            "aot_eager",
+            "--vae-tiling",
         ]
     )
     assert rc == 0
@@ -90,7 +93,8 @@ def test_generate_batches_prompts_from_a_file(main, model_dir, tmp_path, capsys)
         frames, _ = read_video(tmp_path / f"clip_{i:03d}.gif")
         assert frames.shape[1:] == (32, 32, 3) and 1 <= frames.shape[0] <= 5
     out = capsys.readouterr().out
-    assert "attention: dense" in out and "dmd at t=[1000, 500]" in out
+    assert "attention: dense; compiled (aot_eager); VAE tiling" in out
+    assert "dmd at t=[1000, 500]" in out
     assert "all" in out  # the summed timing row
 
 

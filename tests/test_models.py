@@ -350,3 +350,8 @@ def test_bench_denoise_reports_measured_ratios(tmp_path):
     assert json.loads(out.read_text())["results"][0]["sparsity"] == 0.5
     with pytest.raises(ValueError, match="--sparsities"):
         denoise.run(parser.parse_args(["--sparsities", "1.5", "--layers", "1"]))
+    # compiled blocks: one untimed warm-up round (the compiles), then the timed ones
+    args = parser.parse_args([*flags.split(), "--sparsities", "0.5", "--compile", "aot_eager"])
+    report = denoise.run(args)
+    assert report["compile"] == "aot_eager" and report["warmup"] == 1
+    assert all(v["runs"] == 2 for v in report["times"].values())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _tiny_wan import build_tiny_wan
+from _tiny_wan import build_tiny_wan, tiny_transformer
 
+from fastwan.models import compile_blocks
 from fastwan.pipeline import VideoGenerator, parse_dtype
 from fastwan.video_io import read_video, save_video
 
@@ -163,6 +164,64 @@ def test_bad_generation_arguments_raise_value_errors(fast_gen):
         fast_gen.generate("a cat", ["x", "y"], guidance_scale=3.0, **SMALL)
     with pytest.raises(ValueError, match="dtype must be one of"):
         parse_dtype("fp8")
+
+
+def test_compiled_blocks_match_eager_and_keep_the_state_dict(fastwan21, fast_gen):
+    """Regional compilation (aot_eager: Dynamo + AOTAutograd tracing, the VSA custom op's
+    fake implementation) gives the eager latents; the state dict keeps its keys."""
+    kw = dict(seed=6, output_type="latent", **SMALL)
+    eager = fast_gen.generate("a dog jumps over the ball", **kw).latents
+    gen = VideoGenerator.from_pretrained(
+        fastwan21, preset="fastwan2.1-t2v-1.3b", device="cpu", compile="aot_eager"
+    )
+    assert gen.compile_backend == "aot_eager"
+    assert all(
+        hasattr(b, "_compiled_call_impl") and b._compiled_call_impl for b in gen.transformer.blocks
+    )
+    assert set(gen.transformer.state_dict()) == set(fast_gen.transformer.state_dict())
+    torch.testing.assert_close(gen.generate("a dog jumps over the ball", **kw).latents, eager)
+    with pytest.raises(ValueError, match="compile must be True/False or one of"):
+        VideoGenerator.from_pretrained(fastwan21, preset="fastwan2.1-t2v-1.3b", compile="tvm")
+    with pytest.raises(ValueError, match="non-empty .blocks"):
+        compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_compiled_blocks_share_one_graph_per_attention_setting():
+    """No graph break (each would add a frame) in dense or VSA blocks at an odd grid; each
+    attention setting compiles once and every block reuses it, switching back included."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fastwan.models import set_attention
+
+    model = tiny_transformer().eval()
+    counter = CompileCounter()
+    assert compile_blocks(model, backend=counter) == len(model.blocks) == 2
+    x = torch.randn(1, 16, 3, 10, 14)  # token grid (3, 5, 7): partial VSA tiles
+    ctx, t = torch.randn(1, 16, model.config.text_dim), torch.full((1,), 500.0)
+    for _ in range(2):
+        for mode, sparsity in (("dense", None), ("vsa", 0.5), ("vsa", 0.8)):
+            set_attention(model, mode, sparsity=sparsity, tile_size=(2, 2, 2))
+            with torch.no_grad():
+                model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
+    assert counter.frame_count == 3
+
+
+def test_vae_tiling_decodes_in_tiles(wan21):
+    """Above the VAE's tile size (256 px) tiled decoding blends overlapping tiles: close to
+    the whole-frame decode, not identical to it."""
+    gen = VideoGenerator.from_pretrained(wan21, preset="wan2.1-t2v-1.3b", device="cpu")
+    z = torch.randn(1, 16, 2, 40, 40, generator=torch.Generator().manual_seed(0))  # 320 px
+    whole = gen.decode(z)
+    tiled_gen = VideoGenerator(gen.components, device="cpu", vae_tiling=True)
+    assert gen.components.vae.use_tiling
+    tiled = tiled_gen.decode(z)
+    gen.components.vae.disable_tiling()
+    assert tiled.shape == whole.shape == (1, 5, 320, 320, 3)
+    diff = np.abs(tiled - whole)
+    assert diff.max() > 1e-3  # the tiled path ran
+    assert diff.mean() < 0.1 * whole.std()  # and blends its seams
+    with pytest.raises(ValueError, match="vae_tiling must be True or False"):
+        VideoGenerator(gen.components, device="cpu", vae_tiling="yes")
 
 
 def test_unknown_architecture_needs_a_preset(wan21):

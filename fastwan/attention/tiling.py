@@ -74,8 +74,16 @@ def tile_counts_per_dim(grid: Triple, tile_size: Triple) -> Triple:
     return tuple(-(-g // t) for g, t in zip(grid, tile_size))  # type: ignore[return-value]
 
 
+def _extents(size: int, tile: int) -> torch.Tensor:
+    """Tokens of each tile along one axis: ``tile``, the last one possibly fewer."""
+    starts = torch.arange(0, size, tile)
+    return torch.clamp(size - starts, max=tile)  # [n]
+
+
 @functools.lru_cache(maxsize=64)
 def _build_plan(grid: Triple, tile_size: Triple, slots: int, device: torch.device) -> TilePlan:
+    # Static shapes and no data-dependent ops: under torch.compile this traces into the
+    # graph without breaks.
     T, H, W = grid
     tt, th, tw = tile_size
     nt, nh, nw = tile_counts_per_dim(grid, tile_size)
@@ -87,8 +95,8 @@ def _build_plan(grid: Triple, tile_size: Triple, slots: int, device: torch.devic
     w = torch.arange(W).view(1, 1, W).expand(T, H, W).reshape(-1)
     token_tile = ((t // tt) * nh + h // th) * nw + w // tw  # [S]
 
-    counts = torch.bincount(token_tile, minlength=n_tiles)  # [N]
-    assert int(counts.max()) <= slots, "a tile has more tokens than slots"
+    e_t, e_h, e_w = _extents(T, tt), _extents(H, th), _extents(W, tw)
+    counts = (e_t.view(-1, 1, 1) * e_h.view(1, -1, 1) * e_w.view(1, 1, -1)).reshape(-1)  # [N]
     # A stable sort by tile keeps raster order inside each tile.
     order = torch.sort(token_tile, stable=True).indices  # [S] raster ids, grouped by tile
     starts = torch.cumsum(counts, 0) - counts  # [N]
@@ -99,10 +107,10 @@ def _build_plan(grid: Triple, tile_size: Triple, slots: int, device: torch.devic
     slot_in_tile = torch.arange(slots).repeat(n_tiles)  # [N * slots]
     slot_tile = torch.arange(n_tiles).repeat_interleave(slots)
     slot_valid = slot_in_tile < counts[slot_tile]
-    gather_index = torch.empty(n_tiles * slots, dtype=torch.long)
+    gather_index = torch.zeros(n_tiles * slots, dtype=torch.long)
     gather_index[scatter_index] = torch.arange(S)
     first_token = order[starts]  # [N] first raster token of each tile
-    gather_index[~slot_valid] = first_token[slot_tile[~slot_valid]]
+    gather_index = torch.where(slot_valid, gather_index, first_token[slot_tile])
 
     return TilePlan(
         grid=grid,
@@ -130,7 +138,17 @@ def get_tile_plan(
     tile_size = tuple(int(t) for t in tile_size)
     if slots is None:
         slots = math.prod(tile_size)
-    return _build_plan(grid, tile_size, int(slots), torch.device(device or "cpu"))
+    if slots < math.prod(tile_size):
+        raise ValueError(
+            f"slots={slots} is fewer than the {math.prod(tile_size)} tokens of a "
+            f"{tile_size} tile; pass slots >= {math.prod(tile_size)} (or None)"
+        )
+    key = (grid, tile_size, int(slots), torch.device(device or "cpu"))
+    if torch.compiler.is_compiling():
+        # Dynamo traces the plan into the graph (index math on constants) either way; the
+        # uncached builder says so, where the cached one warns that its cache is ignored.
+        return _build_plan.__wrapped__(*key)
+    return _build_plan(*key)
 
 
 def slots_for(backend: str, tile_numel: int) -> int:

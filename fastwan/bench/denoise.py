@@ -71,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: torch's); 1 is steadiest on a busy machine",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=("inductor", "aot_eager", "eager"),
+        help="torch.compile each block (default backend: inductor; at least one warm-up "
+        "round then, so the compile is not timed)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     from diffusers import WanTransformer3DModel
 
     from fastwan.attention import resolve_backend
+    from fastwan.models.compile import compile_blocks
     from fastwan.models.presets import get_preset, transformer_config
     from fastwan.models.vsa import set_attention
 
@@ -115,6 +125,8 @@ def run(args: argparse.Namespace) -> dict:
     warmup = args.warmup if args.warmup is not None else (2 if on_cuda else 0)
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    if args.compile and warmup < 1:
+        warmup = 1  # each case compiles on its first forward
     dense_steps = _positive("--dense-steps", args.dense_steps)
     vsa_steps = _positive("--vsa-steps", args.vsa_steps)
     text_len = _positive("--text-len", args.text_len)
@@ -132,6 +144,8 @@ def run(args: argparse.Namespace) -> dict:
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(args.seed)  # module initialisers draw from the global generator
         model = _cast(WanTransformer3DModel(**config), dtype).eval()
+    if args.compile:
+        compile_blocks(model, backend=args.compile)
     gen = torch.Generator("cpu").manual_seed(args.seed)
     latents = torch.randn(1, C, T, h, w, generator=gen).to(device, dtype)  # [B, C, T, h, w]
     context = torch.randn(1, text_len, config["text_dim"], generator=gen).to(device, dtype)
@@ -219,6 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": str(dtype).replace("torch.", ""),
         "backend": backend,
+        "compile": args.compile,
         "repeats": repeats,
         "warmup": warmup,
         "torch": torch.__version__,
@@ -248,6 +263,7 @@ def _print(r: dict) -> None:
         f"\nWan transformer forward, {r['preset']} ({r['layers']}/{r['model_layers']} layers), "
         f"{v['num_frames']}x{v['height']}x{v['width']} -> grid {tuple(r['grid'])} = "
         f"{r['tokens']} tokens, {r['device']}, {r['dtype']}, VSA backend {r['backend']}"
+        + (f", compiled ({r['compile']})" if r["compile"] else "")
     )
     print(f"  dense forward: {r['dense_forward_s']:.4f} s")
     head = (

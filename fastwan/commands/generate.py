@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> None:
-    """Where and how a loaded model runs: VSA backend, device, dtype, CPU offload."""
+    """Where and how a loaded model runs: VSA backend, device, dtype, CPU offload,
+    compilation, VAE tiling."""
     p.add_argument(
         "--vsa-backend",
         default="auto",
@@ -17,6 +18,20 @@ def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> 
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help=cpu_offload_help)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=("inductor", "aot_eager", "eager"),
+        help="torch.compile each transformer block (default backend: inductor); the first "
+        "video at a new size pays the compile",
+    )
+    p.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode in overlapping spatial tiles (bounded VAE memory at large sizes)",
+    )
 
 
 def register(subparsers) -> None:
@@ -118,10 +133,21 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cpu_offload=args.cpu_offload,
+        compile=args.compile or False,
+        vae_tiling=args.vae_tiling,
     )
     attn = generator.attention
     mode = attn["mode"] + (f" (sparsity {attn['sparsity']:g})" if attn["mode"] == "vsa" else "")
-    print(f"model: {generator.preset.name} from {generator.components.path}; attention: {mode}")
+    extras = "".join(
+        [
+            f"; compiled ({generator.compile_backend})" if generator.compile_backend else "",
+            "; VAE tiling" if generator.vae_tiling else "",
+        ]
+    )
+    print(
+        f"model: {generator.preset.name} from {generator.components.path}; attention: {mode}"
+        + extras
+    )
 
     paths = output_paths(args.output, len(prompts))
     rows = []

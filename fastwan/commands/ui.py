@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
                 dtype=args.dtype,
                 cpu_offload=args.cpu_offload,
+                compile=args.compile or False,
+                vae_tiling=args.vae_tiling,
             )
 
         return load

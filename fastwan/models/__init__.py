@@ -1,6 +1,7 @@
 """Wan models on diffusers / transformers: loading Diffusers folders, presets, the VSA gate
 and self-attention processor, and export. diffusers is imported only when used."""
 
+from fastwan.models.compile import compile_blocks, parse_compile
 from fastwan.models.export import export_pipeline, save_transformer
 from fastwan.models.loading import (
     COMPONENTS,
@@ -37,6 +38,7 @@ __all__ = [
     "WanPreset",
     "WanVSAAttnProcessor",
     "add_vsa_gates",
+    "compile_blocks",
     "export_pipeline",
     "get_attention",
     "get_preset",
@@ -46,6 +48,7 @@ __all__ = [
     "load_gate_weights",
     "load_scheduler",
     "load_transformer",
+    "parse_compile",
     "read_gate_tensors",
     "read_model_index",
     "resolve_model_path",
