@@ -96,6 +96,7 @@ def tiny_recipe(
     sequence_parallel: int = 1,
     accumulation: int = 1,
     activation_checkpointing: str = "none",
+    compile: str = "none",
     ema_decay: float | None = 0.9,
 ) -> Recipe:
     dp = replicate * shard
@@ -121,6 +122,7 @@ def tiny_recipe(
             shard=shard,
             sequence_parallel=sequence_parallel,
             activation_checkpointing=activation_checkpointing,
+            compile=compile,
         ),
         optim=OptimConfigs(
             generator=OptimConfig(
@@ -227,6 +229,7 @@ def train_worker(cfgs: list[dict]) -> None:
                 sequence_parallel=cfg.get("sp", 1),
                 accumulation=cfg.get("accum", 1),
                 activation_checkpointing=cfg.get("ac", "none"),
+                compile=cfg.get("compile", "none"),
             )
             state = init_parallel(recipe.parallel, "cpu")
             method = dmd_method(cfg["wan"], recipe)
@@ -262,6 +265,13 @@ def train_worker(cfgs: list[dict]) -> None:
                     "params": params,
                     "finite": finite,
                     "resumed": resumed,
+                    # blocks torch.compile'd in place (parallel.compile), per network
+                    "compiled": {
+                        role: [
+                            getattr(b, "_compiled_call_impl", None) is not None for b in net.blocks
+                        ]
+                        for role, net in trainer.networks.items()
+                    },
                 }
                 torch.save(result, cfg["result"])
     finally:

@@ -103,7 +103,7 @@ def test_checkpointing_keeps_names_and_switches_off(base):
     assert [n for n, _ in net.named_parameters()] == names  # no wrapper module in the names
     assert list(net.state_dict()) == keys
     clone = copy.deepcopy(net)  # the copy's blocks checkpoint themselves, not the original's
-    assert clone.blocks[0].forward.__self__ is clone.blocks[0]
+    assert clone.blocks[0].forward.args[0] is clone.blocks[0]
     apply_activation_checkpointing(net, "none")
     assert activation_checkpointing_mode(net) == "none"
     assert _run(net)[2] == len(net.blocks)  # no recompute any more

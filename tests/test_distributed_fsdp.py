@@ -54,6 +54,8 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
         "accum": {"shard": 2, "accum": 2},
         # Ulysses SP 2 (one data-parallel rank) with selective activation checkpointing
         "sp": {"shard": 1, "sp": 2, "ac": "selective"},
+        # torch.compile'd blocks (Dynamo + AOTAutograd) under full checkpointing and FSDP2
+        "compiled": {"shard": 2, "ac": "full", "compile": "aot_eager"},
     }
     base = {"wan": str(wan_path), "world": 2, "steps": STEPS}
     cfgs = [
@@ -67,8 +69,10 @@ def test_fsdp_training_equals_one_process(wan_path, tmp_path):
     assert [r["generator_updated"] for r in trainer.history] == [True, False, True]
     written = sorted(p.name for p in (tmp_path / "fsdp").glob("validation-*.txt"))
     assert written == [f"validation-{i}.txt" for i in range(1, STEPS + 1)]  # rank 0 wrote
-    for name in ("fsdp", "replicate"):
+    for name in ("fsdp", "replicate", "compiled"):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        compiled = [all(flags) for flags in got["compiled"].values()]
+        assert compiled == [name == "compiled"] * len(compiled)
         assert got["finite"] == [True, False]  # rank 0 saw rank 1's NaN
         assert_same_losses(got["history"], trainer.history)
         for role, net in trainer.networks.items():

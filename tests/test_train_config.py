@@ -240,6 +240,8 @@ def test_malformed_overrides():
         ("train.validation_seeds=[]", "train.validation_seeds", "non-empty"),
         ("parallel.shard=3", "parallel.replicate", "must equal world_size"),
         ("parallel.activation_checkpointing=some", "parallel.activation_checkpointing", "full"),
+        ("parallel.compile=true", "parallel.compile", "'inductor'"),
+        ("parallel.compile=aot_eager", None, None),
         ("data.num_frames=0", "data.num_frames", ">= 1"),
         ("parallel.cpu_offload=maybe", "parallel.cpu_offload", "true or false"),
         ("data.height=450", "data.height", "multiple of 16"),

@@ -17,7 +17,6 @@ parameter names, state-dict keys, EMA names and checkpoints stay exactly as they
 from __future__ import annotations
 
 import functools
-import types
 from typing import Any
 
 import torch
@@ -70,8 +69,7 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_attention)
 
 
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    forward = type(self).forward  # the class's forward (FSDP2's subclass keeps it)
+def _checkpointed_forward(self: nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:
     mode = getattr(self, _MODE_ATTR)
     if not torch.is_grad_enabled():  # inference / no-grad rollouts: nothing to save
         return forward(self, *args, **kwargs)
@@ -102,8 +100,12 @@ def apply_activation_checkpointing(net: nn.Module, mode: str) -> nn.Module:
             block.__dict__.pop(_MODE_ATTR, None)
         else:
             setattr(block, _MODE_ATTR, mode)
-            # An instance attribute shadows the class's forward; deepcopy rebinds it.
-            block.forward = types.MethodType(_checkpointed_forward, block)
+            # An instance attribute shadows the class's forward (FSDP2's subclass keeps
+            # it); deepcopy rebinds the partial to the copy. The class's forward is
+            # captured here, not looked up per call: torch.compile cannot trace that.
+            forward = block.__dict__.get("forward")
+            fn = forward.args[1] if isinstance(forward, functools.partial) else type(block).forward
+            block.forward = functools.partial(_checkpointed_forward, block, fn)
     return net
 
 

@@ -11,7 +11,8 @@ gradients and optimizer states in CPU memory (not a recipe field yet: the method
 their device from their parameters, which offloading keeps on the CPU).
 
 :func:`parallelize_method` does it for a method's networks: activation checkpointing on
-the trainable ones first (so FSDP wraps the checkpointed blocks), then FSDP2 for the
+the trainable ones first (so FSDP wraps the checkpointed blocks), per-block
+``torch.compile`` when ``parallel.compile`` asks for it, then FSDP2 for the
 student, the critic and the frozen teacher (sharded too; it has no gradients and no
 optimizer). The optimizers must be built after this (the parameters become DTensors).
 """
@@ -36,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from fastwan.distributed.activation_checkpoint import apply_activation_checkpointing
 from fastwan.distributed.mesh import ParallelState
+from fastwan.models.compile import compile_blocks
 
 __all__ = [
     "DistributedValidator",
@@ -105,9 +107,10 @@ def shard_transformer(
 
 def parallelize_method(method: object, state: ParallelState, recipe: object) -> None:
     """Activation checkpointing (``parallel.activation_checkpointing``) on the trainable
-    networks, Ulysses sequence parallelism (``parallel.sequence_parallel > 1``) and FSDP2 on
-    every network of ``method`` (DMD: student, critic, teacher; flow: the trained network).
-    A one-process state leaves the networks untouched except for activation checkpointing.
+    networks, Ulysses sequence parallelism (``parallel.sequence_parallel > 1``), per-block
+    ``torch.compile`` (``parallel.compile``) and FSDP2 on every network of ``method`` (DMD:
+    student, critic, teacher; flow: the trained network). A one-process state gets
+    activation checkpointing and compilation only.
 
     With SP, each rank's gradients hold only its sequence shard's contribution: they must
     be summed over the SP group and averaged over data-parallel ranks, so the FSDP
@@ -117,18 +120,24 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
     trainable: Mapping[str, nn.Module] = method.networks()  # type: ignore[attr-defined]
     for net in trainable.values():
         apply_activation_checkpointing(net, parallel.activation_checkpointing)
-    if not state.distributed:
-        return
-    mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
     nets = [(net, True) for net in trainable.values()]
     teacher = getattr(method, "teacher", None)
     if teacher is not None:
         nets.append((teacher, False))
+    compile_backend = None if parallel.compile == "none" else parallel.compile
+    if not state.distributed:
+        if compile_backend is not None:
+            for net, _ in nets:
+                compile_blocks(net, backend=compile_backend)
+        return
+    mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
     for net, is_trainable in nets:
         if state.sp_size > 1:
             from fastwan.distributed.sequence_parallel import enable_sequence_parallel
 
             enable_sequence_parallel(net, state.sp_group)
+        if compile_backend is not None:  # per block, before FSDP wraps it (torchtitan)
+            compile_blocks(net, backend=compile_backend)
         shard_transformer(
             net,
             state,

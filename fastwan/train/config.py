@@ -532,11 +532,15 @@ class ParallelConfig:
     sequence_parallel: int = 1
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded states in host memory
+    # torch.compile each block of every network with this backend ("none": eager); after
+    # activation checkpointing and before FSDP2 (torchtitan's order)
+    compile: Literal["none", "inductor", "aot_eager", "eager"] = "none"
 
     def __post_init__(self) -> None:
         for name in ("world_size", "replicate", "shard", "sequence_parallel"):
             _check_int(self, name, 1)
         _check_choice(self, "activation_checkpointing", ("none", "full", "selective"))
+        _check_choice(self, "compile", ("none", "inductor", "aot_eager", "eager"))
         if not isinstance(self.cpu_offload, bool):
             _fail(self, "cpu_offload", f"must be true or false, got {self.cpu_offload!r}")
         if self.cpu_offload and self.world_size == 1:
