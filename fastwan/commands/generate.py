@@ -25,7 +25,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> 
         default=None,
         choices=("inductor", "aot_eager", "eager"),
         help="torch.compile each transformer block (default backend: inductor); the first "
-        "video at a new size pays the compile",
+        "video at each new size or attention setting (mode, sparsity) pays a compile",
     )
     p.add_argument(
         "--vae-tiling",
