@@ -67,7 +67,8 @@ def check(archs: list[int], dtypes: list[str], slots: int, head_dim: int) -> lis
                 if name != "_tile_mean_kernel":
                     const["PRECISION"] = precision
                 accumulators = 2 if name == "_dkdv_kernel" else 1
-                options = {"num_warps": tb._num_warps(block_d, accumulators), "num_stages": 2}
+                warps = 4 if name == "_tile_mean_kernel" else tb._num_warps(block_d, accumulators)
+                options = {"num_warps": warps, "num_stages": 2}  # as the launchers use
                 sig = {**_signature(spec, _DTYPES[dtype]), **dict.fromkeys(const, "constexpr")}
                 t0 = time.perf_counter()
                 try:

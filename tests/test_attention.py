@@ -325,6 +325,48 @@ def test_torch_fine_stage_pad_rows_lse_and_grads(chunk_bytes):
             torch.testing.assert_close(a, b, msg=name)
 
 
+def test_torch_fine_stage_keeps_batches_and_heads_apart():
+    """A non-finite key in one (batch, head) reaches no other one, also through the padded
+    key columns of chunks whose rows gather different numbers of keys."""
+    grid, tile, B, H, D, k_sel = (3, 5, 4), (2, 2, 2), 2, 2, 8, 3
+    plan = get_tile_plan(grid, tile)
+    n = plan.num_tiles
+    g = torch.Generator().manual_seed(6)
+    q, k, v, do = (plan.tile(x) for x in _qkv(B, H, math.prod(grid), D, seed=6, n=4))
+    idx = torch.stack([torch.randperm(n, generator=g)[:k_sel] for _ in range(B * H * n)])
+    idx = idx.sort(-1).values.view(B, H, n, k_sel).to(torch.int32)
+    args = (idx, plan.counts, plan.slots, 0.5)
+    for bad in (float("nan"), float("inf")):
+        k_bad = k.clone()
+        k_bad[0, 0, 0] = bad  # batch 0, head 0, first token
+        for chunk_bytes in (1, 2**40):  # one row per thread; one chunk for all rows
+            out, lse = fine_forward(q, k_bad, v, *args, chunk_bytes=chunk_bytes)
+            dq, dk, dv = fine_backward(do, q, k_bad, v, out, lse, *args, chunk_bytes=chunk_bytes)
+            others = [(b, h) for b in range(B) for h in range(H) if (b, h) != (0, 0)]
+            for b, h in others:
+                for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+                    assert torch.isfinite(t[b, h]).all(), (bad, chunk_bytes, b, h, name)
+
+
+def test_torch_fine_stage_takes_strided_inputs():
+    """Non-contiguous q/k/v/dO (views into wider tensors) give the contiguous results."""
+    grid, D = (2, 4, 4), 16  # whole tiles: the tile-gather path views [tiles, slots * D]
+    plan = get_tile_plan(grid, (2, 2, 2))
+    n = plan.num_tiles
+    wide = [plan.tile(x) for x in _qkv(1, 2, math.prod(grid), 2 * D, seed=8, n=4)]
+    strided = [x[..., :D] for x in wide]
+    dense = [x.contiguous() for x in strided]
+    idx = torch.arange(n).view(1, 1, n, 1).expand(1, 2, n, 1).flip(2).contiguous().int()
+    args = (idx, plan.counts, plan.slots, 0.25)
+    out, lse = fine_forward(*strided[:3], *args)
+    ref_out, ref_lse = fine_forward(*dense[:3], *args)
+    assert torch.equal(out, ref_out)
+    got = fine_backward(strided[3], *strided[:3], out, lse, *args)
+    ref = fine_backward(dense[3], *dense[:3], ref_out, ref_lse, *args)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_fullgraph():
     grid = (3, 5, 7)
     q, k, v, g = _qkv(1, 2, 105, 32, seed=10, dtype=torch.float32, n=4)

@@ -61,7 +61,8 @@ def _attend(q_t, k_t, v_t, idx, counts, slots, scale):
 def fine_forward(q_t, k_t, v_t, idx, counts, slots, scale):
     # Autograd is VSAFineFunction's: flex must not see requires_grad (CPU refuses it).
     out, lse = _attend(q_t.detach(), k_t.detach(), v_t.detach(), idx, counts, slots, scale)
-    return out.to(q_t.dtype), lse.float()
+    # the op's contract (and fake): float64 lse for float64 inputs, else float32
+    return out.to(q_t.dtype), lse.to(torch.float64 if q_t.dtype == torch.float64 else torch.float32)
 
 
 def fine_backward(do, q_t, k_t, v_t, out, lse, idx, counts, slots, scale):

@@ -74,6 +74,7 @@ def vsa_fine_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fine-stage backward: (dq, dk, dv), each shaped like its input."""
+    q_t, k_t, v_t, out = (t.contiguous() for t in (q_t, k_t, v_t, out))
     return fine_backend(backend).fine_backward(
         do.contiguous(), q_t, k_t, v_t, out, lse, idx, counts, slots, scale
     )

@@ -136,15 +136,19 @@ class _Chunks:
 
     def _token_table(self, b0: int, b1: int) -> torch.Tensor:
         """Valid key tokens of ordered rows b0:b1 as [b1 - b0, longest] token ids of the
-        flattened [B * H * N * slots] axis, each row's tokens first (pads point at token 0,
-        masked by the chunk's bias). Valid slots are a prefix of each tile."""
+        flattened [B * H * N * slots] axis, each row's tokens first, then pads (masked by the
+        chunk's bias). Valid slots are a prefix of each tile."""
         rows = self.order[b0:b1]
         n, width = b1 - b0, max(self.k_len[b0:b1])
         tok = self.sel[rows].unsqueeze(-1) * self.slots + self.slot  # [n, K, slots]
         valid = (self.slot < self.counts[self.key_tile[rows]].unsqueeze(-1)).view(n, -1)
+        # Pads point at the row's own (batch, head): its last tile's last slot, a pad slot
+        # whenever some tile is partial (a copy of a valid token, finite when the head is),
+        # so a non-finite value elsewhere cannot leak in through 0 * inf.
+        head_end = (self.sel[rows, 0] // self.N + 1) * self.N * self.slots  # [n]
+        table = (head_end - 1).view(n, 1).expand(n, width + 1).clone()
         # row i's j-th valid token goes to column j; pads to a spare last column
         col = valid.cumsum(1).sub_(1).masked_fill_(~valid, width)  # [n, K * slots]
-        table = torch.zeros(n, width + 1, dtype=torch.long, device=tok.device)
         table.scatter_(1, col, tok.view(n, -1))
         return table[:, :width]
 
@@ -205,6 +209,7 @@ def fine_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, H, N * slots, D] and lse [B, H, N * slots] (or, without
     ``with_lse``, an empty [B, H, 0]: this backend's backward does not need it)."""
+    q_t, k_t, v_t = q_t.contiguous(), k_t.contiguous(), v_t.contiguous()
     ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=1, n_kv_bufs=2)
     B, H, Sp, D = ch_.shape
     qo = ch_.ordered(q_t)  # [rows, slots, D]
@@ -239,6 +244,7 @@ def fine_backward(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # lse is unused: rows are renormalised exactly (see the module docstring).
+    do, q_t, k_t, v_t, out = (t.contiguous() for t in (do, q_t, k_t, v_t, out))
     ch_ = _Chunks(q_t, idx, counts, slots, chunk_bytes, n_score_bufs=2, n_kv_bufs=2)
     B, H, Sp, D = ch_.shape
     acc, dev = ch_.acc, q_t.device
