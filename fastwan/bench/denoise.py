@@ -25,6 +25,7 @@ import time
 import torch
 
 from fastwan.bench.timing import synchronize
+from fastwan.commands.generate import add_compile_argument
 
 GOAL_SPEEDUP = 50.0  # issue #3: >= 50x at the Wan2.1 1.3B 480P shape
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,14 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: torch's); 1 is steadiest on a busy machine",
     )
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        default=None,
-        choices=("inductor", "aot_eager", "eager"),
-        help="torch.compile each block (default backend: inductor; at least one warm-up "
-        "round then, so the compile is not timed)",
+    add_compile_argument(
+        parser,
+        "torch.compile each block (default backend: inductor; at least one warm-up round "
+        "then, so the compile is not timed)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -7,6 +7,18 @@ import sys
 from pathlib import Path
 
 
+def add_compile_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """``--compile [BACKEND]``: None when absent, ``inductor`` when given bare."""
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        choices=("inductor", "aot_eager", "eager"),  # fastwan.models.compile.COMPILE_BACKENDS
+        help=help,
+    )
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> None:
     """Where and how a loaded model runs: VSA backend, device, dtype, CPU offload,
     compilation, VAE tiling."""
@@ -18,14 +30,10 @@ def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> 
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help=cpu_offload_help)
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        default=None,
-        choices=("inductor", "aot_eager", "eager"),
-        help="torch.compile each transformer block (default backend: inductor); the first "
-        "video at each new size or attention setting (mode, sparsity) pays a compile",
+    add_compile_argument(
+        p,
+        "torch.compile each transformer block (default backend: inductor); the first video "
+        "at each new size or attention setting (mode, sparsity) pays a compile",
     )
     p.add_argument(
         "--vae-tiling",
