@@ -124,20 +124,16 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
     teacher = getattr(method, "teacher", None)
     if teacher is not None:
         nets.append((teacher, False))
-    compile_backend = None if parallel.compile == "none" else parallel.compile
-    if not state.distributed:
-        if compile_backend is not None:
-            for net, _ in nets:
-                compile_blocks(net, backend=compile_backend)
-        return
     mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
     for net, is_trainable in nets:
-        if state.sp_size > 1:
+        if state.sp_size > 1:  # > 1 only in a distributed run
             from fastwan.distributed.sequence_parallel import enable_sequence_parallel
 
             enable_sequence_parallel(net, state.sp_group)
-        if compile_backend is not None:  # per block, before FSDP wraps it (torchtitan)
-            compile_blocks(net, backend=compile_backend)
+        if parallel.compile != "none":  # per block, before FSDP wraps it (torchtitan)
+            compile_blocks(net, backend=parallel.compile)
+        if not state.distributed:
+            continue
         shard_transformer(
             net,
             state,
