@@ -212,6 +212,39 @@ def test_sparsity_zero_equals_dense(backend):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_full_selection_runs_dense_sdpa_with_the_gate(backend, monkeypatch):
+    """Every tile selected (sparsity 0): the fine stage is PyTorch's SDPA, not the block
+    kernel, and with the gate the result and gradients still match the oracle."""
+    import fastwan.attention.api as api
+
+    class NoKernel:
+        @staticmethod
+        def apply(*args):
+            raise AssertionError("the block-sparse fine stage ran at full selection")
+
+    monkeypatch.setattr(api, "VSAFineFunction", NoKernel)
+    grid = (3, 5, 7)
+    q, k, v, gate, do = _qkv(1, 2, 105, 16, seed=12, n=5)
+    kw = dict(grid=grid, tile_size=(2, 3, 4), sparsity=0.0)
+    out, idx = video_sparse_attention(
+        q, k, v, gate=gate, backend=backend, return_indices=True, **kw
+    )
+    n = get_tile_plan(grid, (2, 3, 4)).num_tiles
+    assert torch.equal(idx, torch.arange(n).expand(1, 2, n, n))
+    got = attention_outputs_and_grads(
+        lambda q, k, v, g: video_sparse_attention(q, k, v, gate=g, backend=backend, **kw),
+        q, k, v, do, (gate,),
+    )  # fmt: skip
+
+    def oracle(q, k, v, g):  # the dense masked oracle, which works in float32
+        return vsa_reference(q, k, v, grid=grid, tile_size=(2, 3, 4), topk=n, gate=g)[0]
+
+    ref = attention_outputs_and_grads(oracle, q, k, v, do, (gate,))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sparsity_changes_the_output():
     grid = (5, 10, 13)
     q, k, v = _qkv(1, 2, 650, 32, seed=5, dtype=torch.float32)
@@ -287,12 +320,15 @@ def _masked_fine_oracle(q_t, k_t, v_t, idx, plan, scale):
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2**40])
-def test_torch_fine_stage_pad_rows_lse_and_grads(chunk_bytes):
+@pytest.mark.parametrize("k_sel", [3, "all"])
+def test_torch_fine_stage_pad_rows_lse_and_grads(chunk_bytes, k_sel):
     """Partial edge tiles: valid rows match dense masked attention (out, lse, dq, dk, dv);
-    pad query rows get out = lse = dq = 0 and their dO never reaches dk / dv."""
-    grid, tile, B, H, D, k_sel = (3, 5, 7), (4, 4, 4), 2, 2, 16, 3
+    pad query rows get out = lse = dq = 0 and their dO never reaches dk / dv. ("all": the
+    full selection, which the public API sends to dense SDPA instead.)"""
+    grid, tile, B, H, D = (3, 5, 7), (4, 4, 4), 2, 2, 16
     plan = get_tile_plan(grid, tile)
     n = plan.num_tiles
+    k_sel = n if k_sel == "all" else k_sel
     g = torch.Generator().manual_seed(4)
     q, k, v, do = _qkv(B, H, math.prod(grid), D, scale=3.0, seed=5, n=4)
     qt, kt, vt = (plan.tile(x).requires_grad_() for x in (q, k, v))

@@ -6,6 +6,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from fastwan.attention.ops import TileMeanFunction, VSAFineFunction
 from fastwan.attention.reference import vsa_reference
@@ -170,6 +171,15 @@ def video_sparse_attention(
     qc, kc = tile_mean(q_t), tile_mean(k_t)  # [B, H, N, D]
     scores_c = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, N, N]
     idx = select_topk_tiles(scores_c, k_sel)  # [B, H, N, k]
+
+    if k_sel == plan.num_tiles:
+        # Every key tile is selected (sparsity 0, as at the start of a sparsity ramp): the
+        # fine stage is exactly dense attention, and PyTorch's flash kernel is faster.
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, S, D]
+        if gate is not None:
+            coarse = torch.softmax(scores_c, dim=-1) @ tile_mean(v_t)  # [B, H, N, D]
+            out = out + gate * coarse.to(q.dtype).index_select(-2, plan.token_tile)
+        return (out, idx) if return_indices else out
 
     out_t, _ = VSAFineFunction.apply(
         q_t, k_t, v_t, idx.to(torch.int32), plan.counts, plan.slots, scale, name
