@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: a clear message, no traceback
         print(f"fastwan {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a failed write or read: the path and the reason, no traceback
+        print(f"fastwan {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ same scheduler, seed and timesteps both produce the same video.
 from __future__ import annotations
 
 import html
+import math
+import numbers
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,11 +30,14 @@ from fastwan.diffusion.samplers import (
     sample_scheduler,
 )
 from fastwan.models.compile import compile_blocks, parse_compile
+from fastwan.models.identity import ModelIdentity, check_video_size
 from fastwan.models.loading import WanComponents, load_components, with_flow_shift
 from fastwan.models.presets import WanPreset
 from fastwan.models.vsa import get_attention, set_attention
 
 SAMPLER_NAMES = ("dmd", "euler", "unipc", "scheduler")
+OUTPUT_TYPES = ("np", "latent")
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; CLI seeds add one per prompt
 _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -66,12 +72,6 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _nearest_multiples(value: int, multiple: int) -> str:
-    lo = max(multiple, value // multiple * multiple)
-    hi = -(-value // multiple) * multiple
-    return f"{lo}" if lo == hi else f"{lo} or {hi}"
-
-
 @dataclass
 class GenerationOutput:
     """Result of :meth:`VideoGenerator.generate`."""
@@ -84,6 +84,8 @@ class GenerationOutput:
     fps: int
     sampler: str
     timesteps: list[float] = field(default_factory=list)  # the timesteps the model saw
+    # sampling setting -> where its value came from ("argument", "scheduler_config.json", ...)
+    sampling_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def video(self) -> np.ndarray:
@@ -150,8 +152,16 @@ class VideoGenerator:
         cpu_offload: bool = False,
         compile: bool | str = False,
         vae_tiling: bool = False,
+        strict: bool = False,
     ) -> VideoGenerator:
         """Load a Diffusers-format Wan folder (or hub id / preset name).
+
+        Sampling defaults come from the folder's own files (``model_index.json``, the
+        scheduler config, the transformer config and its VSA gates, fastwan's
+        ``fastwan.json``), then ``preset`` or a known preset matched by name or
+        architecture, then diffusers' ``WanPipeline`` defaults; ``gen.sampling_sources``
+        says where each came from. strict: incomplete VSA gates or unknown weights are
+        errors (otherwise warnings naming them).
 
         attention: ``"vsa"`` or ``"dense"``; default the preset's (VSA for FastWan).
         sparsity: VSA sparsity; default the preset's. dtype: default bf16 on CUDA, fp32 on
@@ -167,7 +177,11 @@ class VideoGenerator:
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         components = load_components(
-            path_or_id, preset=preset, dtype=parse_dtype(dtype), vae_dtype=parse_dtype(vae_dtype)
+            path_or_id,
+            preset=preset,
+            dtype=parse_dtype(dtype),
+            vae_dtype=parse_dtype(vae_dtype),
+            strict=strict,
         )
         p = components.preset
         mode = attention if attention is not None else p.attention
@@ -187,7 +201,17 @@ class VideoGenerator:
 
     @property
     def preset(self) -> WanPreset:
+        """The effective sampling defaults of the loaded model."""
         return self.components.preset
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.components.identity
+
+    @property
+    def sampling_sources(self) -> dict[str, str]:
+        """Sampling setting -> the file, preset or default its value came from."""
+        return dict(self.components.sampling_sources)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -220,25 +244,10 @@ class VideoGenerator:
         return int(cfg_.scale_factor_temporal), int(cfg_.scale_factor_spatial)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple:
-        """``[B, C, T, h, w]`` for a video, or a ValueError naming the nearest valid sizes."""
-        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        """``[B, C, T, h, w]`` for a video, or a ValueError naming the nearest valid sizes
+        (or the model's largest, past its rotary position table)."""
+        check_video_size(self.identity, height, width, num_frames)
         st, ss = self.vae_scale
-        _, ph, pw = self.transformer.config.patch_size
-        for name, value, p in (("height", height, ph), ("width", width, pw)):
-            multiple = ss * p
-            if value % multiple:
-                raise ValueError(
-                    f"{name}={value} is not a multiple of {multiple} (VAE x{ss} times patch "
-                    f"{p}); the nearest valid {name}: {_nearest_multiples(value, multiple)}"
-                )
-        if (num_frames - 1) % st:
-            lo = (num_frames - 1) // st * st + 1
-            raise ValueError(
-                f"num_frames={num_frames} must be 1 + a multiple of {st} (the VAE's temporal "
-                f"factor); the nearest valid num_frames: {lo} or {lo + st}"
-            )
         channels = self.transformer.config.in_channels
         return (batch, channels, (num_frames - 1) // st + 1, height // ss, width // ss)
 
@@ -281,6 +290,16 @@ class VideoGenerator:
         )
         ids, mask = inputs.input_ids, inputs.attention_mask  # [B, L]
         lengths = mask.gt(0).sum(dim=1)  # [B]
+        full = tok([clean_prompt(p) for p in prompts], add_special_tokens=True).input_ids
+        cut = [(i, len(f) - max_sequence_length) for i, f in enumerate(full)]
+        cut = [(i, n) for i, n in cut if n > 0]
+        if cut:
+            warnings.warn(
+                f"{len(cut)} prompt(s) are longer than the model's {max_sequence_length} text "
+                f"tokens; their last tokens are dropped (prompt {cut[0][0]}: {cut[0][1]} "
+                "tokens): shorten the prompt, or pass a larger max_sequence_length",
+                stacklevel=3,
+            )
         with self._on_device(self.components.text_encoder) as encoder:
             hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state
         keep = (
@@ -357,32 +376,29 @@ class VideoGenerator:
         """
         t_start = time.perf_counter()
         p = self.preset
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(x, str) and x.strip() for x in prompts):
-            raise ValueError("prompt must be a non-empty string or a list of them")
-        if max_sequence_length is None:
-            max_sequence_length = p.text_length
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
-            raise ValueError(f"max_sequence_length must be an int, got {max_sequence_length!r}")
-        if max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
-        height = p.height if height is None else height
-        width = p.width if width is None else width
-        num_frames = p.num_frames if num_frames is None else num_frames
-        shape = self.latent_shape(len(prompts), height, width, num_frames)
-        name, ts, steps = self._plan_sampler(sampler, timesteps, num_inference_steps)
-        scale = p.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if scale <= 0:
-            raise ValueError(f"guidance_scale must be > 0 (1 disables CFG), got {scale!r}")
-        shift = p.flow_shift if flow_shift is None else float(flow_shift)
-        if shift <= 0:
-            raise ValueError(f"flow_shift must be > 0, got {shift!r}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        plan = self.check_inputs(
+            prompts,
+            negative_prompt,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            generator=generator,
+            sampler=sampler,
+            flow_shift=flow_shift,
+            max_sequence_length=max_sequence_length,
+            output_type=output_type,
+        )
+        prompts = list(prompts)
+        shape, name, ts, steps = plan["shape"], plan["sampler"], plan["timesteps"], plan["steps"]
+        scale, shift = plan["guidance_scale"], plan["flow_shift"]
+        max_sequence_length = plan["max_sequence_length"]
         own_generator = generator is not None
         if generator is None:
-            if seed is None:
-                raise ValueError("pass seed= (an int) or generator= (a torch.Generator)")
             generator = torch.Generator("cpu").manual_seed(int(seed))
 
         timings = {}
@@ -391,12 +407,7 @@ class VideoGenerator:
         uncond = None
         if scale > 1.0:
             neg = p.negative_prompt if negative_prompt is None else negative_prompt
-            negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
-            if len(negs) != len(prompts):
-                raise ValueError(
-                    f"negative_prompt has {len(negs)} entries for {len(prompts)} prompts; pass "
-                    "one string or one per prompt"
-                )
+            negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)  # checked
             uncond = self.encode_prompt(negs, max_sequence_length)
         self._sync()
         timings["text_encode"] = time.perf_counter() - t0
@@ -441,7 +452,121 @@ class VideoGenerator:
             fps=p.fps,
             sampler=name,
             timesteps=seen,
+            sampling_sources=plan["sources"],
         )
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt=None,
+        *,
+        height=None,
+        width=None,
+        num_frames=None,
+        num_inference_steps=None,
+        timesteps=None,
+        guidance_scale=None,
+        seed=0,
+        generator=None,
+        sampler=None,
+        flow_shift=None,
+        max_sequence_length=None,
+        output_type="np",
+    ) -> dict:
+        """Check every argument of :meth:`generate` before any work (a ValueError naming the
+        argument and the fix) and resolve the defaults; returns the plan: latent
+        ``shape``, ``sampler``, ``timesteps`` / ``steps``, ``guidance_scale``,
+        ``flow_shift``, ``max_sequence_length`` and each setting's ``sources``."""
+        p = self.preset
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(prompts, (list, tuple))
+            or not prompts
+            or not all(isinstance(x, str) and x.strip() for x in prompts)
+        ):
+            raise ValueError("prompt must be a non-empty string or a list of them")
+        if negative_prompt is not None:
+            negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negs, (list, tuple)) or not all(isinstance(x, str) for x in negs):
+                raise ValueError("negative_prompt must be a string or a list of strings")
+            if len(negs) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negs)} entries for {len(prompts)} prompts; pass "
+                    "one string or one per prompt"
+                )
+        given_length = max_sequence_length
+        if max_sequence_length is None:
+            max_sequence_length = p.text_length
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
+            raise ValueError(f"max_sequence_length must be an int, got {max_sequence_length!r}")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        given = dict(
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            guidance_scale=guidance_scale,
+            flow_shift=flow_shift,
+            negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        height = p.height if height is None else height
+        width = p.width if width is None else width
+        num_frames = p.num_frames if num_frames is None else num_frames
+        shape = self.latent_shape(len(prompts), height, width, num_frames)
+        if timesteps is not None:
+            timesteps = list(timesteps)
+            if not timesteps or not all(_is_finite_number(t) and 0 < t <= 1000 for t in timesteps):
+                raise ValueError(
+                    f"timesteps must be finite numbers in (0, 1000], got {timesteps!r}"
+                )
+        name, ts, steps = self._plan_sampler(sampler, timesteps, num_inference_steps)
+        scale = p.guidance_scale if guidance_scale is None else guidance_scale
+        if not _is_finite_number(scale) or scale <= 0:
+            raise ValueError(
+                f"guidance_scale must be a finite number > 0 (1 disables CFG), got {scale!r}"
+            )
+        shift = p.flow_shift if flow_shift is None else flow_shift
+        if not _is_finite_number(shift) or shift <= 0:
+            raise ValueError(f"flow_shift must be a finite number > 0, got {shift!r}")
+        if generator is None:
+            if seed is None:
+                raise ValueError("pass seed= (an int) or generator= (a torch.Generator)")
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+        elif not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator)}")
+        sources = {k: self.identity.sources.get(k, "default") for k in given}
+        sources.update({k: "argument" for k, v in given.items() if v is not None})
+        if given_length is None:
+            sources["max_sequence_length"] = self.identity.sources.get("text_length", "default")
+        if name == "dmd":
+            sources["timesteps"] = (
+                "argument" if timesteps is not None else self.identity.sources["timesteps"]
+            )
+        else:
+            sources["num_inference_steps"] = (
+                "argument"
+                if num_inference_steps is not None
+                else self.identity.sources.get("num_inference_steps", "default")
+            )
+        sources["sampler"] = "argument" if sampler is not None else "timesteps / steps"
+        return dict(
+            shape=shape,
+            sampler=name,
+            timesteps=ts,
+            steps=steps,
+            guidance_scale=float(scale),
+            flow_shift=float(shift),
+            max_sequence_length=max_sequence_length,
+            sources=sources,
+        )
+
+
+def _is_finite_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @torch.no_grad()

@@ -1,12 +1,20 @@
-"""Writing (and reading back) videos: MP4 through imageio-ffmpeg or PyAV, GIF through
-Pillow. Frames are ``[F, H, W, 3]`` (or ``[1, F, H, W, 3]``), float in [0, 1] or uint8."""
+"""Writing (and reading back) videos: MP4 through imageio-ffmpeg's ffmpeg or PyAV, GIF
+through Pillow. Frames are ``[F, H, W, 3]`` (or ``[1, F, H, W, 3]``), float in [0, 1] or
+uint8. A write that fails raises naming the path and the reason, with every backend."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
+import uuid
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from fastwan.fsutil import WriteError, describe_os_error, ensure_writable_dir, os_error_reason
 
 MP4_SUFFIXES = (".mp4", ".mov", ".mkv")
 VIDEO_BACKENDS = ("auto", "imageio-ffmpeg", "pyav")
@@ -55,19 +63,52 @@ def _pad_even(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _run_ffmpeg(cmd: list[str], data: memoryview) -> tuple[int, str]:
+    """Run ffmpeg with ``data`` on stdin; its exit code and stderr (a seam for tests)."""
+    proc = subprocess.run(
+        cmd, input=data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+    )
+    return proc.returncode, proc.stderr.decode("utf-8", "replace")
+
+
+def _ffmpeg_errno(stderr: str) -> int | None:
+    """The errno whose message ffmpeg printed ("No space left on device", ...), if any."""
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EISDIR, errno.ENOTDIR):
+        if os.strerror(code) in stderr:
+            return code
+    if hasattr(errno, "EDQUOT") and os.strerror(errno.EDQUOT) in stderr:
+        return errno.EDQUOT
+    return None
+
+
 def _write_imageio_ffmpeg(arr: np.ndarray, path: Path, fps: float, quality: int) -> None:
+    # imageio_ffmpeg.write_frames never looks at ffmpeg's exit code, so an output ffmpeg
+    # cannot open or fill ("Error opening output", a full disk) passed as success: run its
+    # ffmpeg binary here with the same settings and check the exit code.
     import imageio_ffmpeg
 
     _, h, w, _ = arr.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, quality=quality, macro_block_size=1, ffmpeg_log_level="error"
-    )
-    writer.send(None)  # start ffmpeg
-    try:
-        for frame in arr:
-            writer.send(frame)
-    finally:
-        writer.close()
+    crf = int((1 - quality / 10.0) * 51)  # imageio-ffmpeg's quality -> x264 crf mapping
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-f", "rawvideo",
+        "-vcodec", "rawvideo",
+        "-s", f"{w}x{h}",
+        "-pix_fmt", "rgb24",
+        "-r", str(Fraction(fps).limit_denominator()),
+        "-i", "-",
+        "-an",
+        "-vcodec", "libx264",
+        "-pix_fmt", "yuv420p",
+        "-crf", str(crf),
+        "-v", "error",
+        str(path),
+    ]  # fmt: skip
+    code, stderr = _run_ffmpeg(cmd, memoryview(arr).cast("B"))
+    if code != 0:
+        detail = " ".join(stderr.split())[:300] or f"exit code {code}"
+        raise OSError(_ffmpeg_errno(stderr), f"ffmpeg failed: {detail}")
 
 
 def _write_pyav(arr: np.ndarray, path: Path, fps: float, quality: int) -> None:
@@ -82,6 +123,64 @@ def _write_pyav(arr: np.ndarray, path: Path, fps: float, quality: int) -> None:
         for frame in arr:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
+
+
+def _write_gif(arr: np.ndarray, path: Path, fps: float) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in arr]
+    duration = max(1, round(1000.0 / fps))  # ms per frame
+    images[0].save(
+        path, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0
+    )
+
+
+def _check_suffix(path: Path) -> Path:
+    if path.suffix.lower() not in MP4_SUFFIXES + (".gif",):
+        raise ValueError(
+            f"output {str(path)!r} must end in one of {MP4_SUFFIXES + ('.gif',)}; e.g. out.mp4"
+        )
+    return path
+
+
+def check_video_output(path: str | Path) -> Path:
+    """Refuse, before any work, an output ``save_video`` could not write: a wrong suffix, a
+    path that is a directory, a folder that cannot be created or written (read-only
+    file system, a parent that is a file, ...). Creates the folder; returns the path.
+
+    Commands call it before loading models (``save_video`` calls it again)."""
+    path = _check_suffix(Path(path))
+    if path.is_dir():
+        raise WriteError(
+            f"cannot write video {str(path)!r}: it is a directory; pass a file path such as "
+            f"{str(path / ('video' + path.suffix))!r}",
+            errno.EISDIR,
+        )
+    ensure_writable_dir(path.parent, f"cannot write video {str(path)!r}")
+    return path
+
+
+def _no_free_space(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
+
+
+def _write_failed(path: Path, err: OSError) -> WriteError:
+    """A clear error for a write that failed (``err`` names the hidden temporary file)."""
+    code = err.errno
+    if os_error_reason(err) is None and _no_free_space(path.parent):
+        code = errno.ENOSPC  # an encoder error that did not say why, on a full disk
+    detail = err.strerror or str(err)
+    message = describe_os_error(OSError(code, detail), path).replace(
+        "cannot write ", "cannot write video ", 1
+    )
+    if os_error_reason(OSError(code, detail)) is None:
+        message += "; check the path, its permissions and the free space on its disk"
+    elif "ffmpeg" in detail:
+        message += f" ({detail})"
+    return WriteError(message, code)
 
 
 def _pick_backend(backend: str) -> str:
@@ -110,28 +209,43 @@ def save_video(
 
     fps: frames per second. quality: 0..10 for MP4 (imageio-ffmpeg's scale). Odd frame
     sizes are padded by one edge pixel for MP4 (yuv420p). Returns the path.
+
+    A video that cannot be written raises :class:`~fastwan.fsutil.WriteError` (a
+    ``ValueError`` and an ``OSError``) naming the path and the reason ("is a directory",
+    "read-only file system", "disk full (no space left on device)", ...); the target is
+    checked first (:func:`check_video_output`) and the file is checked after writing.
+    The video is encoded into a hidden sibling and renamed, so a failure leaves no
+    truncated file (and keeps a video that was already at ``path``).
     """
-    path = Path(path)
+    path = _check_suffix(Path(path))
     suffix = path.suffix.lower()
-    if suffix not in MP4_SUFFIXES + (".gif",):
-        raise ValueError(
-            f"output {str(path)!r} must end in one of {MP4_SUFFIXES + ('.gif',)}; e.g. out.mp4"
-        )
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not isinstance(quality, int) or not 0 <= quality <= 10:
         raise ValueError(f"quality must be an int in [0, 10], got {quality!r}")
     arr = to_uint8_frames(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in arr]
-        duration = max(1, round(1000.0 / fps))  # ms per frame
-        images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
-        return path
-    writer = {"imageio-ffmpeg": _write_imageio_ffmpeg, "pyav": _write_pyav}[_pick_backend(backend)]
-    writer(_pad_even(arr), path, float(fps), quality)
+    writer = None
+    if suffix != ".gif":
+        writer = {"imageio-ffmpeg": _write_imageio_ffmpeg, "pyav": _write_pyav}[
+            _pick_backend(backend)
+        ]
+    check_video_output(path)
+    # Encode into a hidden sibling and rename: a failed or interrupted write leaves no
+    # truncated video at ``path`` (nor clobbers one already there).
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        if writer is None:
+            _write_gif(arr, tmp, float(fps))
+        else:
+            writer(_pad_even(arr), tmp, float(fps), quality)
+        if not tmp.is_file() or tmp.stat().st_size == 0:  # a writer that failed silently
+            raise OSError(None, "the encoder reported success but wrote no data")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _write_failed(path, err) from err
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

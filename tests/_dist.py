@@ -360,11 +360,14 @@ def assert_same_losses(got, want, rtol=1e-5):
         for key in a:
             if isinstance(a[key], float):
                 assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=1e-9), (key, a, b)
-            else:
+            else:  # the step, generator_updated: ints and bools, exact
                 assert a[key] == b[key], (key, a, b)
 
 
-def assert_same_params(got, want, atol=2e-6):
+def assert_same_params(got, want, atol=5e-6):
+    """Max abs difference <= atol: float32 gradients summed in another order, through 3
+    AdamW steps (see tests/test_distributed_fsdp.py: seen up to 2.1e-6, depending on the
+    reference's thread count; the parameters move by ~2e-3 to 6e-3)."""
     assert got.keys() == want.keys()
     for name in want:
         err = (got[name] - want[name].detach()).abs().max().item()

@@ -185,7 +185,9 @@ def test_corrupt_rows_and_files(tmp_path):
         ds[1]
     skip = LatentDataset(root, text_length=8, normalize=False, on_error="skip")
     s = skip[1]  # replaced by the next good row, and reported
-    assert s["id"] == "video_2" and len(s["skipped"]) == 1 and "a.parquet row 1" in s["skipped"][0]
+    assert s["id"] == "video_2" and len(s["skipped"]) == 1
+    assert s["skipped"][0]["reason"] == "decode_error" and s["skipped"][0]["row"] == 1
+    assert "a.parquet row 1: column 'vae_latent_bytes'" in s["skipped"][0]["message"]
     batch = collate_samples([skip[0], skip[1]])
     assert batch["id"] == ["video_0", "video_2"] and len(batch["skipped"]) == 1
 
@@ -297,3 +299,164 @@ def test_build_train_loader_from_the_data_config(fastvideo_dir):
     assert next(iter(resumed))["index"].tolist() == expected
     with pytest.raises(ValueError, match="data.path is null"):
         build_train_loader(DataConfig(), rank=0, **kw)
+
+
+# ------------------------------------------------- clip size, bad values (issues 14, 15)
+
+LONG = (16, 20, 4, 6)  # 77 frames -> 20 latent frames (Wan-Syn's), 4 x 6 latent pixels
+TRAIN = (16, 16, 4, 6)  # the recipe's 61 frames -> 16 latent frames
+
+
+def _long_dir(tmp_path, n=8):
+    root = tmp_path / "long"
+    _write(root / "a.parquet", _fastvideo_rows(0, n, latent_shape=LONG), row_group_size=3)
+    return root
+
+
+def _raw(row, shape):
+    return torch.from_numpy(
+        np.frombuffer(row["vae_latent_bytes"], np.float32).reshape(shape).copy()
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_long_latents_are_cropped_in_time_identically_on_resume(tmp_path, num_workers):
+    root = _long_dir(tmp_path)
+    rows = {r["id"]: r for r in _fastvideo_rows(0, 8, latent_shape=LONG)}
+    kw = dict(text_length=8, normalize=False, latent_shape=TRAIN, seed=11)
+    ds = LatentDataset(root, **kw)
+
+    def loader():
+        sampler = DistributedSampler(len(ds), batch_size=2, seed=5)
+        return ResumableLoader(ds, sampler, num_workers=num_workers)
+
+    steps = 9  # 4 batches per epoch: crosses two epoch boundaries
+    reference = [b for b, _ in zip(loader(), range(steps))]
+    starts = set()
+    for batch in reference:
+        assert batch["latents"].shape == (2, *TRAIN)
+        for i, (row_id, start) in enumerate(zip(batch["id"], batch["crop_start"])):
+            assert 0 <= start <= LONG[1] - TRAIN[1]
+            want = _raw(rows[row_id], LONG)[:, start : start + TRAIN[1]]  # latent-aligned
+            assert torch.equal(batch["latents"][i], want)
+            starts.add(start)
+    assert len(starts) > 1  # the start is drawn, not fixed
+    # one sample's start differs between epochs (drawn per (seed, epoch, index))
+    per_key = {(b["index"][i].item(), b["epoch"][i]): b["crop_start"][i]
+               for b in reference for i in range(2)}  # fmt: skip
+    by_index: dict[int, set] = {}
+    for (index, _epoch), start in per_key.items():
+        by_index.setdefault(index, set()).add(start)
+    assert any(len(v) > 1 for v in by_index.values())
+    # interrupted after 3 batches, resumed in a fresh loader: the same crops
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    tail = [b for b, _ in zip(resumed, range(steps - 3))]
+    for a, b in zip(reference, head + tail):
+        assert a["id"] == b["id"] and a["crop_start"] == b["crop_start"]
+        assert torch.equal(a["latents"], b["latents"])
+    # another seed draws other starts; "first" always crops at 0
+    other = LatentDataset(root, **dict(kw, seed=12))
+    assert [other[(i, 0)]["crop_start"] for i in range(8)] != [ds[(i, 0)]["crop_start"]
+                                                               for i in range(8)]  # fmt: skip
+    head_crop = LatentDataset(root, **kw, temporal_crop="first")
+    s = head_crop[(3, 1)]
+    assert s["crop_start"] == 0 and torch.equal(s["latents"], _raw(rows["video_3"], LONG)[:, :16])
+    # latents of exactly the recipe's length are not cropped
+    exact = LatentDataset(root, **dict(kw, latent_shape=LONG))[(2, 0)]
+    assert exact["crop_start"] == 0 and torch.equal(exact["latents"], _raw(rows["video_2"], LONG))
+
+
+def test_other_sizes_are_skipped_and_counted_or_refused(tmp_path):
+    root = tmp_path / "mixed"
+    _write(root / "a.parquet", _fastvideo_rows(0, 4, latent_shape=LONG))
+    _write(root / "b.parquet", _fastvideo_rows(4, 1, latent_shape=(16, 20, 4, 8)))  # wider
+    _write(root / "c.parquet", _fastvideo_rows(5, 1, latent_shape=(16, 12, 4, 6)))  # 45 frames
+    kw = dict(text_length=8, normalize=False, latent_shape=TRAIN)
+    # on_error: raise refuses at open, naming the rows, the files and the fix
+    with pytest.raises(SchemaError) as err:
+        LatentDataset(root, **kw)
+    msg = str(err.value)
+    assert "2 of 6 rows" in msg and "shape_mismatch 1, too_short 1" in msg
+    assert "b.parquet row 0: column 'vae_latent_shape' is [16, 20, 4, 8]" in msg
+    assert "data.num_frames / data.height / data.width" in msg and "on_error='skip'" in msg
+    # on_error: skip: skipped (replaced by the next good row) and counted per reason
+    with pytest.warns(UserWarning, match="2 of 6 rows .* skipped and counted"):
+        ds = LatentDataset(root, **kw, on_error="skip")
+    assert ds.shape_skips == {"shape_mismatch": 1, "too_short": 1}
+    wide, short = ds[4], ds[5]
+    assert [s["reason"] for s in wide["skipped"]] == ["shape_mismatch"]
+    assert [s["reason"] for s in short["skipped"]] == ["too_short"]
+    assert short["skipped"][0]["file"].endswith("c.parquet") and short["skipped"][0]["row"] == 0
+    assert "12 latent frames, fewer than the recipe's 16" in short["skipped"][0]["message"]
+    assert wide["latents"].shape == TRAIN and short["latents"].shape == TRAIN  # replacements
+    batch = collate_samples([ds[0], wide, short])
+    assert [s["reason"] for s in batch["skipped"]] == ["shape_mismatch", "too_short"]
+    # ... refused when that is more than data.max_skip_fraction of the rows
+    cfg = DataConfig(path=str(root), num_workers=0, text_length=8, on_error="skip")
+    kw_loader = dict(rank=0, world_size=1, micro_batch_size=1, seed=0, latents_mean=MEAN,
+                     latents_std=STD, latent_shape=TRAIN)  # fmt: skip
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"data\.max_skip_fraction: 2 of the 6 rows"),
+    ):
+        build_train_loader(cfg, **kw_loader)
+    cfg.max_skip_fraction = 0.5
+    with pytest.warns(UserWarning):
+        assert len(build_train_loader(cfg, **kw_loader).dataset) == 6
+    # every row mismatches: refused whatever on_error, with the row, the file and the fix
+    for on_error in ("raise", "skip"):
+        with pytest.raises(SchemaError) as err:
+            LatentDataset(root / "b.parquet", **kw, on_error=on_error)
+        msg = str(err.value)
+        assert "no row of" in msg and "all 1 rows have latents of another size" in msg
+        assert "b.parquet row 0" in msg and "data.num_frames / data.height / data.width" in msg
+
+
+@pytest.mark.parametrize("value", [1e30, float("inf"), float("nan")])
+def test_absurd_latents_name_the_row(tmp_path, value):
+    rows = _fastvideo_rows(0, 4)
+    latent = np.frombuffer(rows[2]["vae_latent_bytes"], np.float32).copy()
+    latent[7] = value
+    rows[2]["vae_latent_bytes"] = latent.tobytes()
+    root = tmp_path / "ds"
+    _write(root / "a.parquet", rows)
+    ds = LatentDataset(root, text_length=8, latents_mean=MEAN, latents_std=STD)
+    with pytest.raises(SchemaError) as err:
+        ds[2]
+    msg = str(err.value)
+    assert "a.parquet row 2: column 'vae_latent_bytes' holds" in msg, msg
+    assert "re-encode the clip" in msg and "on_error='skip'" in msg
+    assert err.value.reason == "non_finite"
+    skip = LatentDataset(root, text_length=8, latents_mean=MEAN, latents_std=STD, on_error="skip")
+    s = skip[2]
+    assert s["id"] == "video_3" and [x["reason"] for x in s["skipped"]] == ["non_finite"]
+    assert torch.isfinite(s["latents"]).all()
+    # the bound is a recipe field: null only refuses NaN / inf
+    if value == 1e30:
+        loose = LatentDataset(root, text_length=8, normalize=False, max_abs_latent=None)
+        assert loose[2]["latents"].abs().max() == pytest.approx(1e30, rel=1e-6)
+        big = LatentDataset(root, text_length=8, normalize=False, max_abs_latent=1e31)
+        assert big[2]["id"] == "video_2"
+
+
+def test_unreadable_files_past_the_skip_fraction_are_refused(tmp_path):
+    root = tmp_path / "ds"
+    _write(root / "a.parquet", _fastvideo_rows(0, 4))
+    (root / "b.parquet").write_bytes(b"PAR1 garbage that is not parquet")
+    cfg = DataConfig(path=str(root), num_workers=0, text_length=8, on_error="skip")
+    kw = dict(rank=0, world_size=1, micro_batch_size=1, seed=0, latents_mean=MEAN,
+              latents_std=STD)  # fmt: skip
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            ValueError, match=r"data\.max_skip_fraction: 1 of the 2 parquet files .*b\.parquet"
+        ),
+    ):
+        build_train_loader(cfg, **kw)
+    cfg.max_skip_fraction = 0.5
+    with pytest.warns(UserWarning):
+        assert len(build_train_loader(cfg, **kw).dataset) == 4

@@ -140,6 +140,7 @@ def test_resize_center_crop_keeps_the_centre():
     assert out.shape == (1, 20, 20, 3) and (out == (0, 255, 0)).all()
     out = resize_center_crop(frame, 40, 160)  # scale 2: covers width, cuts rows
     assert out.shape == (1, 40, 160, 3) and out[0, :, 0, 0].min() == 255
+    # exact: at scale 1 the centre is cut out, not resampled (uint8 either way)
     assert resize_center_crop(frame, 40, 40).tolist() == frame[:, :, 20:60].tolist()
 
 
@@ -241,8 +242,8 @@ def test_interrupted_preprocess_resumes_without_duplicates(video_set, tmp_path):
     a = LatentDataset(out, text_length=8, normalize=False)
     b = LatentDataset(clean, text_length=8, normalize=False)
     got = {a[i]["id"]: a[i]["latents"] for i in range(len(a))}
-    for i in range(len(b)):
-        assert torch.equal(got[b[i]["id"]], b[i]["latents"])
+    for i in range(len(b)):  # exact: each video is encoded alone, the same op on the same
+        assert torch.equal(got[b[i]["id"]], b[i]["latents"])  # frames, in this process
     # a complete folder: nothing to encode; skipped inputs are retried and reported again
     again = preprocess_videos(items, ae, fake_text, out, rows_per_shard=1, progress=False, **CLIP)
     assert again["rows_written"] == 0 and again["skipped"] == 4 and ae.calls == 1

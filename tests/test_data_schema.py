@@ -79,6 +79,7 @@ def test_tensor_round_trip_and_dtypes():
     x = torch.randn(3, 2, 4, 5, generator=torch.Generator().manual_seed(0))
     cols = encode_tensor("vae_latent", x)
     assert cols["vae_latent_shape"] == [3, 2, 4, 5] and cols["vae_latent_dtype"] == "float32"
+    # exact: the bytes round trip is lossless, and bf16 / fp16 -> float32 is exact
     assert torch.equal(decode_tensor(cols, "vae_latent", "w", ndim=4), x)
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         y = x.to(dtype)

@@ -56,6 +56,7 @@ def test_synthesize_rows_seeds_and_settings(tmp_path):
         prompt = f"prompt number {pid[1:]}"
         assert row["caption"] == prompt and row["media_type"] == "video"
         assert (row["width"], row["height"], row["num_frames"], row["fps"]) == (24, 16, 5, 16.0)
+        # exact: the same seeded draw, stored as raw bytes and read back unnormalised
         assert torch.equal(samples[row_id]["latents"], fake_generate(prompt, gen["seed"]))
         assert torch.equal(samples[row_id]["text_embedding"][:3], fake_text([prompt])[0])
     assert len(seeds) == 10  # every sample has its own noise

@@ -44,7 +44,8 @@ def test_dmd_gradient_is_detached_and_points_from_real_to_fake():
     gen, real, fake = (t.requires_grad_(True) for t in _inputs())
     g = dmd_gradient(gen, real, fake)
     assert not g.requires_grad
-    # Sign: g is positive where the critic's x0 exceeds the teacher's.
+    # Sign: g is positive where the critic's x0 exceeds the teacher's. Exact: g is the
+    # same float64 difference divided by a positive normaliser, which keeps every sign.
     assert torch.equal(torch.sign(g), torch.sign(fake - real))
 
 
@@ -54,18 +55,18 @@ def test_dmd_gradient_nan_safe_when_generator_equals_teacher():
     g = dmd_gradient(gen, real, fake)
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g, (fake - real) / losses.DMD_NORM_EPS)
-    # All three equal: exactly zero, not nan.
+    # All three equal: exactly zero, not nan (x - x = 0 in any rounding, 0 / eps = 0).
     g0 = dmd_gradient(gen, gen.clone(), gen.clone())
     assert torch.equal(g0, torch.zeros_like(g0))
     loss = dmd_generator_loss(gen.clone().requires_grad_(True), gen, gen)
-    assert loss.item() == 0.0
+    assert loss.item() == 0.0  # exact: 0.5 * mean(0 ** 2)
     # Non-finite inputs do not leak into the gradient.
     fake_bad = fake.clone()
     fake_bad[0, 0, 0, 0] = float("nan")
     fake_bad[1, 0, 0, 0] = float("inf")
     g_bad = dmd_gradient(gen, _inputs()[1], fake_bad)
     assert torch.isfinite(g_bad).all()
-    assert g_bad[0, 0, 0, 0] == 0 and g_bad[1, 0, 0, 0] == 0
+    assert g_bad[0, 0, 0, 0] == 0 and g_bad[1, 0, 0, 0] == 0  # exact: replaced by 0
 
 
 def test_dmd_gradient_shape_errors():
@@ -122,6 +123,8 @@ def test_generator_loss_float32_from_bfloat16():
     (grad,) = torch.autograd.grad(loss, gen)
     assert grad.dtype == torch.bfloat16  # flows back in the caller's dtype
     # g equals the float32 computation on the upcast values (bf16 math would be coarser).
+    # Exact: the loss calls dmd_gradient, which upcasts first: the same ops on the same
+    # float32 tensors of the same shape, in this process.
     g32 = dmd_gradient(gen.detach().float(), real.float(), fake.float())
     torch.testing.assert_close(g, g32, rtol=0, atol=0)
     g_bf16_math = (fake - real) / (gen.detach() - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
@@ -139,7 +142,7 @@ def test_sample_dmd_timesteps_range_shift_and_determinism():
     torch.testing.assert_close(t, 1000 * s)
     # Clamping puts mass exactly on the ends: P(s' > 0.98) with shift 3 = P(u > u*).
     u_star = 0.98 / (3 - 2 * 0.98)  # inverse of the shift at 0.98
-    frac_top = float((s == 0.98).float().mean())
+    frac_top = float((s == 0.98).float().mean())  # exact: clamp returns the bound itself
     assert abs(frac_top - (1 - u_star)) < 0.01
     # The same u's, shifted by hand.
     u = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -149,7 +152,7 @@ def test_sample_dmd_timesteps_range_shift_and_determinism():
     # Same seed, same draws; different seed, different draws.
     s2, _ = sample_dmd_timesteps(n, torch.Generator().manual_seed(3), shift=3.0)
     s3, _ = sample_dmd_timesteps(n, torch.Generator().manual_seed(4), shift=3.0)
-    assert torch.equal(s, s2) and not torch.equal(s, s3)
+    assert torch.equal(s, s2) and not torch.equal(s, s3)  # exact: the same ops on the same draws
     # Custom ratios and no shift: uniform on the clamp range ends.
     s4, _ = sample_dmd_timesteps(1000, torch.Generator().manual_seed(0), 1.0, 0.3, 0.4)
     assert s4.min() >= 0.3 and s4.max() <= 0.4
@@ -181,6 +184,7 @@ def test_cfg_combine_standard_convention():
 
 
 def test_fastvideo_guidance_conversion():
+    # exact: adding / subtracting 1 to these halves is exact in binary
     assert fastvideo_to_standard_guidance(3.5) == 4.5  # the published FastWan recipe value
     assert standard_to_fastvideo_guidance(4.5) == 3.5
     cond, uncond, _ = _inputs()
@@ -226,4 +230,5 @@ def test_flow_matching_loss_gradients_and_dtype():
 
 def test_flow_matching_loss_zero_at_exact_velocity():
     x0, eps, _ = _inputs()
+    # exact: the loss's target is the same float64 eps - x0, so every error is 0
     assert flow_matching_loss(eps - x0, x0, eps).item() == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from _tiny_wan import build_tiny_wan
 
@@ -130,3 +132,86 @@ def test_generate_reports_bad_input_as_errors(main, model_dir, tmp_path, capsys)
     rc = main(["generate", "--model", str(model_dir), "--prompts", str(empty)])
     assert rc == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Fail the test if any weight loads: these errors must come first."""
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr("fastwan.pipeline.load_components", refuse)
+
+
+def _gen(main, model_dir, *extra):
+    return main(["generate", "--model", str(model_dir), *BASE, "--prompt", "a cat", *extra])
+
+
+def test_unusable_outputs_and_sizes_are_refused_before_any_weight_loads(
+    main, model_dir, tmp_path, capsys, no_loading
+):
+    folder = tmp_path / "dir.mp4"
+    folder.mkdir()
+    assert _gen(main, model_dir, "--output", str(folder)) == 2
+    assert "is a directory; pass a file name" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert _gen(main, model_dir, "--output", str(blocker / "out.mp4")) == 2
+    assert "--output" in capsys.readouterr().err
+    out = str(tmp_path / "ok.mp4")
+    # tiny transformer: rope_max_seq_len 64, VAE 4 x 8 x 8, patch 2
+    assert _gen(main, model_dir, "--output", out, "--num-frames", "257") == 2
+    err = capsys.readouterr().err
+    assert "num_frames=257 needs 65 positions" in err and "largest num_frames it takes: 253" in err
+    assert _gen(main, model_dir, "--output", out, "--height", "4096", "--width", "64") == 2
+    assert "height=4096 needs 256 positions" in capsys.readouterr().err
+    assert _gen(main, model_dir, "--output", out, "--fps", "0") == 2
+    assert "--fps must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--guidance-scale", "inf", "must be a finite number"),
+        ("--guidance-scale", "nan", "must be a finite number"),
+        ("--flow-shift", "inf", "must be a finite number"),
+        ("--sparsity", "nan", "must be a finite number"),
+        ("--fps", "inf", "must be a finite number"),
+        ("--seed", "-1", r"must be in \[0, 2\*\*63 - 1\]"),
+        ("--seed", str(2**64), r"must be in \[0, 2\*\*63 - 1\]"),
+        ("--seed", "1.5", "must be an int"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused_at_the_boundary(
+    main, model_dir, capsys, no_loading, flag, value, message
+):
+    with pytest.raises(SystemExit) as exit_info:
+        _gen(main, model_dir, flag, value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err
+    assert re.search(message, err)
+
+
+def test_generate_checks_its_inputs_and_warns_when_a_prompt_is_cut(model_dir):
+    from fastwan.pipeline import VideoGenerator
+
+    gen = VideoGenerator.from_pretrained(model_dir, device="cpu")
+    small = dict(height=32, width=48, num_frames=5, max_sequence_length=16)
+    for kwargs, message in [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        (dict(flow_shift=float("inf")), "flow_shift must be a finite number"),
+        (dict(seed=-1), r"seed must be an int in \[0, 2\*\*63 - 1\]"),
+        (dict(seed=2**64), r"seed must be an int in \[0, 2\*\*63 - 1\]"),
+        (dict(timesteps=[1000, float("nan")]), "timesteps must be finite numbers"),
+        (dict(output_type="pil"), "output_type must be one of"),
+        (dict(num_frames=257), "rotary table"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            gen.generate("a cat", **{**small, **kwargs})
+    long_prompt = " ".join(["a red cat runs on the road"] * 1500)  # ~10 kB
+    with pytest.warns(UserWarning, match="longer than the model's 16 text tokens"):
+        out = gen.generate(long_prompt, **small, output_type="latent")
+    assert out.latents.shape[0] == 1

@@ -40,9 +40,11 @@ def test_dmd_uses_exactly_the_listed_timesteps_and_the_callers_generator():
     noise = torch.randn(SHAPE, generator=g)
     out = sample_dmd(_oracle_fn(x0, calls), noise, [1000, 757, 522], g)
 
+    # exact: integer timesteps are exact in float32
     assert [c[1].tolist() for c in calls] == [[1000.0] * 2, [757.0] * 2, [522.0] * 2]
     # Replay the caller's generator: initial noise, then one fresh draw per re-noising.
     g2 = torch.Generator().manual_seed(0)
+    # exact: the model's first input is the caller's noise itself, the same seeded draw
     assert torch.equal(torch.randn(SHAPE, generator=g2), calls[0][0])
     eps1, eps2 = torch.randn(SHAPE, generator=g2), torch.randn(SHAPE, generator=g2)
     torch.testing.assert_close(calls[1][0], add_noise(x0, eps1, 0.757))
@@ -59,7 +61,7 @@ def test_dmd_same_seed_same_result_different_seed_different_result():
         g = torch.Generator().manual_seed(seed)
         return sample_dmd(model, torch.randn(SHAPE, generator=g), [1000, 757, 522], g)
 
-    assert torch.equal(run(3), run(3))
+    assert torch.equal(run(3), run(3))  # exact: the same ops on the same draws, one process
     assert not torch.allclose(run(3), run(4))
 
 
@@ -90,6 +92,7 @@ def test_flow_timesteps_are_shifted_and_descending():
     ts = flow_timesteps(4, shift=1.0)
     torch.testing.assert_close(ts, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
     shifted = flow_timesteps(4, shift=8.0)
+    # exact: s = 1 maps to 8 * 1 / (1 + 7 * 1) = 1 in any rounding, times 1000
     assert shifted[0] == 1000 and bool((shifted[1:] > ts[1:]).all())  # shift > 1: noisier
     # s' = 8 s / (1 + 7 s) at s = 0.25.
     assert float(shifted[-1]) == pytest.approx(1000 * 2.0 / 2.75, rel=1e-6)

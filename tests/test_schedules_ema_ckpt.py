@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastwan.train.checkpoint_io import (
+    CHECKSUMS_FILE,
     COMPLETE_MARKER,
     capture_rng_state,
     checkpoint_dir,
@@ -234,7 +235,7 @@ def test_save_and_find_latest(tmp_path):
     assert '"step": 100' in (p100 / COMPLETE_MARKER).read_text()
     # Re-saving a step replaces it whole.
     save_checkpoint(p100, _write({"c.txt": "new"}))
-    assert sorted(x.name for x in p100.iterdir()) == [COMPLETE_MARKER, "c.txt"]
+    assert sorted(x.name for x in p100.iterdir()) == [COMPLETE_MARKER, "c.txt", CHECKSUMS_FILE]
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
 
 
@@ -282,7 +283,7 @@ def test_hard_crash_mid_save_is_ignored_and_cleaned(tmp_path):
     assert latest_checkpoint(tmp_path) == good
     # The next save of step 200 starts from a clean temporary directory.
     p200 = save_checkpoint(checkpoint_dir(tmp_path, 200), _write({"x": "1"}))
-    assert sorted(x.name for x in p200.iterdir()) == [COMPLETE_MARKER, "x"]
+    assert sorted(x.name for x in p200.iterdir()) == [COMPLETE_MARKER, CHECKSUMS_FILE, "x"]
     assert latest_checkpoint(tmp_path) == p200
 
 

@@ -6,6 +6,7 @@ length 16; two DMD steps, a resume to step 3, export, then a 2-step generation."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,96 @@ def test_bad_inputs_fail_clearly(tmp_path, wan_dir, data_dir, capsys):
     assert "overrides look like --section.key=VALUE" in capsys.readouterr().err
     assert _main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "has no generator.safetensors" in capsys.readouterr().err
+
+
+# ------------------------------------------- checks before any model loads (issue 15)
+
+
+def _no_model_loads(monkeypatch):
+    import fastwan.models.loading as loading
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded before the run was checked")
+
+    monkeypatch.setattr(loading, "load_transformer", refuse)
+
+
+def test_bad_resume_and_recipes_are_refused_before_models_load(
+    tmp_path, wan_dir, data_dir, capsys, monkeypatch
+):
+    import json
+
+    import yaml
+
+    recipe = _recipe(tmp_path, wan_dir, data_dir)
+    with monkeypatch.context() as m:
+        _no_model_loads(m)
+        assert _main(["distill", recipe, "--resume", "checkpoint-999", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "resume checkpoint 'checkpoint-999' does not exist" in err, err
+        assert "there is no complete checkpoint under" in err and "--resume latest" in err
+        # a YAML string in an int field
+        quoted = tmp_path / "quoted.yaml"
+        quoted.write_text(Path(recipe).read_text().replace("max_steps: 2", 'max_steps: "600"'))
+        assert _main(["distill", str(quoted), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "train.max_steps: must be an integer, got the string '600'" in err, err
+        # an output dir that cannot be written
+        (tmp_path / "file").write_text("x")
+        bad_out = f"--train.output_dir={tmp_path / 'file' / 'run'}"
+        assert _main(["distill", recipe, bad_out, "--no-progress"]) == 2
+        assert "train.output_dir" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    assert _main(["distill", recipe, "--no-progress"]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # an unsafe change: refused, naming it, before loading
+        _no_model_loads(m)
+        rc = _main(["distill", recipe, "--resume", "latest", "--vsa.sparsity=0.25",
+                    "--train.max_steps=3", "--no-progress"])  # fmt: skip
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "vsa.sparsity: cannot change on resume" in err and "0.5 -> 0.25" in err, err
+        assert "--vsa.sparsity=0.5" in err
+    # safe changes: applied and recorded; the run's recipe.yaml keeps what it started with
+    rc = _main(["distill", recipe, "--resume", "checkpoint-2", "--train.max_steps=3",
+                "--optim.generator.lr=5e-4", "--no-progress"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "recipe changes: train.max_steps 2 -> 3; optim.generator.lr 0.001 -> 0.0005" in out.err
+    started = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert started["train"]["max_steps"] == 2 and started["optim"]["generator"]["lr"] == 1e-3
+    (change,) = [json.loads(x) for x in (run / "recipe_changes.jsonl").read_text().splitlines()]
+    assert change["changes"]["optim.generator.lr"] == {"old": 1e-3, "new": 5e-4}
+    now = yaml.safe_load((run / "checkpoint-3" / "recipe.yaml").read_text())
+    assert now["optim"]["generator"]["lr"] == 5e-4 and now["train"]["max_steps"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["complete"] is True
+    assert summary["data"]["rows_read"] == 3 and summary["data"]["rows_skipped"] == 0
+    assert "data: 3 rows read, 0 skipped" in out.out
+
+
+def test_77_frame_latents_train_at_the_recipes_frames_exactly_on_resume(tmp_path, wan_dir, capsys):
+    (tmp_path / "long").mkdir()
+    long_data = write_random_video_shard(tmp_path / "long", latent=(16, 20, 8, 8))  # 77 frames
+    recipe = _recipe(tmp_path, wan_dir, long_data)
+    common = ["finetune", recipe, "--train.method=flow", "--train.ema_decay=null",
+              "--data.num_frames=61", "--no-progress"]  # fmt: skip
+    full = ["--train.output_dir=" + str(tmp_path / "full"), "--train.max_steps=3"]
+    assert _main(common + full) == 0, capsys.readouterr().err
+    half = "--train.output_dir=" + str(tmp_path / "half")
+    assert _main(common + [half, "--train.max_steps=2"]) == 0
+    assert _main(common + [half, "--train.max_steps=3", "--resume", "latest"]) == 0
+    capsys.readouterr()
+    a = torch.load(tmp_path / "full" / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    losses = [[r["generator_loss"] for r in s["history"]] for s in (a, b)]
+    assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])
+    # the recipe's 61 frames are 16 latent frames: 20-frame latents of other sizes do not fit
+    rc = _main(common + [half, "--data.height=32", "--train.max_steps=4", "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.height: cannot change on resume" in err
+    rc = _main(common + ["--train.output_dir=" + str(tmp_path / "c"), "--data.height=32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no row of" in err and "s.parquet row 0" in err, err
+    assert "data.num_frames / data.height / data.width" in err

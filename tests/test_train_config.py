@@ -12,6 +12,7 @@ import yaml
 from fastwan.train.config import (
     ATTENTION_BACKENDS,
     ConfigError,
+    DataConfig,
     DMDConfig,
     ModelConfig,
     OptimConfig,
@@ -329,8 +330,11 @@ def test_direct_construction_validates():
 
 
 def test_recipe_from_dict_minimal():
-    r = recipe_from_dict(_minimal(train={"max_steps": "7"}))
+    r = recipe_from_dict(_minimal(train={"max_steps": 7}))
     assert r.train.max_steps == 7 and r.dmd.guidance_scale == 4.5
+    # a string is not an int (only override text is parsed by the field's type)
+    with pytest.raises(ConfigError, match=r"^train\.max_steps: must be an integer, got the str"):
+        recipe_from_dict(_minimal(train={"max_steps": "7"}))
 
 
 def test_backends_mirror_attention_library():
@@ -365,3 +369,140 @@ def test_cpu_offload_needs_more_than_one_process():
     ]
     with pytest.raises(ValueError, match=r"parallel.cpu_offload: .*world_size > 1"):
         load_recipe(R13, one)
+
+
+# ------------------------------------------------------------- typed YAML, issue 15 item 9
+
+
+@pytest.mark.parametrize(
+    "yaml_text, field, kind",
+    [
+        ('train: {max_steps: "600"}', "train.max_steps", "an integer"),
+        ("train: {max_steps: '600'}", "train.max_steps", "an integer"),
+        ('optim: {generator: {lr: "1e-5"}}', "optim.generator.lr", "a number"),
+        ('vsa: {enabled: "true"}', "vsa.enabled", "true or false"),
+        ('train: {validation_seeds: ["1"]}', "train.validation_seeds[0]", "an integer"),
+        ('vsa: {tile_size: "4, 4, 4"}', "vsa.tile_size", "a list"),
+        ('data: {max_skip_fraction: "0.1"}', "data.max_skip_fraction", "a number"),
+    ],
+)
+def test_quoted_yaml_numbers_are_refused_naming_the_field(tmp_path, yaml_text, field, kind):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{teacher: t}}\n{yaml_text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{field}: must be {kind}"), msg
+    assert "string" in msg and str(path) in msg, msg
+
+
+def test_unquoted_yaml_and_override_text_still_parse(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: {teacher: t}\ntrain: {max_steps: 600}\noptim: {generator: {lr: 1e-5}}\n"
+    )
+    r = load_recipe(path)
+    assert r.train.max_steps == 600 and r.optim.generator.lr == 1e-5
+    # overrides are text by nature: parsed by the field's type
+    r = load_recipe(path, ["--train.max_steps=700", "vsa.enabled=false", "vsa.tile_size=2,2,2"])
+    assert r.train.max_steps == 700 and r.vsa.enabled is False and r.vsa.tile_size == (2, 2, 2)
+    # report_to / validation_prompts accept one string for a one-item list, as before
+    path.write_text("model: {teacher: t}\ntrain: {report_to: tensorboard}\n")
+    assert load_recipe(path).train.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize(
+    "override, field, fix",
+    [
+        ("data.max_skip_fraction=1.5", "data.max_skip_fraction", "0.05 = 5%"),
+        ("data.max_skip_fraction=-0.1", "data.max_skip_fraction", "[0, 1]"),
+        ("data.max_abs_latent=0", "data.max_abs_latent", "null: NaN / inf only"),
+        ("data.temporal_crop=middle", "data.temporal_crop", "'random', 'first'"),
+    ],
+)
+def test_skip_and_crop_fields_validate(override, field, fix):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(R13, [override])
+    assert str(err.value).startswith(f"{field}:") and fix in str(err.value), str(err.value)
+    d = DataConfig()
+    assert (d.max_skip_fraction, d.max_abs_latent, d.temporal_crop) == (0.05, 1000.0, "random")
+    assert load_recipe(R13, ["data.max_abs_latent=null"]).data.max_abs_latent is None
+
+
+# ------------------------------------------------------- data shapes of the Wan recipes
+
+
+def _wan21_folder(root: Path) -> Path:
+    """Only the configs latent_shape_of reads, with Wan2.1's real values."""
+    import json
+
+    (root / "vae").mkdir(parents=True)
+    (root / "transformer").mkdir()
+    (root / "vae" / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "AutoencoderKLWan",
+                "z_dim": 16,
+                "scale_factor_temporal": 4,
+                "scale_factor_spatial": 8,
+            }
+        )  # fmt: skip
+    )
+    (root / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "WanTransformer3DModel", "in_channels": 16})
+    )
+    return root
+
+
+@pytest.mark.parametrize("path", [R13, R14], ids=lambda p: p.stem)
+def test_wan_recipes_train_61x448x832_from_wan_syn_77_frame_latents(path, tmp_path):
+    from fastwan.train.build import latent_shape_of
+
+    r = load_recipe(path)
+    d = r.data
+    assert (d.num_frames, d.height, d.width) == (61, 448, 832)
+    assert "Wan-Syn_77x448x832" in d.path and not d.text_only
+    assert d.temporal_crop == "first"  # FastVideo: latents[:, :, :num_latent_t]
+    shape = latent_shape_of(_wan21_folder(tmp_path / "wan"), r)
+    assert shape == (16, 16, 56, 104)  # 61 frames -> 16 latent frames of 56 x 104
+    wan_syn = (16, (77 - 1) // 4 + 1, 448 // 8, 832 // 8)  # the dataset's latents
+    assert wan_syn[0] == shape[0] and wan_syn[2:] == shape[2:] and wan_syn[1] == 20 > shape[1]
+
+
+# ------------------------------------------------------------------ resume comparison
+
+
+def test_resume_changes_split_safe_and_unsafe_fields():
+    from fastwan.train.config import RESUME_SAFE_FIELDS, recipe_changes, resume_changes
+
+    saved = recipe_to_dict(load_recipe(R13))
+    safe = load_recipe(R13, ["train.max_steps=5000", "optim.generator.lr=2e-5",
+                             "train.log_interval=1", "train.report_to=[]",
+                             "parallel.replicate=16", "parallel.world_size=16",
+                             "train.gradient_accumulation_steps=4",
+                             "data.on_error=skip"])  # fmt: skip
+    changes = resume_changes(saved, safe, "run/checkpoint-500")
+    assert changes["train.max_steps"] == (4000, 5000)
+    assert changes["optim.generator.lr"] == (1e-5, 2e-5)
+    assert set(changes) == {
+        "train.max_steps", "optim.generator.lr", "train.log_interval", "train.report_to",
+        "parallel.replicate", "parallel.world_size", "train.gradient_accumulation_steps",
+        "data.on_error",
+    }  # fmt: skip
+    assert "vsa.sparsity" not in RESUME_SAFE_FIELDS and "optim.*.lr" in RESUME_SAFE_FIELDS
+
+    unsafe = load_recipe(R13, ["vsa.sparsity=0.9", "optim.generator.betas=[0.0, 0.999]",
+                               "train.max_steps=10"])  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        resume_changes(saved, unsafe, "run/checkpoint-500")
+    msg = str(err.value)
+    assert msg.startswith("optim.generator.betas: cannot change on resume from "), msg
+    assert "vsa.sparsity: 0.8 -> 0.9" in msg and "[0.9, 0.999] -> [0.0, 0.999]" in msg
+    assert "--vsa.sparsity=0.8" in msg and "--optim.generator.betas=[0.9, 0.999]" in msg
+    assert "another train.output_dir" in msg and "train.max_steps" not in msg.split("Fields")[0]
+    # a field the saved recipe lacks (added to fastwan since) compares with its default
+    del saved["data"]["max_skip_fraction"]
+    assert recipe_changes(saved, load_recipe(R13)) == {}
+    assert recipe_changes(saved, load_recipe(R13, ["data.max_skip_fraction=0.5"])) == {
+        "data.max_skip_fraction": (0.05, 0.5)
+    }

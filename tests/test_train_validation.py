@@ -147,19 +147,22 @@ def test_dmd_validation_files_grid_ema_and_seeds(tmp_path, wan_dir, data_dir):
     assert [e.step for e in acc.Scalars("train/critic_loss")] == [1, 2, 3]
     losses = [e.value for e in acc.Scalars("train/critic_loss")]
     assert losses == pytest.approx([r["critic_loss"] for r in trainer.history], rel=1e-6)
-    assert [e.value for e in acc.Scalars("train/sparsity")] == [0.5, 0.5, 0.5]
+    assert [e.value for e in acc.Scalars("train/sparsity")] == [0.5, 0.5, 0.5]  # exact in fp32
     assert [e.step for e in acc.Images("validation/grid")] == [2, 3]
 
     # The validator uses the EMA weights and leaves the live weights and the RNG alone.
     net, validator = trainer.networks["generator"], trainer.validator
     live, rng = _params(net), trainer.generator.get_state()
     result = trainer.validate()
+    # exact: untouched weights and RNG state (the EMA swap copies the live weights back)
     assert all(torch.equal(v, live[k]) for k, v in _params(net).items())
     assert torch.equal(trainer.generator.get_state(), rng)
     assert net.training  # back in training mode
     live_latents, _ = validator.generate(net)
     with trainer.ema.swapped_in(net):
         ema_latents, ema_frames = validator.generate(net)
+    # exact: Validator.generate both times, the same EMA weights, seeds and batch of one,
+    # in this process: the same ops in the same order
     assert torch.equal(result.latents, ema_latents)  # same seeds -> the same videos
     assert np.array_equal(result.frames, ema_frames)
     assert not torch.allclose(result.latents, live_latents)  # the EMA differs from live
@@ -210,7 +213,7 @@ def test_flow_validation_multistep_cfg(tmp_path, wan_dir, data_dir):
     assert len(list(step1.glob("*.mp4"))) == len(PROMPTS)
     # training (1 micro-batch) + 2 prompts x 2 steps x (cond, uncond)
     assert len(seen) == 1 + 2 * 2 * 2
-    assert torch.equal(seen[-1], v.uncond)  # the negative prompt is the CFG's uncond
+    assert torch.equal(seen[-1], v.uncond)  # the negative prompt is the CFG's uncond (a copy)
     with Image.open(step1 / "grid.png") as grid:
         assert grid.size == (4 * 64, 2 * 64 + 2)
     # CFG matters: w = 1 gives another video (here with the Euler sampler)
@@ -238,6 +241,8 @@ def test_recipe_negative_prompt_reaches_the_teacher(tmp_path, wan_dir, data_dir)
         trainer = _build(recipe)
         assert trainer.validator is None
         expected = encoder([negative])[0]  # [L, dim]
+        # exact: the build encodes this one prompt alone too (no validation prompts, no
+        # empty prompt: a batch of one), with the same float32 CPU encoder, in this process
         torch.testing.assert_close(trainer.method.negative[0], expected, rtol=0, atol=0)
     other = encoder(["low quality static"])[0]
     assert other.shape != expected.shape or not torch.equal(other, expected)
@@ -346,16 +351,16 @@ def test_wan22_methods_pass_per_token_timesteps():
             assert seen[role], (step, role)
             for t in seen[role]:
                 assert t.shape == (2, 8), (step, role, t.shape)  # [B, tokens]
-                assert torch.equal(t, t[:, :1].expand(-1, 8))  # one value per sample
+                assert torch.equal(t, t[:, :1].expand(-1, 8))  # one value per sample (copies)
         if step == "generator_step":
             # the teacher runs cond and uncond (CFG) at the same per-sample timestep
-            assert len(seen["teacher"]) == 2 and torch.equal(*seen["teacher"])
+            assert len(seen["teacher"]) == 2 and torch.equal(*seen["teacher"])  # one tensor
             assert info["timestep"] == pytest.approx(float(seen["teacher"][0][:, 0].mean()))
         # Wan2.2's per-token call with one value per sample equals the scalar call
         ref, _ = getattr(scalar, step)(batch, torch.Generator().manual_seed(4))
         torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
     # the student's rollout timestep reaches it per token too
-    assert seen["student"][-1][0, 0] == info["rollout_timestep"]
+    assert seen["student"][-1][0, 0] == info["rollout_timestep"]  # exact: an integer timestep
 
     flow = FlowMethod(per_token.critic, VSAConfig(enabled=False), expand_timesteps=True)
     ts = []
@@ -402,6 +407,9 @@ def test_wan22_validation_equals_video_generator(tmp_path, wan_dir):
     result = validator.run(gen.transformer, 0, tmp_path / "run")
     hook.remove()
     assert [tuple(t.shape) for t in ts] == [(1, 8), (1, 8)]  # per token, one per step
+    # exact: both run fastwan.pipeline.denoise on the same transformer, noise (CPU
+    # generator, same seed), embedding and timesteps, batch of one, in this process (the
+    # same ops in the same order); then decode_latents with the folder's float32 VAE
     torch.testing.assert_close(result.latents, ref.latents, rtol=0, atol=0)
     assert np.array_equal(result.frames[0], (ref.video * 255).round().astype(np.uint8))
     with Image.open(result.grid_path) as grid:

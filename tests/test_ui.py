@@ -1,23 +1,35 @@
 """The web UI's handlers (``fastwan.ui.app``) and ``fastwan ui``'s wiring, without a browser.
 
 A tiny random FastWan-layout checkpoint plays the student (few-step DMD, VSA) and the same
-folder loaded as plain Wan plays the teacher (multi-step UniPC, CFG, dense).
+folder loaded as plain Wan plays the teacher (multi-step UniPC, CFG, dense). The page's API
+is called over HTTP with ``gradio_client``; ``fastwan ui`` itself runs as a subprocess with
+the shipped toy models to check that SIGTERM / SIGINT leave no temporary folder.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
+import urllib.request
 
+import gradio as gr
 import numpy as np
 import pytest
 from _tiny_wan import build_tiny_wan
+from gradio_client import Client
 
 import fastwan.cli as cli
+import fastwan.video_io
 from fastwan.commands import ui as ui_cmd
 from fastwan.pipeline import VideoGenerator
 from fastwan.ui import app as ui_app
@@ -166,6 +178,20 @@ def test_every_offered_size_is_one_the_model_takes(ui):
             model.latent_shape(1, h, w, f)  # raises for a size the model cannot take
 
 
+def test_sizes_past_the_model_are_not_offered(ui, capsys):
+    # 400 frames is past the tiny model's rotary table of 64 latent frames (VAE x4 in time).
+    wide = FastWanUI(
+        LazyModel.ready("student", ui.student_model), max_frames=400, max_pixels=MAX_PIXELS
+    )
+    try:
+        assert wide.options.frame_counts[-1] == 253
+        assert "frame counts left out: [257," in capsys.readouterr().err
+        with pytest.raises(ValueError, match="num_frames must be one of"):
+            wide.options.parse_frames(257)
+    finally:
+        wide.close()
+
+
 # --------------------------------------------------------------------------- generate
 def test_generate_writes_a_playable_video_of_the_requested_size(ui):
     steps_seen = []
@@ -213,34 +239,77 @@ def test_the_output_folder_keeps_only_the_newest_videos(ui):
         ("prompt", "a" * 2001, "prompt is 2001 characters"),
         ("prompt", ["a cat"], "prompt must be text"),
         ("negative_prompt", 5, "negative_prompt must be text"),
-        ("seed", -1, "seed must be a whole number"),
         ("seed", 1.5, "seed must be a whole number"),
         ("seed", "abc", "seed must be a whole number"),
+        ("seed", "1e3", "seed must be a whole number"),
+        ("seed", "\u00b2", "seed must be a whole number"),  # a digit to isdigit(), not to int()
+        pytest.param(  # past int()'s digit limit
+            "seed", "9" * 5000, "seed must be a whole number", id="seed-5000-digits"
+        ),
+        ("seed", float("nan"), "seed must be a whole number"),
         ("seed", None, "seed must be a whole number"),
-        ("seed", 2**40, "seed must be a whole number"),
+        ("seed", -1, "seed must be >= 0"),
+        ("seed", "-7", "seed must be >= 0"),
+        ("seed", 2**63, r"seed must be at most 9223372036854775807 \(2\*\*63 - 1\)"),
+        ("seed", "18446744073709551616", "seed must be at most"),
         ("steps", 4, r"steps must be a whole number in \[1, 3\]"),
         ("steps", -2, "steps must be"),
+        ("steps", "abc", "steps must be a whole number"),
+        ("steps", float("inf"), "steps must be a whole number"),
         ("attention", "flash", "attention must be one of"),
         ("sparsity", 1.0, r"sparsity must be in \[0, 1\)"),
         ("sparsity", "0.5", "sparsity must be a number"),
+        ("sparsity", float("nan"), "sparsity must be a finite number"),
+        ("sparsity", float("inf"), "sparsity must be a finite number"),
+        ("sparsity", -math.inf, "sparsity must be a finite number"),
+        ("sparsity", 10**400, "sparsity must be a finite number"),
         ("resolution", "81x64", "resolution must be one of"),
         ("resolution", "../../etc/passwd", "resolution must be one of"),
         ("resolution", "832x480", "resolution must be one of"),  # above --max-pixels
         ("num_frames", 7, "num_frames must be one of"),
         ("num_frames", 13, "num_frames must be one of"),  # above --max-frames
+        ("num_frames", "1000000", "num_frames must be one of"),
         ("num_frames", "nine", "num_frames must be one of"),
     ],
 )
 def test_invalid_inputs_are_refused_with_the_field_named(ui, field, value, message):
     with pytest.raises(ValueError, match=message):
         ui.generate(*gen_args(**{field: value}))
-    video, seed, timings, status = run_generate(ui, *gen_args(**{field: value}))
-    assert video is None and seed is None and timings == ""
-    assert status.startswith("**Error:**") and field.split("_")[0] in status
+    # The event adapter raises it as a gr.Error: the message as it is, the field named.
+    with pytest.raises(gr.Error) as caught:
+        run_generate(ui, *gen_args(**{field: value}))
+    assert re.search(message, caught.value.message)
+    assert field.split("_")[0] in caught.value.message
+    assert "internal error" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("seed", "42", 42),
+        ("seed", " 7 ", 7),
+        ("seed", 9.0, 9),
+        ("seed", ui_app.MAX_SEED, ui_app.MAX_SEED),
+        ("seed", str(ui_app.MAX_SEED), ui_app.MAX_SEED),
+        ("num_frames", "5", 5),  # as the page and the API list it
+        ("num_frames", 5, 5),
+    ],
+)
+def test_valid_text_and_numbers_are_taken(ui, field, value, expected):
+    res = ui.generate(*gen_args(**{field: value, "steps": 1}))
+    assert getattr(res, field) == expected
+
+
+def test_the_ui_takes_the_seeds_the_pipeline_takes():
+    from fastwan import pipeline
+
+    assert ui_app.MAX_SEED == getattr(pipeline, "MAX_SEED", 2**63 - 1) == 2**63 - 1
+    assert ui_app.check_seed(0) == 0 and ui_app.check_seed("+3") == 3
 
 
 def test_after_an_error_the_handlers_keep_serving(ui):
-    assert "Error" in run_generate(ui, *gen_args(prompt=""))[3]
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        run_generate(ui, *gen_args(prompt=""))
     video, seed, timings, status = run_generate(ui, *gen_args(num_frames=1, seed=11))
     assert read_video(video)[0].shape == (1, 64, 80, 3)
     assert seed == 11 and "| VSA 0.5, 3 DMD steps |" in timings
@@ -252,8 +321,45 @@ def test_an_unexpected_failure_is_a_message_too(ui, monkeypatch):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(ui.student_model, "generate", boom)
-    status = run_generate(ui, *gen_args())[3]
-    assert "internal error (RuntimeError): CUDA out of memory" in status
+    with pytest.raises(gr.Error) as caught:
+        run_generate(ui, *gen_args())
+    assert caught.value.message == "internal error (RuntimeError): CUDA out of memory"
+
+
+SAVE_FAILURES = [
+    ValueError(
+        "cannot write video '/srv/out/v.mp4': disk full (no space left on device); "
+        "free space on that disk or pass another output"
+    ),
+    OSError(errno.EROFS, "Read-only file system", "/srv/out/v.mp4"),
+]
+
+
+@pytest.mark.parametrize("failure", SAVE_FAILURES, ids=["ValueError", "OSError"])
+def test_a_failed_video_write_shows_its_own_message(ui, monkeypatch, failure):
+    def failing_save(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(fastwan.video_io, "save_video", failing_save)
+    with pytest.raises(gr.Error) as caught:
+        run_generate(ui, *gen_args(num_frames=1))
+    assert caught.value.message == str(failure)  # as save_video says it, not "internal error"
+
+
+def test_a_video_that_cannot_be_written_is_reported_not_shown(ui, tmp_path):
+    broken = FastWanUI(
+        LazyModel.ready("student", ui.student_model),
+        max_frames=1,
+        max_pixels=MAX_PIXELS,
+        max_sequence_length=16,
+        output_dir=tmp_path / "out",
+    )
+    (tmp_path / "out").rmdir()
+    (tmp_path / "out").write_text("a file where the output folder was")
+    with pytest.raises(gr.Error) as caught:
+        run_generate(broken, *gen_args(num_frames=1))
+    assert str(tmp_path / "out") in caught.value.message
+    assert "internal error" not in caught.value.message
 
 
 def test_concurrent_requests_run_one_at_a_time(ui, monkeypatch):
@@ -306,7 +412,8 @@ def test_close_removes_the_videos_and_a_temporary_folder(ui, tmp_path):
 
 def test_random_seed_draws_valid_varied_seeds(ui):
     seeds = {ui.random_seed() for _ in range(20)}
-    assert len(seeds) > 15 and all(0 <= s <= ui_app.MAX_SEED for s in seeds)
+    assert len(seeds) > 15 and all(0 <= s <= ui_app.RANDOM_SEED_MAX for s in seeds)
+    assert all(ui_app.check_seed(s) == s for s in seeds)
 
 
 # --------------------------------------------------------------------------- compare
@@ -323,7 +430,8 @@ def test_compare_runs_teacher_and_student_on_the_same_prompt_and_seed(ui):
     s_frames, _ = read_video(student_video)
     assert t_frames.shape == s_frames.shape == (5, 64, 80, 3)
     assert seed == 7
-    assert "| teacher (dense, 4 steps, CFG 5) |" in table
+    cfg = ui.teacher.peek().preset.guidance_scale  # the teacher preset's CFG scale
+    assert f"| teacher (dense, 4 steps, CFG {cfg:g}) |" in table
     assert "| student (VSA 0.5, 3 DMD steps) |" in table
     assert "**Speedup (teacher time / student time):" in table
     assert re.search(r"the student is \d+\.\dx (faster|slower)\.", status)
@@ -339,8 +447,8 @@ def test_compare_validates_teacher_steps_and_needs_a_teacher(ui, model_dir):
     alone = FastWanUI(
         LazyModel.ready("student", ui.student_model), None, max_frames=9, max_pixels=MAX_PIXELS
     )
-    status = run_compare(alone, *compare_args())[-1]
-    assert "--teacher" in status and status.startswith("**Error:**")
+    with pytest.raises(gr.Error, match="--teacher"):
+        run_compare(alone, *compare_args())
 
 
 def test_a_teacher_that_fails_to_load_is_reported_and_retried(ui, tmp_path):
@@ -354,8 +462,10 @@ def test_a_teacher_that_fails_to_load_is_reported_and_retried(ui, tmp_path):
         output_dir=tmp_path / "out",
     )
     for _ in range(2):
-        status = run_compare(broken, *compare_args())[-1]
-        assert "the teacher model failed to load from" in status and "missing" in status
+        with pytest.raises(gr.Error) as caught:
+            run_compare(broken, *compare_args())
+        assert "the teacher model failed to load from" in caught.value.message
+        assert "missing" in caught.value.message
     assert len(calls) == 2  # tried again, not cached as broken
     video = run_generate(broken, *gen_args(num_frames=1))[0]  # the student still serves
     assert read_video(video)[0].shape[0] == 1
@@ -369,13 +479,15 @@ def test_build_app_queues_one_at_a_time_and_disables_analytics(ui, monkeypatch):
     assert app.analytics_enabled is False
     assert app._queue.max_size == 5
     fns = {f.name: f for f in app.fns.values()}
-    for name in ("on_generate", "on_compare"):
+    for name, api_name in (("on_generate", "generate"), ("on_compare", "compare")):
         assert fns[name].concurrency_limit == 1 and fns[name].concurrency_id == "model"
-        assert fns[name].queue
+        assert fns[name].queue and fns[name].api_name == api_name
+        assert fns[name].preprocess is False  # the handlers check the values as sent
     config = app.get_config_file()
     kinds = {c.get("props", {}).get("elem_id"): c["type"] for c in config["components"]}
     assert kinds["resolution"] == "dropdown" and kinds["frames"] == "dropdown"
     assert kinds["video"] == "video" and kinds["prompt"] == "textbox"
+    assert kinds["seed"] == "textbox"  # 64-bit seeds: a browser's numbers lose digits
     with pytest.raises(ValueError, match="queue_size"):
         ui_app.build_app(ui, queue_size=0)
 
@@ -395,6 +507,7 @@ def test_ui_command_builds_the_page_and_binds_loopback_by_default(
         served.update(app=app, host=host, port=port, block=block)
 
     monkeypatch.setattr(ui_app, "launch", fake_launch)
+    handlers = {sig: signal.getsignal(sig) for sig in ui_cmd.STOP_SIGNALS}
     rc = main(
         [
             "ui",
@@ -413,13 +526,14 @@ def test_ui_command_builds_the_page_and_binds_loopback_by_default(
         ]
     )
     assert rc == 0
+    assert {sig: signal.getsignal(sig) for sig in ui_cmd.STOP_SIGNALS} == handlers  # restored
     assert served["host"] == "127.0.0.1" and served["port"] == 7999 and served["block"]
     err = capsys.readouterr().err
     assert "http://127.0.0.1:7999" in err and "warning" not in err
     assert served["app"]._queue.max_size == 16
     config = served["app"].get_config_file()
     frames = next(c for c in config["components"] if c["props"].get("elem_id") == "frames")
-    assert [c[1] for c in frames["props"]["choices"]] == [1, 5]
+    assert [c[1] for c in frames["props"]["choices"]] == ["1", "5"]
 
 
 def test_ui_command_warns_when_serving_beyond_loopback(main, model_dir, monkeypatch, capsys):
@@ -490,3 +604,204 @@ def test_toy_examples_are_prompts_of_the_toy_grammar():
     assert len(set(examples)) == 4
     for name in ("shape", "color", "direction"):
         assert len({getattr(c, name) for c in combos}) >= 3  # the examples differ
+
+
+def test_ui_command_reports_a_port_it_cannot_serve_on(
+    main, model_dir, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary folder goes
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["ui", "--model", str(model_dir), "--preset", STUDENT_PRESET, "--device", "cpu"]
+        assert main(argv + ["--max-frames", "1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "pass a free --port" in err
+    assert not list(tmp_path.glob("fastwan-ui-*"))  # its folder is removed on this way out too
+
+
+# --------------------------------------------------------------------------- stop signals
+def test_stop_signals_stop_the_server_once_and_restore_the_handlers():
+    before = {sig: signal.getsignal(sig) for sig in ui_cmd.STOP_SIGNALS}
+    for sig in ui_cmd.STOP_SIGNALS:
+        with pytest.raises(KeyboardInterrupt, match=signal.Signals(sig).name):
+            with ui_cmd.stop_on_signals():
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs between bytecodes of the main thread
+        assert {s: signal.getsignal(s) for s in ui_cmd.STOP_SIGNALS} == before
+    # While stopping (the cleanup runs), a repeated signal is ignored.
+    with ui_cmd.stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # would kill this process if not ignored
+            time.sleep(0.2)
+    # A signal the parent set to be ignored stays ignored.
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with ui_cmd.stop_on_signals():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_importing_the_ui_installs_no_signal_handler():
+    code = (
+        "import signal, fastwan.cli, fastwan.commands.ui, fastwan.ui.app, fastwan.ui; "
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL; "
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"fastwan ui exited with {proc.returncode} before serving")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"fastwan ui did not serve {url} within {timeout} s")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_fastwan_ui_removes_its_temporary_folder_when_stopped(tmp_path, stop):
+    pytest.importorskip("fastwan.toy.assets", reason="the toy world is not installed")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(temp), GRADIO_TEMP_DIR=str(temp / "gradio"))
+    argv = [sys.executable, "-m", "fastwan.cli", "ui", "--port", str(port), "--device", "cpu"]
+    with open(tmp_path / "stderr.txt", "w") as log:  # a file: a full pipe cannot block it
+        # The shipped toy student and teacher (no --model), on loopback.
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_until_serving(url, proc)
+        (folder,) = temp.glob("fastwan-ui-*")
+        if stop == signal.SIGTERM:  # one video through the API first: the folder is not empty
+            client = Client(url, verbose=False)
+            frames = client.view_api(print_info=False, return_format="dict")
+            listed = next(
+                p["type"]["enum"]
+                for p in frames["named_endpoints"]["/generate"]["parameters"]
+                if p["parameter_name"] == "num_frames"
+            )
+            assert listed[-1] == "8"  # the toy's frame counts, listed as text ...
+            inputs = ["a red square moves left", "", "3", 0, "vsa", 0.5, "16x16", "8"]
+            out = client.predict(*inputs, api_name="/generate")
+            assert "Generated 8 frames" in out[3]  # ... and taken as listed
+            assert list(folder.glob("*.mp4"))
+        proc.send_signal(stop)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log_text = (tmp_path / "stderr.txt").read_text()
+    assert "stopped; its videos and temporary folder are removed" in log_text, log_text
+    assert not folder.exists() and not list(temp.glob("fastwan-ui-*"))
+    assert not [f for f in (temp / "gradio").rglob("*") if f.is_file()]  # nor Gradio's copies
+
+
+# --------------------------------------------------------------------------- the HTTP API
+@pytest.fixture(scope="module")
+def api(ui):
+    """The page served on a free loopback port, and a gradio_client Client on it."""
+    app = ui_app.build_app(ui, queue_size=4)
+    port = free_port()
+    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
+GEN_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "attention",
+    "sparsity",
+    "resolution",
+    "num_frames",
+)
+
+
+def api_args(**changes):
+    args = dict(zip(GEN_FIELDS, gen_args(num_frames="1", seed="3", steps=1)))
+    args.update(changes)
+    return list(args.values())
+
+
+def test_the_api_declares_what_it_takes(api):
+    endpoints = api.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/generate", "/compare", "/random_seed"}
+    params = {p["parameter_name"]: p["type"] for p in endpoints["/generate"]["parameters"]}
+    assert tuple(params) == GEN_FIELDS  # each input by its field's name
+    assert params["num_frames"] == {"type": "string", "enum": ["1", "5", "9"]}
+    assert params["seed"]["type"] == "string"
+    # What it lists is taken, and so are ints.
+    for frames in ("5", 5):
+        video, seed, timings, status = api.predict(
+            *api_args(num_frames=frames), api_name="/generate"
+        )
+        assert status.startswith("Generated 5 frames") and seed == "3"
+        assert read_video(video)[0].shape[0] == 5
+    big = str(ui_app.MAX_SEED)  # every digit of a 64-bit seed arrives
+    assert api.predict(*api_args(seed=big), api_name="/generate")[1] == big
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("seed", "abc", "seed must be a whole number, got 'abc'"),
+        ("seed", -1, "seed must be >= 0"),
+        ("seed", 2**63, "seed must be at most 9223372036854775807"),
+        ("seed", 1.5, "seed must be a whole number"),
+        ("steps", "abc", "steps must be a whole number in [1, 3]"),
+        ("attention", "flash", "attention must be one of"),
+        ("sparsity", "lots", "sparsity must be a number"),
+        ("resolution", "../../etc/passwd", "resolution must be one of"),
+        ("num_frames", "8", "num_frames must be one of ['1', '5', '9']"),
+        ("num_frames", 10**6, "num_frames must be one of"),
+        ("prompt", "", "prompt is empty"),
+    ],
+)
+def test_a_bad_api_value_is_refused_with_its_field_named(api, field, value, message):
+    with pytest.raises(Exception) as caught:  # gradio_client's AppError
+        api.predict(*api_args(**{field: value}), api_name="/generate")
+    text = str(caught.value)
+    assert message in text and "upstream" not in text and "internal error" not in text
+    # The server keeps serving.
+    assert api.predict(*api_args(), api_name="/generate")[3].startswith("Generated 1 frames")
+
+
+def test_compare_over_the_api_names_the_bad_field(api):
+    args = api_args(seed="x")
+    with pytest.raises(Exception, match="seed must be a whole number"):
+        api.predict(*args[:4], 2, *args[4:], api_name="/compare")
+
+
+@pytest.mark.parametrize("failure", SAVE_FAILURES, ids=["ValueError", "OSError"])
+def test_a_failed_video_write_reaches_the_api_client(api, monkeypatch, failure):
+    def failing_save(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(fastwan.video_io, "save_video", failing_save)
+    with pytest.raises(Exception) as caught:
+        api.predict(*api_args(), api_name="/generate")
+    assert str(failure) in str(caught.value) and "internal error" not in str(caught.value)

@@ -98,7 +98,7 @@ def server(tmp_path_factory, outside_connections):
     port = free_port()
     launch(app, host="127.0.0.1", port=port, block=False)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{port}/", ui
     finally:
         app.close()
 
@@ -149,16 +149,23 @@ def status_text(driver) -> str:
     return driver.find_element(By.CSS_SELECTOR, "#status").text
 
 
+def toast_texts(driver) -> list[str]:
+    return [t.text for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")]
+
+
 def test_type_a_prompt_click_generate_and_get_a_playable_video(
     server, browser, outside_connections, tmp_path, tmp_path_factory
 ):
+    server, _ = server
     wait = WebDriverWait(browser, 45)
     browser.get(server)
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
 
-    # An empty prompt is refused in the page, and the page keeps working afterwards.
+    # An empty prompt is refused in the page (a toast and the status line), and the page
+    # keeps working afterwards.
     click(wait, "#generate")
     wait.until(lambda d: "prompt is empty" in status_text(d))
+    wait.until(lambda d: any("prompt is empty" in t for t in toast_texts(d)))
 
     prompt.send_keys(PROMPT)
     click(wait, "#frames input")
@@ -211,7 +218,30 @@ def test_type_a_prompt_click_generate_and_get_a_playable_video(
     print(f"screenshot: {shot}")
 
 
+def test_a_bad_seed_is_named_in_the_page_and_a_good_one_is_used(server, browser):
+    server, _ = server
+    wait = WebDriverWait(browser, 45)
+    browser.get(server)
+    prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+    prompt.send_keys(PROMPT)
+    seed = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#seed input, #seed textarea")))
+    seed.clear()
+    seed.send_keys("abc")
+    click(wait, "#generate")
+    wait.until(lambda d: "seed must be a whole number" in status_text(d))
+    assert "or click Random seed" in status_text(browser)
+    assert not any("upstream" in t or "internal error" in t for t in toast_texts(browser))
+    # Every digit of a 64-bit seed reaches the model (a number field would round it).
+    seed.clear()
+    seed.send_keys("9223372036854775807")
+    click(wait, "#generate")
+    wait.until(lambda d: "Generated" in status_text(d))
+    used = browser.find_element(By.CSS_SELECTOR, "#seed-used input, #seed-used textarea")
+    assert used.get_attribute("value") == "9223372036854775807"
+
+
 def test_compare_shows_teacher_and_student_side_by_side_with_the_speedup(server, browser):
+    server, ui = server
     wait = WebDriverWait(browser, 45)
     browser.get(server)
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
@@ -233,7 +263,9 @@ def test_compare_shows_teacher_and_student_side_by_side_with_the_speedup(server,
     click(wait, "#compare")
     wait.until(lambda d: "Speedup" in d.find_element(By.CSS_SELECTOR, "#compare-timings").text)
     table = browser.find_element(By.CSS_SELECTOR, "#compare-timings").text
-    assert "teacher (dense, 4 steps, CFG 5)" in table and "student (VSA 0.8, 3 DMD steps)" in table
+    cfg = ui.teacher.peek().preset.guidance_scale  # the teacher preset's CFG scale
+    assert f"teacher (dense, 4 steps, CFG {cfg:g})" in table
+    assert "student (VSA 0.8, 3 DMD steps)" in table
     sources = []
     for elem_id in ("teacher-video", "student-video"):
         video = wait.until(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -23,8 +24,10 @@ BACKENDS = ("auto", "reference", "torch", "triton", "flex")
 
 def _triple(name: str, value) -> tuple[int, int, int]:
     try:
+        if isinstance(value, (str, bytes)) or any(isinstance(x, bool) for x in value):
+            raise TypeError
         out = tuple(int(x) for x in value)
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):  # a non-number, nan, inf
         raise ValueError(f"{name} must be three integers (t, h, w), got {value!r}") from None
     if len(out) != 3 or any(x != y for x, y in zip(out, value)):
         raise ValueError(f"{name} must be three integers (t, h, w), got {value!r}")
@@ -61,6 +64,23 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return backend
 
 
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_scale(scale) -> float | None:
+    """``None`` or a finite number > 0 (a tensor is not taken: ``float()`` of one would
+    synchronise a GPU and break a ``torch.compile`` graph)."""
+    if scale is None:
+        return None
+    if not _real(scale) or not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(
+            f"scale must be a finite number > 0 (the softmax scale; None for 1 / sqrt(D)), "
+            f"got {scale!r}"
+        )
+    return float(scale)
+
+
 def _validate(q, k, v, gate, grid, tile_size, sparsity, topk):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -95,12 +115,17 @@ def _validate(q, k, v, gate, grid, tile_size, sparsity, topk):
     if (sparsity is None) == (topk is None):
         raise ValueError("pass exactly one of sparsity= (fraction of key tiles skipped) or topk=")
     if sparsity is not None:
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        # nan fails the range test too; inf and bools are refused as well
+        if not _real(sparsity) or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(
+                f"sparsity must be a number in [0, 1) (the fraction of key tiles skipped), "
+                f"got {sparsity!r}"
+            )
         k_sel = num_selected_tiles(n, float(sparsity))
     else:
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+        topk = int(topk)
         if topk > n:
             raise ValueError(
                 f"topk={topk} exceeds the {n} tiles of grid {grid} with tile_size {tile_size}; "
@@ -129,13 +154,16 @@ def video_sparse_attention(
     Args:
         q, k, v: ``[B, H, S, D]`` with ``S = T * Hh * Ww`` tokens in raster (t, h, w) order.
         grid: the token grid ``(T, Hh, Ww)``.
-        tile_size: tile shape ``(t, h, w)``; edge tiles may be partial.
-        sparsity: fraction of key tiles each query tile skips, in ``[0, 1)``; keeps
-            ``k = clamp(ceil((1 - sparsity) * N), 1, N)`` of the ``N`` tiles.
-        topk: the number of key tiles to keep, instead of ``sparsity``.
+        tile_size: tile shape ``(t, h, w)`` of positive integers; edge tiles may be
+            partial.
+        sparsity: fraction of key tiles each query tile skips, a finite number in
+            ``[0, 1)``; keeps ``k = clamp(ceil((1 - sparsity) * N), 1, N)`` of the ``N``
+            tiles.
+        topk: the number of key tiles to keep (an integer in ``[1, N]``), instead of
+            ``sparsity``.
         gate: optional ``[B, H, S, D]``; adds ``gate * coarse`` (the tile-level attention
             output broadcast to its query tile's tokens). ``None``: fine stage only.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, a finite number > 0; default ``1 / sqrt(D)``.
         backend: ``auto`` (Triton on CUDA, else torch), ``torch``, ``triton``, ``flex``
             or ``reference`` (dense masked float32 oracle, small shapes).
         return_indices: also return the selected key tiles ``[B, H, N, k]`` (int64,
@@ -144,11 +172,35 @@ def video_sparse_attention(
     Returns:
         ``[B, H, S, D]`` in raster order (and the indices when asked). With
         ``sparsity=0`` and no gate the result equals dense attention.
+
+    Raises:
+        ValueError: naming the argument, for a bad shape, dtype, device, grid, tile size,
+            sparsity / topk (nan and inf included), scale (nan, inf, 0 or negative) or
+            backend. The tensors' values are not checked (that would synchronise a GPU).
+
+    Non-finite values (nan, inf) in ``q``, ``k``, ``v`` or ``gate`` are computed through,
+    the same on every backend, with the semantics of dense attention restricted to the
+    selection:
+
+    * Coarse stage: a tile's mean sees its own tokens only, so a nan / inf token makes
+      its tile's mean (and so that tile's coarse scores) non-finite, no other tile's.
+    * Selection: a nan coarse score ranks as ``+inf`` (ties to the lower tile index). A
+      key tile holding a nan is therefore selected by every query tile and the nan shows
+      in their outputs, as dense attention would show it, rather than being silently
+      dropped; a query tile whose scores are all nan selects tiles ``0 .. k-1``.
+    * Fine stage: each query attends to the valid tokens of its selected tiles exactly as
+      dense attention over those keys would (IEEE arithmetic: a nan value, or an infinite
+      value under a probability of 0, gives nan; a ``+inf`` score gives a nan row). Keys
+      of tiles a query tile did not select contribute nothing to its outputs, whatever
+      their values, and get no gradient from them.
+    * The gate's coarse branch attends to every tile: with ``gate`` given, a non-finite
+      key or value reaches every query through ``gate * coarse``.
     """
     grid, tile_size, k_sel = _validate(q, k, v, gate, grid, tile_size, sparsity, topk)
+    scale = _check_scale(scale)
     name = resolve_backend(backend, q.device, q.dtype)
     D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     if name == "reference":
         out, idx = vsa_reference(

@@ -57,11 +57,25 @@ class TilePlan:
         """Mean over each tile's valid slots of a tiled ``[.., N * slots, D]`` tensor.
 
         A weighted sum over slots rather than ``index_add_``: CUDA's float atomics would
-        make the result (and the backward) differ from run to run.
+        make the result (and the backward) differ from run to run. Pad slots are zeroed
+        after the weighting, not only weighted by 0: a pad holds a copy of a valid token,
+        and ``0 * inf = nan`` would turn an infinite token's tile mean into nan.
         """
         w = self.slot_weight.to(x_t.dtype)
         x_tiles = x_t.unflatten(-2, (self.num_tiles, self.slots))  # [.., N, slots, D]
-        return (x_tiles * w.view(self.num_tiles, self.slots, 1)).sum(-2)
+        weighted = x_tiles * w.view(self.num_tiles, self.slots, 1)
+        if self.has_pads:  # in place on the product (mul saves its inputs, not its output)
+            weighted = weighted.masked_fill_(self.pad_mask, 0.0)
+        return weighted.sum(-2)
+
+    @property
+    def has_pads(self) -> bool:
+        return self.slots * self.num_tiles != self.seq_len
+
+    @property
+    def pad_mask(self) -> torch.Tensor:
+        """``[N, slots, 1]`` bool, True on pad slots."""
+        return ~self.slot_valid.view(self.num_tiles, self.slots, 1)
 
     def broadcast_tiles(self, x_c: torch.Tensor) -> torch.Tensor:
         """Per-tile values ``[.., N, D]`` -> every slot of the tile ``[.., N * slots, D]``
@@ -174,8 +188,11 @@ def select_topk_tiles(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     scores: ``[B, H, N, N]``. Returns ``[B, H, N, k]`` int64 key-tile indices in ascending
     order. Ties go to the lower index: a stable descending sort keeps equal scores in index
-    order.
+    order. A nan score ranks as ``+inf`` (so a key tile holding a nan is selected, and the
+    nan surfaces in the output as dense attention would show it, instead of being silently
+    dropped); a row of nan scores (a nan query tile) selects tiles ``0 .. k-1``.
     """
     with torch.no_grad():
+        scores = scores.masked_fill(torch.isnan(scores), float("inf"))
         top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.sort(top, dim=-1).values

@@ -46,6 +46,7 @@ class _Chunk:
     k_len: int  # gathered keys per row (the longest row's valid keys)
     key_index: torch.Tensor  # whole-tile: [n * K] tile ids; token: [n * k_len] token ids
     bias: torch.Tensor | None  # [n, 1, k_len] -inf past a row's keys, None when all equal
+    pad: torch.Tensor | None  # [n, k_len, 1] bool, True past a row's keys (with bias)
 
 
 class _Chunks:
@@ -98,7 +99,7 @@ class _Chunks:
                 r1 = min(self.rows, r0 + self.chunk)
                 rows = slice(r0, r1)
                 keys = self.sel[rows].reshape(-1)
-                yield _Chunk(rows, r1 - r0, self.slots, self.K * self.slots, keys, None)
+                yield _Chunk(rows, r1 - r0, self.slots, self.K * self.slots, keys, None, None)
             return
         block = max(self.chunk, _INDEX_BLOCK // (self.K * self.slots))
         for b0 in range(0, self.rows, block):
@@ -112,13 +113,14 @@ class _Chunks:
                     r1 += 1
                 k_len = self.k_len[r0]  # rows are sorted: the first is the longest
                 keys = table[r0 - b0 : r1 - b0, :k_len]
-                bias = None
+                bias = pad = None
                 if self.k_len[r1 - 1] != k_len:
                     lens = torch.tensor(self.k_len[r0:r1], device=keys.device)
                     pad = torch.arange(k_len, device=keys.device) >= lens.view(-1, 1)
                     bias = torch.zeros(r1 - r0, 1, k_len, device=keys.device, dtype=self.acc)
                     bias.masked_fill_(pad.view(r1 - r0, 1, k_len), float("-inf"))
-                yield _Chunk(slice(r0, r1), r1 - r0, q_len, k_len, keys.reshape(-1), bias)
+                    pad = pad.view(r1 - r0, k_len, 1)
+                yield _Chunk(slice(r0, r1), r1 - r0, q_len, k_len, keys.reshape(-1), bias, pad)
                 r0 = r1
 
     def ordered(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +145,9 @@ class _Chunks:
         tok = self.sel[rows].unsqueeze(-1) * self.slots + self.slot  # [n, K, slots]
         valid = (self.slot < self.counts[self.key_tile[rows]].unsqueeze(-1)).view(n, -1)
         # Pads point at the row's own (batch, head): its last tile's last slot, a pad slot
-        # whenever some tile is partial (a copy of a valid token, finite when the head is),
-        # so a non-finite value elsewhere cannot leak in through 0 * inf.
+        # whenever some tile is partial (a copy of a valid token). What is gathered there
+        # is zeroed (``gather``) and its gradient dropped (``scatter_add_``), so a
+        # non-finite token cannot leak through 0 * inf into rows that did not select it.
         head_end = (self.sel[rows, 0] // self.N + 1) * self.N * self.slots  # [n]
         table = (head_end - 1).view(n, 1).expand(n, width + 1).clone()
         # row i's j-th valid token goes to column j; pads to a spare last column
@@ -154,7 +157,7 @@ class _Chunks:
 
     def gather(self, x, ch: _Chunk, i: int) -> torch.Tensor:
         """Selected keys of chunk ``ch`` from x ([rows * slots, D]) -> [n, k_len, D] in the
-        acc dtype."""
+        acc dtype; zero past each row's keys."""
         n, D = ch.n, self.D
         buf = self.kv_bufs[i][: n * ch.k_len]
         if self.partial:
@@ -163,12 +166,17 @@ class _Chunks:
             out_tiles = buf.view(n * self.K, self.slots * D)
             torch.index_select(x.view(-1, self.slots * D), 0, ch.key_index, out=out_tiles)
         out = buf.view(n, ch.k_len, D)
+        if ch.pad is not None:
+            out.masked_fill_(ch.pad, 0.0)
         if self.cast_bufs is None:
             return out
         return self.cast_bufs[i][: n * ch.k_len].view(n, ch.k_len, D).copy_(out)
 
     def scatter_add_(self, dx, src, ch: _Chunk) -> None:
-        """dx[selected keys of ch] += src ([n, k_len, D]); dx is [rows * slots, D]."""
+        """dx[selected keys of ch] += src ([n, k_len, D], zeroed past each row's keys);
+        dx is [rows * slots, D]."""
+        if ch.pad is not None:
+            src.masked_fill_(ch.pad, 0.0)
         if self.partial:
             dx.index_add_(0, ch.key_index, src.view(-1, self.D))
         else:  # [tiles, slots, D]: index_add_ over 3-D slices takes a faster CPU path

@@ -35,7 +35,10 @@ up to 5x the error of dense SDPA). Pass 1 costs two extra dots per (query tile, 
 Masking: pad key rows are excluded from the softmax; pad query rows are loaded as zeros
 and their dO / delta treated as zero, so they never contribute to dK / dV and their dQ is
 zero (their outputs are discarded by ``TilePlan.untile``). Pad rows of ``out`` and ``lse``
-are finite but meaningless.
+are meaningless (finite for finite inputs). Non-finite inputs: masked values are replaced
+(``tl.where``), never multiplied by 0, and pad rows of dQ / dK / dV are stored as exact
+zeros, so a nan or inf reaches only the rows that attend to it (see
+``video_sparse_attention``).
 
 Dtypes: float32, float16 and bfloat16 (float64 is not supported: use backend='torch').
 Scores, softmax and accumulators are float32; P and dS are cast to the operand dtype
@@ -116,10 +119,13 @@ def _fwd_kernel(
             q, K, V, COUNTS, head, tl.load(sel + j), rows, cols, d_ok, D, qk_scale,
             SLOTS, PRECISION,
         )  # fmt: skip
-        # Every tile has >= 1 valid key, so m_new is finite from the first tile on.
+        # Every tile has >= 1 valid key, so m_new is finite from the first tile on, unless
+        # infinite inputs put a whole tile at -inf: exponentiate against 0 then (p = 0, and
+        # a row that stays at -inf ends as 0 / 0 = nan, as a dense softmax gives).
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -168,7 +174,9 @@ def _dq_kernel(
         l_i += tl.sum(p, 1)
         pdp_i += tl.sum(p * dp, 1)
     lse2 = lse2 + tl.log2(l_i)  # every tile has a valid key: l_i > 0
-    delta = pdp_i / l_i  # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic; 0 on pad rows
+    # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic; 0 on pad rows (where an infinite
+    # key could make it nan through 0 * inf, which _dkdv_kernel would spread to dK)
+    delta = tl.where(q_ok, pdp_i / l_i, 0.0)
     tl.store(LSE2 + row0 + rows, lse2)
     tl.store(DELTA + row0 + rows, delta)
 
@@ -184,7 +192,8 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + head + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=d_ok[None, :])
+    dq = tl.where(q_ok[:, None], dq * scale, 0.0)  # pad rows: exactly 0, even by 0 * inf
+    tl.store(DQ + head + q_off, dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
 @triton.jit
@@ -224,13 +233,17 @@ def _dkdv_kernel(
         # Transposed scores [SLOTS(k), SLOTS(q)], so dK and dV come out without a transpose.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(k_ok[:, None] & q_ok[None, :], p_t, 0.0)
+        pair_ok = k_ok[:, None] & q_ok[None, :]
+        p_t = tl.where(pair_ok, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = tl.where(pair_ok, p_t * (dp_t - delta[None, :]), 0.0)  # not 0 * inf
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    tl.store(DK + head + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
+    # Pad key rows: exactly 0 (TilePlan.tile's backward adds them to a valid token).
+    dk = tl.where(k_ok[:, None], dk * scale, 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
+    tl.store(DK + head + kv_off, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
     tl.store(DV + head + kv_off, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
 

@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``inf`` / ``nan`` are refused at the boundary)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed in [0, 2**63 - 1]."""
+    from fastwan.pipeline import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text}")
+    return value
 
 
 def add_compile_argument(p: argparse.ArgumentParser, help: str) -> None:
@@ -69,7 +94,7 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--fps", type=float, default=None, help="default: the preset's")
+    p.add_argument("--fps", type=finite_float, default=None, help="default: the model's")
     p.add_argument(
         "--steps",
         type=int,
@@ -82,13 +107,27 @@ def register(subparsers) -> None:
         help="few-step DMD timesteps, comma-separated (FastWan default: 1000,757,522)",
     )
     p.add_argument("--sampler", choices=("dmd", "euler", "unipc", "scheduler"), default=None)
-    p.add_argument("--guidance-scale", type=float, default=None, help="> 1 enables CFG")
-    p.add_argument("--flow-shift", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first video; +1 per prompt")
+    p.add_argument("--guidance-scale", type=finite_float, default=None, help="> 1 enables CFG")
+    p.add_argument("--flow-shift", type=finite_float, default=None)
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the first video; +1 per prompt"
+    )
     p.add_argument("--attention", choices=("vsa", "dense"), default=None)
-    p.add_argument("--sparsity", type=float, default=None, help="VSA sparsity in [0, 1)")
+    p.add_argument("--sparsity", type=finite_float, default=None, help="VSA sparsity in [0, 1)")
     add_runtime_arguments(p, "move each component to the GPU only for its stage")
-    p.add_argument("--max-sequence-length", type=int, default=512)
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="text tokens (default: the model's, 512 for Wan); longer prompts are cut, with a "
+        "warning",
+    )
+    p.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="refuse a checkpoint with incomplete VSA gates or unknown weights (default: warn)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -123,7 +162,10 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fastwan.pipeline import VideoGenerator
+    from fastwan.fsutil import ensure_writable_dir
+    from fastwan.models.identity import check_video_size
+    from fastwan.models.loading import identify_folder
+    from fastwan.pipeline import MAX_SEED, VideoGenerator
     from fastwan.video_io import MP4_SUFFIXES, save_video
 
     if args.output.suffix.lower() not in MP4_SUFFIXES + (".gif",):
@@ -132,6 +174,27 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt must not be empty")
     timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be > 0, got {args.fps:g}")
+    paths = output_paths(args.output, len(prompts))
+    if args.seed + len(prompts) - 1 > MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed} + one per prompt passes 2**63 - 1; pass a smaller seed"
+        )
+    # Everything that can be checked without weights is checked before any weight loads.
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--output {str(path)!r} is a directory; pass a file name (.mp4)")
+    for folder in sorted({path.parent for path in paths}):
+        ensure_writable_dir(folder, "--output")
+    _, identity = identify_folder(args.model, preset=args.preset)
+    p = identity.preset
+    check_video_size(
+        identity,
+        p.height if args.height is None else args.height,
+        p.width if args.width is None else args.width,
+        p.num_frames if args.num_frames is None else args.num_frames,
+    )
     generator = VideoGenerator.from_pretrained(
         args.model,
         preset=args.preset,
@@ -143,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         compile=args.compile or False,
         vae_tiling=args.vae_tiling,
+        strict=args.strict,
     )
     attn = generator.attention
     mode = attn["mode"] + (f" (sparsity {attn['sparsity']:g})" if attn["mode"] == "vsa" else "")
@@ -156,8 +220,18 @@ def run(args: argparse.Namespace) -> int:
         f"model: {generator.preset.name} from {generator.components.path}; attention: {mode}"
         + extras
     )
+    sources = generator.sampling_sources
+    print(
+        "defaults: "
+        + "; ".join(
+            f"{k} {_fmt_value(getattr(generator.preset, k))} ({sources[k]})"
+            for k in ("timesteps", "num_inference_steps", "guidance_scale", "flow_shift")
+            if k in sources
+            and not (k == "num_inference_steps" and generator.preset.few_step)
+            and not (k == "timesteps" and not generator.preset.few_step)
+        )
+    )
 
-    paths = output_paths(args.output, len(prompts))
     rows = []
     for i, (prompt, path) in enumerate(zip(prompts, paths)):
         bar = tqdm(
@@ -189,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-        save_video(out.video, path, fps=args.fps or out.fps)
+        save_video(out.video, path, fps=out.fps if args.fps is None else args.fps)
         f, h, w, _ = out.video.shape
         print(f"wrote {path} ({f} frames, {w}x{h}, {out.sampler} at t={_fmt_ts(out.timesteps)})")
         rows.append((path, out.timings))
@@ -213,3 +287,9 @@ def _fmt_ts(ts: list[float]) -> str:
     if len(ts) > 6:
         return f"[{ts[0]:g}, {ts[1]:g}, ..., {ts[-1]:g}] ({len(ts)} steps)"
     return "[" + ", ".join(f"{t:g}" for t in ts) + "]"
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)

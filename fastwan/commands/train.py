@@ -62,7 +62,11 @@ def _add_train_options(p: argparse.ArgumentParser, method: str) -> None:
         "--resume",
         default=None,
         help="'latest' (the newest checkpoint under train.output_dir, if any) or a "
-        "checkpoint-<step> folder",
+        "checkpoint-<step> folder (a path, or a name under train.output_dir); checked before "
+        "any model loads. The recipe may differ from the checkpoint's only in fields safe to "
+        "change (train.max_steps, intervals, validation, trackers, the mesh, optim lr / "
+        "weight_decay / grad_clip, ...): those are applied and recorded in "
+        "<output_dir>/recipe_changes.jsonl, any other change is refused",
     )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if method == "dmd":
@@ -97,11 +101,15 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_training(args: argparse.Namespace) -> int:
+    import json
+
     from tqdm import tqdm
 
+    from fastwan.data.parquet_io import atomic_write_json
     from fastwan.train.build import RECIPE_FILE, build_trainer
     from fastwan.train.checkpoint_io import checkpoint_dir, is_complete
     from fastwan.train.config import dump_recipe, load_recipe
+    from fastwan.train.trainer import SkippedRowsError
 
     overrides = _split_overrides(args)
     recipe = load_recipe(args.recipe, overrides)
@@ -118,22 +126,46 @@ def run_training(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         (bar.write if bar is not None else print)(line, file=sys.stderr)
 
-    setup = build_trainer(recipe, device=args.device, log_fn=log, progress=not args.no_progress)
+    # The output dir, the checkpoint to resume and the recipe's changes since it are checked
+    # before any model loads.
+    setup = build_trainer(
+        recipe,
+        device=args.device,
+        log_fn=log,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
     trainer = setup.trainer
     # Under torchrun every rank runs this; rank 0 speaks and writes the run's files.
     main = trainer.parallel is None or trainer.parallel.is_main
     say = print if main else (lambda *_a, **_k: None)
     out_dir = trainer.output_dir
+    resumed = None
     if args.resume is not None:
-        path = None if args.resume == "latest" else Path(args.resume)
-        resumed = trainer.resume(path)
-        if resumed is None:
+        if setup.resume_from is None:
             say(f"no checkpoint under {out_dir}; starting from step 0")
         else:
+            resumed = trainer.resume(setup.resume_from)
             say(f"resumed from {resumed} at step {trainer.step}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if main:
+    # recipe.yaml: the recipe the run started with. A resume keeps it (each checkpoint holds
+    # its own recipe.yaml; safe changes are appended to recipe_changes.jsonl).
+    if main and (resumed is None or not (out_dir / RECIPE_FILE).is_file()):
         dump_recipe(recipe, out_dir / RECIPE_FILE)
+
+    def write_summary(**extra) -> dict:
+        summary = {
+            "command": args.command,
+            "method": recipe.train.method,
+            "step": trainer.step,
+            "max_steps": recipe.train.max_steps,
+            "data": trainer.data_summary(),
+            **extra,
+        }
+        if main:
+            atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary)))
+        return summary
+
     say(
         f"{args.command}: {recipe.train.method} on {setup.device}, teacher {setup.model_path}, "
         f"steps {trainer.step} -> {recipe.train.max_steps}, output {out_dir}"
@@ -156,6 +188,9 @@ def run_training(args: argparse.Namespace) -> int:
                 {k: f"{v:.3g}" for k, v in last.items() if k.endswith("_loss")}, refresh=False
             )
             bar.update(1)
+    except SkippedRowsError as err:  # the data is more broken than the recipe allows
+        write_summary(complete=False, stopped=str(err))
+        raise
     finally:
         bar.close()
         bar = None
@@ -173,7 +208,17 @@ def run_training(args: argparse.Namespace) -> int:
         finite = all(math.isfinite(v) for v in values)
         say(f"  {key}: last {last[key]:.4g}, mean {sum(values) / len(values):.4g}"
             f"{'' if finite else ' (NON-FINITE values seen)'}")  # fmt: skip
+    data = write_summary(complete=True, checkpoint=str(checkpoint))["data"]
+    if data["rows_read"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in data["skipped_by_reason"].items() if n)
+        say(
+            f"  data: {data['rows_read']} rows read, {data['rows_skipped']} skipped "
+            f"({data['skip_fraction']:.1%}{': ' + reasons if reasons else ''}; limit "
+            f"data.max_skip_fraction {data['max_skip_fraction']:.1%})"
+            + (f"; {len(data['skipped_files'])} unreadable files" if data["skipped_files"] else "")
+        )
     say(f"checkpoint: {checkpoint}")
+    say(f"summary: {out_dir / 'summary.json'}")
     if trainer.parallel is not None and trainer.parallel.distributed:
         from fastwan.distributed.mesh import destroy_parallel
 
@@ -200,10 +245,10 @@ def run_export(args: argparse.Namespace) -> int:
             "checkpoint-<step> folder written by `fastwan distill` / `fastwan finetune`"
         )
     recipe_file = ckpt.parent / RECIPE_FILE
+    recipe = load_recipe(recipe_file) if recipe_file.is_file() else None
     if args.model is not None:
         teacher, student = args.model, args.model
-    elif recipe_file.is_file():
-        recipe = load_recipe(recipe_file)
+    elif recipe is not None:
         teacher, student = recipe.model.teacher, recipe.model.student_path
     else:
         raise ValueError(
@@ -237,8 +282,31 @@ def run_export(args: argparse.Namespace) -> int:
                     raise ValueError(f"EMA weight {name!r} is not a parameter of the model")
                 params[name].copy_(value.to(params[name].dtype))
     out = export_pipeline(
-        resolve_model_path(teacher), transformer, args.out, overwrite=args.overwrite
+        resolve_model_path(teacher),
+        transformer,
+        args.out,
+        overwrite=args.overwrite,
+        sampling=export_sampling(recipe) if recipe is not None else None,
     )
     which = "EMA" if args.ema else "generator"
     print(f"exported the {which} weights of {ckpt} to {out}")
     return 0
+
+
+def export_sampling(recipe) -> dict:
+    """How a trained student samples, for the export's ``fastwan.json``: the method's
+    timesteps (``dmd``: few-step, no CFG), its attention and the clip size it trained at."""
+    sampling: dict = {
+        "attention": "vsa" if recipe.vsa.enabled else "dense",
+        "height": recipe.data.height,
+        "width": recipe.data.width,
+        "num_frames": recipe.data.num_frames,
+        "text_length": recipe.data.text_length,
+    }
+    if recipe.vsa.enabled:
+        sampling["sparsity"] = recipe.vsa.sparsity
+        sampling["tile_size"] = list(recipe.vsa.tile_size)
+    if recipe.train.method == "dmd":
+        sampling["timesteps"] = list(recipe.dmd.denoising_timesteps)
+        sampling["guidance_scale"] = 1.0
+    return sampling

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import ipaddress
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastwan.commands.generate import add_runtime_arguments
@@ -115,6 +120,42 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """While inside: SIGTERM and SIGINT raise ``KeyboardInterrupt`` in the main thread, so
+    Gradio's serving loop stops and the ``finally`` blocks clean up (SIGTERM's default is to
+    die on the spot, leaving the temporary video folder). A repeated signal while stopping
+    is ignored, so it cannot cut the cleanup short; a signal the parent set to be ignored
+    stays ignored. The previous handlers are restored on the way out. A no-op off the main
+    thread (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def on_signal(signum: int, frame) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    for sig in signals:
+        handler = signal.getsignal(sig)
+        if handler is not signal.SIG_IGN:
+            previous[sig] = handler
+            signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from fastwan.commands.generate import read_prompts
     from fastwan.ui.app import FastWanUI, LazyModel, build_app, launch
@@ -151,25 +192,46 @@ def run(args: argparse.Namespace) -> int:
         teacher = LazyModel("teacher", lambda: toy_model("teacher"), loader(args.teacher_preset))
     if examples is None and use_toy:
         examples = toy_examples()
-    ui = FastWanUI(
-        student,
-        teacher,
-        max_frames=args.max_frames,
-        max_pixels=args.max_pixels,
-        vsa_backend=args.vsa_backend,
-        max_sequence_length=args.max_sequence_length,
-        examples=examples,
-    )
-    app = build_app(ui, queue_size=args.queue_size)
-    if not is_loopback(args.host):
-        print(
-            f"warning: serving on {args.host}: anyone who can reach it can run the model",
-            file=sys.stderr,
-        )
-    shown = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
-    print(f"fastwan ui: http://{shown}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
-    try:
-        launch(app, host=args.host, port=args.port, block=True)  # until Ctrl+C
-    finally:
-        ui.close()
+    # From here on SIGTERM / SIGINT stop the server and remove its videos and temporary
+    # folder; atexit does the same on any other way out of the interpreter.
+    with stop_on_signals():
+        try:
+            ui = FastWanUI(
+                student,
+                teacher,
+                max_frames=args.max_frames,
+                max_pixels=args.max_pixels,
+                vsa_backend=args.vsa_backend,
+                max_sequence_length=args.max_sequence_length,
+                examples=examples,
+            )
+        except KeyboardInterrupt:  # stopped while the student loaded: nothing written yet
+            print("fastwan ui: stopped", file=sys.stderr)
+            return 0
+        atexit.register(ui.close)
+        try:
+            app = build_app(ui, queue_size=args.queue_size)
+            if not is_loopback(args.host):
+                print(
+                    f"warning: serving on {args.host}: anyone who can reach it can run the model",
+                    file=sys.stderr,
+                )
+            shown = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
+            print(
+                f"fastwan ui: http://{shown}:{args.port} (Ctrl+C or SIGTERM to stop)",
+                file=sys.stderr,
+            )
+            try:
+                launch(app, host=args.host, port=args.port, block=True)  # until a stop signal
+            except OSError as err:  # the port is taken, the address is not this machine's
+                raise ValueError(
+                    f"cannot serve on {shown}:{args.port}: {err}; pass a free --port or "
+                    "another --host"
+                ) from err
+        except KeyboardInterrupt:  # one that came outside Gradio's serving loop
+            pass
+        finally:
+            ui.close()
+            atexit.unregister(ui.close)
+    print("fastwan ui: stopped; its videos and temporary folder are removed", file=sys.stderr)
     return 0

@@ -10,12 +10,30 @@ Keys are an index or ``(index, epoch)`` (what :class:`fastwan.data.sampler.Distr
 yields): the CFG-dropout draw is a function of (seed, epoch, index) alone, so it does not
 depend on worker processes or on where a resumed run restarted.
 
+Clip size (``latent_shape``, the recipe's ``[C, T, H, W]`` from
+:func:`fastwan.train.build.latent_shape_of`): latents with more latent frames than ``T`` are
+cropped in time to ``T`` frames (latent-aligned) at a start drawn from a generator seeded
+with (seed, epoch, index) -- so the crop, like the CFG-dropout draw, is the same whatever
+the worker processes and wherever a resumed run restarted -- or at frame 0 with
+``temporal_crop="first"`` (FastVideo's ``latents[:, :, :num_latent_t]``). Latents with
+fewer frames are ``too_short``, another channel count or spatial size is
+``shape_mismatch``. The ``vae_latent_shape`` column of every file is read when the dataset
+opens: when no row fits, or (with ``on_error="raise"``) when any row does not, it raises
+naming the rows, the files and the fix before any training starts.
+
 Bad data: the schema of every file is checked when the dataset opens (a missing column
 or a column of the wrong type raises :class:`~fastwan.data.schema.SchemaError` naming the
-file and the column); an unreadable file, or a corrupt row (byte count not matching its
-shape, NaN, unknown dtype) raises naming the file and row -- or, with
-``on_error="skip"``, is skipped and counted (``skipped_files``; a corrupt row is replaced by
-the next good row and reported in the sample's ``skipped`` list).
+file and the column); an unreadable file, or a bad row raises naming the file, the row,
+the column and the fix -- or, with ``on_error="skip"``, is skipped and counted. A bad row is
+one that is unreadable, truncated or mislabelled (reason ``decode_error``), holds NaN / inf
+or values larger in magnitude than ``max_abs_latent`` (``non_finite``; e.g. latents of
+1e30, which would otherwise end training in a non-finite loss that names no row), or has
+latents of another size (``shape_mismatch`` / ``too_short``). Unreadable files are listed
+in ``skipped_files``; a skipped row is replaced by the next good row and reported, with its
+reason, file and row, in the sample's ``skipped`` list (one entry: the row that was asked
+for; rows passed over while looking for a replacement are counted when they are asked for
+themselves), which :func:`collate_samples` gathers into ``batch["skipped"]`` and the
+:class:`~fastwan.train.trainer.Trainer` counts (console, trackers, the run's summary).
 """
 
 from __future__ import annotations
@@ -36,10 +54,21 @@ from torch.utils.data import Dataset
 from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, list_parquet_files
 from fastwan.data.schema import SchemaError, decode_tensor, validate_schema
 
-__all__ = ["LatentDataset", "collate_samples", "pad_text"]
+__all__ = ["SKIP_REASONS", "LatentDataset", "collate_samples", "pad_text"]
 
 # Consecutive corrupt rows tolerated in skip mode before giving up (the data is broken).
 MAX_CONSECUTIVE_BAD_ROWS = 64
+
+# Why a row is skipped (SchemaError.reason), in the order reports list them.
+SKIP_REASONS = ("decode_error", "non_finite", "shape_mismatch", "too_short")
+
+# Stream id of the temporal-crop draw (independent of the CFG-dropout draw).
+_CROP_STREAM = 0x43524F50
+_SHAPE_FIX = (
+    "set data.num_frames / data.height / data.width to the clip size the data was encoded "
+    "at (latent frames = (num_frames - 1) // the VAE's temporal stride + 1), or re-encode "
+    "the clips at the recipe's size (fastwan preprocess)"
+)
 
 
 def pad_text(embedding: torch.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +117,15 @@ class LatentDataset(Dataset):
         empty_embedding: the empty prompt's embedding ``[L, dim]`` (a tensor, an array or
             a ``.npy`` file); default ``<path>/empty_prompt_embedding.npy``, written by the
             fastwan data commands. Needed only when ``cfg_dropout > 0``.
-        seed: seed of the CFG-dropout draws.
+        seed: seed of the CFG-dropout and temporal-crop draws (the trainer passes
+            ``train.seed``).
         on_error: ``"raise"`` (default) or ``"skip"`` corrupt files and rows.
+        latent_shape: the ``[C, T, H, W]`` latents are trained at (None: as stored);
+            longer latents are cropped in time, others skipped (see the module docstring).
+        max_abs_latent: latents (after normalisation) larger in magnitude than this are a
+            bad row (``non_finite``); None: only NaN / inf are.
+        temporal_crop: ``"random"`` (a start drawn per (seed, epoch, index)) or
+            ``"first"`` (the first ``T`` latent frames).
     """
 
     def __init__(
@@ -105,6 +141,9 @@ class LatentDataset(Dataset):
         empty_embedding: torch.Tensor | np.ndarray | str | Path | None = None,
         seed: int = 0,
         on_error: Literal["raise", "skip"] = "raise",
+        latent_shape: Sequence[int] | None = None,
+        max_abs_latent: float | None = 1000.0,
+        temporal_crop: Literal["random", "first"] = "random",
     ) -> None:
         if isinstance(text_length, bool) or not isinstance(text_length, int) or text_length < 1:
             raise ValueError(f"text_length must be a positive int, got {text_length!r}")
@@ -112,6 +151,25 @@ class LatentDataset(Dataset):
             raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if temporal_crop not in ("random", "first"):
+            raise ValueError(f"temporal_crop must be 'random' or 'first', got {temporal_crop!r}")
+        if max_abs_latent is not None and not (
+            isinstance(max_abs_latent, (int, float)) and 0 < max_abs_latent < float("inf")
+        ):
+            raise ValueError(f"max_abs_latent must be a finite number > 0, got {max_abs_latent!r}")
+        if latent_shape is not None:
+            latent_shape = tuple(latent_shape)
+            if len(latent_shape) != 4 or any(
+                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                for d in latent_shape
+            ):
+                raise ValueError(
+                    f"latent_shape must be four positive ints [C, T, H, W], got {latent_shape!r}"
+                )
+            latent_shape = tuple(int(d) for d in latent_shape)
+        self.latent_shape: tuple[int, int, int, int] | None = latent_shape
+        self.max_abs_latent = None if max_abs_latent is None else float(max_abs_latent)
+        self.temporal_crop = temporal_crop
         self.path = Path(path)
         self.text_length = text_length
         self.text_only = bool(text_only)
@@ -189,6 +247,86 @@ class LatentDataset(Dataset):
             pad_text(self.empty_embedding, text_length, "the empty prompt")
         self._handles: dict[int, pq.ParquetFile] = {}
         self._pid = os.getpid()
+        # Rows whose stored latent shape does not fit latent_shape: reason -> count.
+        self.shape_skips: dict[str, int] = {}
+        if self.latent_shape is not None and not self.text_only:
+            self._scan_shapes()
+
+    # ------------------------------------------------------------------ shapes
+    def _shape_problem(self, shape: Sequence[int], where: str) -> SchemaError | None:
+        """Why latents of ``shape`` cannot train at ``latent_shape`` (None: they can,
+        possibly after a temporal crop)."""
+        want = self.latent_shape
+        assert want is not None
+        shape = [int(d) for d in shape]
+        if len(shape) != 4:
+            return None  # decode_tensor names the malformed shape (decode_error)
+        if shape[0] != want[0] or shape[2:] != list(want[2:]):
+            return SchemaError(
+                f"{where}: column 'vae_latent_shape' is {shape} [C, T, H, W], but the recipe "
+                f"trains on latents of {want[0]} channels x {want[2]} x {want[3]} (latent "
+                f"shape {list(want)}); {_SHAPE_FIX}",
+                reason="shape_mismatch",
+            )
+        if shape[1] < want[1]:
+            return SchemaError(
+                f"{where}: column 'vae_latent_shape' is {shape}: {shape[1]} latent frames, "
+                f"fewer than the recipe's {want[1]} (latent shape {list(want)}); lower "
+                f"data.num_frames, or {_SHAPE_FIX}",
+                reason="too_short",
+            )
+        return None
+
+    def _scan_shapes(self) -> None:
+        """Read every file's ``vae_latent_shape`` column (small) and refuse now what cannot
+        train: no row of the recipe's size, or any row of another size under
+        ``on_error="raise"``."""
+        problems: list[SchemaError] = []
+        counts: dict[str, int] = {}
+        for file in self.files:
+            try:
+                shapes = pq.read_table(file, columns=["vae_latent_shape"]).column(0).to_pylist()
+            except (pa.ArrowException, OSError) as err:
+                raise SchemaError(
+                    f"{file}: cannot read its 'vae_latent_shape' column ({type(err).__name__}: "
+                    f"{err}); the file is corrupt: restore or delete it"
+                ) from None
+            for row, shape in enumerate(shapes):
+                if shape is None:
+                    continue  # decode_tensor names the null (decode_error)
+                problem = self._shape_problem(shape, f"{file} row {row}")
+                if problem is not None:
+                    counts[problem.reason] = counts.get(problem.reason, 0) + 1
+                    if len(problems) < 3:
+                        problems.append(problem)
+        total = len(self)
+        bad = sum(counts.values())
+        if not bad:
+            return
+        by_reason = ", ".join(f"{r} {counts[r]}" for r in SKIP_REASONS if r in counts)
+        examples = "; ".join(str(p) for p in problems[:2])
+        if bad == total:
+            raise SchemaError(
+                f"no row of {str(self.path)!r} fits the recipe's latent shape "
+                f"{list(self.latent_shape)}: all {total} rows have latents of another size "
+                f"({by_reason}). First: {examples}",
+                reason=problems[0].reason,
+            )
+        if self.on_error == "raise":
+            raise SchemaError(
+                f"{bad} of {total} rows of {str(self.path)!r} have latents of another size "
+                f"than the recipe's {list(self.latent_shape)} ({by_reason}). First: "
+                f"{examples} (or skip and count such rows: data.on_error: skip, i.e. "
+                "on_error='skip')",
+                reason=problems[0].reason,
+            )
+        self.shape_skips = counts
+        warnings.warn(
+            f"{bad} of {total} rows of {str(self.path)!r} have latents of another size than "
+            f"the recipe's {list(self.latent_shape)} ({by_reason}): they will be skipped and "
+            f"counted. First: {examples}",
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _load_empty(self, value: Any) -> torch.Tensor:
@@ -239,7 +377,9 @@ class LatentDataset(Dataset):
             raise SchemaError(f"{where}: unreadable ({type(err).__name__}: {err})") from None
         return row, where
 
-    def _sample(self, index: int) -> dict[str, Any]:
+    def _sample(self, index: int, key_index: int, epoch: int) -> dict[str, Any]:
+        """Row ``index`` decoded and checked; latents cropped by the draw of the key
+        ``(key_index, epoch)`` that asked for it."""
         row, where = self._read_row(index)
         if row.get("id") is None or row.get("caption") is None:
             raise SchemaError(f"{where}: 'id' or 'caption' is null")
@@ -252,7 +392,11 @@ class LatentDataset(Dataset):
             "text_raw": text,
         }
         if not self.text_only:
-            latents = decode_tensor(row, "vae_latent", where, ndim=4)  # [C, T, H, W]
+            latents = decode_tensor(row, "vae_latent", where, ndim=4)  # [C, T', H, W]
+            if self.latent_shape is not None:
+                problem = self._shape_problem(latents.shape, where)
+                if problem is not None:
+                    raise problem
             if self._mean is not None:
                 if latents.shape[0] != self._mean.shape[0]:
                     raise ValueError(
@@ -260,9 +404,33 @@ class LatentDataset(Dataset):
                         f"latents_mean/std have {self._mean.shape[0]}; use the statistics of "
                         "the VAE that encoded this dataset"
                     )
-                latents = (latents - self._mean) * self._inv_std  # [C, T, H, W]
+                latents = (latents - self._mean) * self._inv_std  # [C, T', H, W]
+            if self.max_abs_latent is not None:
+                peak = float(latents.abs().max()) if latents.numel() else 0.0
+                if not peak <= self.max_abs_latent:  # also catches an overflow to inf
+                    raise SchemaError(
+                        f"{where}: column 'vae_latent_bytes' holds values of magnitude up to "
+                        f"{peak:.3g}{' after normalisation' if self._mean is not None else ''}"
+                        f", more than max_abs_latent {self.max_abs_latent:g}; the row is "
+                        "corrupt: re-encode the clip (fastwan preprocess) or delete the row "
+                        "(or raise data.max_abs_latent if such latents are real)",
+                        reason="non_finite",
+                    )
+            start = 0
+            if self.latent_shape is not None and latents.shape[1] > self.latent_shape[1]:
+                frames = self.latent_shape[1]
+                start = self._crop_start(latents.shape[1] - frames, key_index, epoch)
+                latents = latents[:, start : start + frames].contiguous()  # [C, T, H, W]
             sample["latents"] = latents
+            sample["crop_start"] = start
         return sample
+
+    def _crop_start(self, slack: int, index: int, epoch: int) -> int:
+        """First latent frame of a temporal crop with ``slack`` frames to spare."""
+        if self.temporal_crop == "first":
+            return 0
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, index, _CROP_STREAM))
+        return int(torch.randint(slack + 1, (), generator=g))
 
     # ------------------------------------------------------------------ access
     def __getitem__(self, key: Any) -> dict[str, Any]:
@@ -270,22 +438,31 @@ class LatentDataset(Dataset):
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} rows")
-        skipped: list[str] = []
-        current = index
+        skipped: list[dict[str, Any]] = []
+        current, tries = index, 0
         while True:
             try:
-                sample = self._sample(current)
+                sample = self._sample(current, index, epoch)
                 break
             except SchemaError as err:
+                reason = getattr(err, "reason", "decode_error")
                 if self.on_error == "raise":
                     raise SchemaError(
-                        f"{err} (pass on_error='skip' to skip corrupt rows)"
+                        f"{err} (or skip and count such rows: data.on_error: skip, i.e. "
+                        "on_error='skip')",
+                        reason,
                     ) from None
-                skipped.append(str(err))
-                if len(skipped) >= min(MAX_CONSECUTIVE_BAD_ROWS, n):
+                if current == index:  # the row asked for; passed-over rows count when asked
+                    file, row = self.locate(current)
+                    skipped.append(
+                        {"reason": reason, "file": str(file), "row": row, "message": str(err)}
+                    )
+                tries += 1
+                if tries >= min(MAX_CONSECUTIVE_BAD_ROWS, n):
                     raise SchemaError(
-                        f"{len(skipped)} consecutive corrupt rows from index {index} (last: "
-                        f"{err}); the dataset is broken"
+                        f"{tries} consecutive bad rows from index {index} (last: {err}); the "
+                        "dataset is broken",
+                        reason,
                     ) from None
                 current = (current + 1) % n
         text = sample.pop("text_raw")  # [L, dim]
@@ -314,8 +491,9 @@ class LatentDataset(Dataset):
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples into a batch: ``latents`` ``[B, C, T, H, W]`` (when present),
     ``text_embedding`` ``[B, L, dim]``, ``text_mask`` ``[B, L]``, ``cfg_dropped`` ``[B]``,
-    ``index`` ``[B]``; ``id`` / ``caption`` / ``source`` lists; ``skipped`` (all corrupt
-    rows replaced in this batch). Latents of different shapes raise a ValueError naming
+    ``index`` ``[B]``; ``id`` / ``caption`` / ``source`` / ``epoch`` (and ``crop_start``)
+    lists; ``skipped``: one ``{"reason", "file", "row", "message"}`` per row of this batch
+    that was skipped (and replaced). Latents of different shapes raise a ValueError naming
     the rows of each shape."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
@@ -338,7 +516,8 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch["text_mask"] = torch.stack([s["text_mask"] for s in samples])  # [B, L]
     batch["cfg_dropped"] = torch.tensor([s["cfg_dropped"] for s in samples])  # [B]
     batch["index"] = torch.tensor([s["index"] for s in samples])  # [B]
-    for name in ("id", "caption", "source", "epoch"):
-        batch[name] = [s[name] for s in samples]
+    for name in ("id", "caption", "source", "epoch", "crop_start"):
+        if name in samples[0]:
+            batch[name] = [s[name] for s in samples]
     batch["skipped"] = [msg for s in samples for msg in s["skipped"]]
     return batch

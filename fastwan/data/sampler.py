@@ -268,11 +268,19 @@ def build_train_loader(
     latents_mean: Sequence[float] | None = None,
     latents_std: Sequence[float] | None = None,
     empty_embedding: Any = None,
+    latent_shape: Sequence[int] | None = None,
 ) -> ResumableLoader:
     """The trainer's loader from a :class:`fastwan.train.config.DataConfig`: the dataset at
-    ``data.path`` (text-only, text length, CFG dropout, error policy from the config), this
-    rank's sampler (SP groups share samples; shuffled by ``seed``) and ``data.num_workers``
-    worker processes. ``latents_mean`` / ``latents_std``: the VAE's (not needed text-only)."""
+    ``data.path`` (text-only, text length, CFG dropout, error policy, latent bound and
+    temporal crop from the config), this rank's sampler (SP groups share samples; shuffled
+    by ``seed``) and ``data.num_workers`` worker processes. ``latents_mean`` /
+    ``latents_std``: the VAE's (not needed text-only). ``latent_shape``: the recipe's
+    ``[C, T, H, W]`` (:func:`fastwan.train.build.latent_shape_of`): longer latents are
+    cropped in time, others skipped or refused (see :class:`LatentDataset`).
+
+    Under ``data.on_error: skip``, what is known to be skipped when the dataset opens --
+    unreadable files, rows of another latent size -- is refused now when it exceeds
+    ``data.max_skip_fraction`` (of the files, of the rows)."""
     if data.path is None:
         raise ValueError(
             "data.path is null: set it to the folder of parquet shards (--data.path=DIR)"
@@ -287,7 +295,31 @@ def build_train_loader(
         empty_embedding=empty_embedding,
         seed=seed,
         on_error=data.on_error,
+        latent_shape=None if data.text_only else latent_shape,
+        max_abs_latent=data.max_abs_latent,
+        temporal_crop=data.temporal_crop,
     )
+    limit = float(data.max_skip_fraction)
+    files = len(dataset.files) + len(dataset.skipped_files)
+    if dataset.skipped_files and len(dataset.skipped_files) > limit * files:
+        named = "; ".join(reason for _file, reason in dataset.skipped_files[:3])
+        raise ValueError(
+            f"data.max_skip_fraction: {len(dataset.skipped_files)} of the {files} parquet "
+            f"files under {str(data.path)!r} cannot be read "
+            f"({len(dataset.skipped_files) / files:.1%} > {limit:.1%}): {named}; restore or "
+            "delete those files, or raise data.max_skip_fraction"
+        )
+    shape_skips = sum(dataset.shape_skips.values())
+    if shape_skips and shape_skips > limit * len(dataset):
+        by_reason = ", ".join(f"{r} {n}" for r, n in sorted(dataset.shape_skips.items()))
+        raise ValueError(
+            f"data.max_skip_fraction: {shape_skips} of the {len(dataset)} rows under "
+            f"{str(data.path)!r} have latents of another size than the recipe's "
+            f"{list(dataset.latent_shape)} ({by_reason}; {shape_skips / len(dataset):.1%} > "
+            f"{limit:.1%}) and would be skipped; set data.num_frames / data.height / "
+            "data.width to the data's clip size, re-encode the clips, or raise "
+            "data.max_skip_fraction"
+        )
     sampler = DistributedSampler.for_rank(
         len(dataset),
         rank=rank,

@@ -143,7 +143,18 @@ TENSOR_DTYPES: dict[str, torch.dtype] = {
 
 class SchemaError(ValueError):
     """A parquet file or row that does not follow the schema; the message names the file,
-    the column (and the row) and says how to fix it."""
+    the column (and the row) and says how to fix it.
+
+    ``reason``: a short category that readers count skipped rows under -- ``decode_error``
+    (unreadable, truncated or mislabelled), ``non_finite`` (NaN, inf or absurdly large
+    values), ``shape_mismatch`` / ``too_short`` (latents of another clip size)."""
+
+    def __init__(self, message: str, reason: str = "decode_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keeps ``reason`` across DataLoader worker processes
+        return (type(self), (str(self), self.reason))
 
 
 def columns_for(kind: DatasetKind) -> tuple[ColumnSpec, ...]:
@@ -284,7 +295,13 @@ def decode_tensor(
         tensor = torch.from_numpy(raw.view(np_dtype).copy())
     tensor = tensor.to(torch.float32).reshape(shape)
     if not torch.isfinite(tensor).all():
-        raise SchemaError(f"{where}: column '{prefix}_bytes' holds NaN or inf values")
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise SchemaError(
+            f"{where}: column '{prefix}_bytes' holds NaN or inf values ({bad} of "
+            f"{tensor.numel()}); the row is corrupt: re-encode the clip (fastwan preprocess) "
+            "or delete the row",
+            reason="non_finite",
+        )
     return tensor
 
 

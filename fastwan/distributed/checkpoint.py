@@ -25,6 +25,7 @@ rank existed.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -43,7 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from fastwan.distributed.mesh import ParallelState, data_parallel_seed
+from fastwan.fsutil import WriteError
 from fastwan.train.checkpoint_io import (
+    _save_failed,
     capture_rng_state,
     commit_checkpoint_dir,
     prepare_checkpoint_dir,
@@ -138,25 +142,79 @@ def save_sharded_checkpoint(
     """
     final = Path(final_dir)
     rank = _rank()
-    tmp_name = [str(prepare_checkpoint_dir(final)) if rank == 0 else ""]
-    if _dist_on():
-        dist.broadcast_object_list(tmp_name, src=0)
-    tmp = Path(tmp_name[0])
-    dcp.save(
-        _tensor_state(networks, optimizers, ema),
-        checkpoint_id=tmp / SHARDED_DIR,
-        no_dist=not _dist_on(),
-    )
-    torch.save(capture_rng_state(dict(generators)), tmp / rng_file(rank))
-    _barrier()  # every rank's files are in tmp
+    # Every failure is agreed on by all ranks before anyone waits for the others: a rank
+    # that raised alone (rank 0's disk full or read-only) would leave the rest hung.
+    own: list[BaseException] = []  # this rank's error: (clear error, original)
+
+    def fail(err: BaseException, where: Path) -> str:
+        cause, origin = err, ""
+        if isinstance(err, CheckpointException) and err.failures:
+            # DCP hands every rank the failing ranks' errors: describe the first one
+            r, (cause, _trace) = min(err.failures.items(), key=lambda kv: kv[0])
+            origin = f" (on rank {r}, in torch.distributed.checkpoint)"
+        clear = _save_failed(cause, final, where)  # before the partial files are removed
+        if clear is not None and origin:
+            clear = WriteError(f"{clear}{origin}", clear.errno)
+        own[:] = [clear or err, err]
+        return str(clear or f"{type(cause).__name__}: {cause}{origin}")
+
+    box: list[Any] = [None, None]  # rank 0's temporary directory, or its error
     if rank == 0:
-        state = dict(trainer_state)
-        state["format"] = "dcp"
-        state["layout"] = _layout(parallel)
-        torch.save(state, tmp / STATE_FILE)
-        commit_checkpoint_dir(tmp, final, {**dict(metadata or {}), "format": "dcp"})
-    _barrier()  # no rank returns before the checkpoint is complete
-    return final
+        try:
+            box[0] = str(prepare_checkpoint_dir(final))
+        except Exception as err:
+            box[1] = f"rank 0: {fail(err, final.parent)}"
+    if _dist_on():
+        dist.broadcast_object_list(box, src=0)
+    failed, tmp = box[1], Path(box[0] or final)
+    if failed is None:
+        local = None
+        try:
+            dcp.save(
+                _tensor_state(networks, optimizers, ema),
+                checkpoint_id=tmp / SHARDED_DIR,
+                no_dist=not _dist_on(),
+            )
+            torch.save(capture_rng_state(dict(generators)), tmp / rng_file(rank))
+        except (Exception, CheckpointException) as err:  # the latter is a BaseException
+            local = fail(err, tmp)
+        failed = _first_failure(local)  # the barrier: every rank's files are in tmp
+    if failed is None and rank == 0:
+        try:
+            state = dict(trainer_state)
+            state["format"] = "dcp"
+            state["layout"] = _layout(parallel)
+            torch.save(state, tmp / STATE_FILE)
+            commit_checkpoint_dir(tmp, final, {**dict(metadata or {}), "format": "dcp"})
+        except Exception as err:
+            failed = f"rank 0: {fail(err, tmp)}"
+    if _dist_on():  # rank 0's commit: no rank returns before the checkpoint is complete
+        result = [failed]
+        dist.broadcast_object_list(result, src=0)
+        failed = result[0]
+    if failed is None:
+        return final
+    if rank == 0 and box[0] is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if own:  # this rank's own error, made clear where it is a full / read-only disk
+        clear, original = own
+        if clear is original:
+            raise original
+        raise clear from original
+    raise WriteError(f"saving checkpoint {str(final)!r} failed on {failed}")
+
+
+def _first_failure(local: str | None) -> str | None:
+    """``"rank R: <error>"`` of the first rank whose ``local`` error is not None (all ranks
+    call this; it synchronises them), or None when every rank succeeded."""
+    if not _dist_on():
+        return None if local is None else f"rank 0: {local}"
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, local)
+    for r, e in enumerate(errors):
+        if e is not None:
+            return f"rank {r}: {e}"
+    return None
 
 
 def _layout(parallel: ParallelState | None) -> dict[str, int]:

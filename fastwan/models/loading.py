@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastwan.models.presets import PRESETS, WanPreset, get_preset, infer_preset
+from fastwan.models.identity import ModelIdentity, identify
+from fastwan.models.presets import PRESETS, WanPreset, get_preset
 from fastwan.models.vsa import GATE_NAME, add_vsa_gates, set_attention
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -117,6 +118,69 @@ def _weight_files(transformer_dir: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
+@dataclass(frozen=True)
+class GateReport:
+    """Which blocks of a checkpoint carry a complete VSA gate (weight and bias)."""
+
+    complete: tuple[int, ...]  # blocks with both gate tensors
+    partial: dict[int, tuple[str, ...]]  # block -> the gate tensors it lacks
+    absent: tuple[int, ...]  # blocks with no gate tensor, in a checkpoint that has some
+    misnamed: tuple[str, ...]  # keys that look like gates but are not blocks.N.<gate>.*
+
+    @property
+    def has_gates(self) -> bool:
+        return bool(self.complete)
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.partial or self.absent or self.misnamed)
+
+    def problem(self, where: str) -> str:
+        parts = []
+        if self.absent:
+            parts.append(f"blocks {list(self.absent)} have no gate")
+        for n, lacks in sorted(self.partial.items()):
+            parts.append(f"block {n} lacks {', '.join(lacks)}")
+        if self.misnamed:
+            parts.append(
+                f"{list(self.misnamed)[:4]} are not named blocks.N.{GATE_NAME}.(weight|bias)"
+            )
+        return (
+            f"the VSA gates in {where} are incomplete: {'; '.join(parts)}. Those blocks keep a "
+            "zero gate, so VSA's coarse branch is off in them and the model does not run as "
+            "it was trained; re-export the checkpoint with all gates, or pass strict=False "
+            "(--no-strict) to run it anyway"
+        )
+
+
+def gate_report(keys, num_layers: int) -> GateReport:
+    """Classify the gate keys among a checkpoint's tensor names."""
+    found: dict[int, set[str]] = {}
+    misnamed = []
+    for key in keys:
+        match = _GATE_KEY.match(key)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+        elif GATE_NAME in key:
+            misnamed.append(key)
+    if not found:
+        return GateReport((), {}, (), tuple(sorted(misnamed)))
+    beyond = sorted(n for n in found if n >= num_layers)
+    if beyond:
+        raise ValueError(
+            f"checkpoint has gates for blocks {beyond} but the transformer has {num_layers} "
+            "blocks; the gate weights belong to a different model"
+        )
+    complete = tuple(n for n in sorted(found) if found[n] == {"weight", "bias"})
+    partial = {
+        n: tuple(f"{GATE_NAME}.{w}" for w in ("weight", "bias") if w not in parts)
+        for n, parts in sorted(found.items())
+        if parts != {"weight", "bias"}
+    }
+    absent = tuple(n for n in range(num_layers) if n not in found)
+    return GateReport(complete, partial, absent, tuple(sorted(misnamed)))
+
+
 def read_gate_tensors(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
     """The ``blocks.N.to_gate_compress.{weight,bias}`` tensors a checkpoint stores (may be
     empty); reads only those tensors, however large the checkpoint."""
@@ -137,29 +201,35 @@ def read_gate_tensors(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_gate_weights(transformer: nn.Module, gate_tensors: dict[str, torch.Tensor]) -> int:
     """Copy gate tensors into the transformer's gates (added, zero, where missing); return
-    how many blocks received a gate."""
+    how many blocks received a gate. A block whose gate lacks its weight or its bias keeps
+    a zero gate (half a trained gate is not the trained gate)."""
     gates = add_vsa_gates(transformer)
-    loaded = set()
+    report = gate_report(gate_tensors, len(gates))
     with torch.no_grad():
         for key, tensor in gate_tensors.items():
             match = _GATE_KEY.match(key)
             if match is None:
                 raise ValueError(f"{key!r} is not a gate key blocks.N.{GATE_NAME}.(weight|bias)")
             n, which = int(match.group(1)), match.group(2)
-            if n >= len(gates):
-                raise ValueError(
-                    f"checkpoint has a gate for block {n} but the transformer has {len(gates)} "
-                    "blocks; the gate weights belong to a different model"
-                )
             param = getattr(gates[n], which)
             if param.shape != tensor.shape:
                 raise ValueError(
                     f"{key} has shape {tuple(tensor.shape)}, the model expects "
                     f"{tuple(param.shape)}; the gate weights belong to a different model"
                 )
-            param.copy_(tensor)
-            loaded.add(n)
-    return len(loaded)
+            if n in report.complete:
+                param.copy_(tensor)
+    return len(report.complete)
+
+
+def expected_weight_keys(config: dict[str, Any]) -> set[str]:
+    """The state-dict keys of a ``WanTransformer3DModel`` with ``config`` (built on the
+    meta device: no memory, no weights)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    return set(model.state_dict())
 
 
 class _DropUnusedWeightsReport:
@@ -178,11 +248,15 @@ def load_transformer(
     sparsity: float | None = None,
     tile_size: tuple[int, int, int] = (4, 4, 4),
     backend: str = "auto",
+    strict: bool = False,
 ) -> nn.Module:
     """Load a ``WanTransformer3DModel`` with its VSA gates (zero when the checkpoint has
     none) and set its self-attention (``"dense"``, or ``"vsa"`` with ``sparsity``).
 
-    ``path``: a pipeline folder or its ``transformer/`` subfolder.
+    ``path``: a pipeline folder or its ``transformer/`` subfolder. A weight the model needs
+    but the checkpoint lacks is a ValueError naming it; incomplete gates (some blocks, or a
+    weight without its bias) and unknown keys are warned about by name, and are errors
+    with ``strict=True``.
     """
     import logging
     import warnings
@@ -190,9 +264,40 @@ def load_transformer(
     from diffusers import WanTransformer3DModel
 
     tdir = _transformer_dir(Path(path))
-    # diffusers reports checkpoint keys it does not know. The gates are fastwan's to load:
-    # drop diffusers' report and repeat it here for any other unknown key.
-    stored = set(_weight_files(tdir))
+    config = json.loads((tdir / "config.json").read_text())
+    files = _weight_files(tdir)
+    stored = set(files)
+    expected = expected_weight_keys(config)
+    missing = sorted(expected - stored)
+    if missing:
+        raise ValueError(
+            f"the transformer weights in {str(tdir)!r} ({files_name(tdir)}) lack "
+            f"{len(missing)} tensors the model needs: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; the checkpoint is incomplete or belongs "
+            "to a different model (check config.json and re-download or re-export it)"
+        )
+    ignored = getattr(WanTransformer3DModel, "_keys_to_ignore_on_load_unexpected", None) or []
+    report = gate_report(stored, int(config.get("num_layers", 0)))
+    unknown = sorted(
+        k
+        for k in stored - expected
+        if not _GATE_KEY.match(k)
+        and k not in report.misnamed
+        and not any(re.search(p, k) for p in ignored)
+    )
+    problems = []
+    if report.incomplete:
+        problems.append(report.problem(repr(str(tdir))))
+    if unknown:
+        problems.append(
+            f"{len(unknown)} weights in {str(tdir)!r} are not used by WanTransformer3DModel: "
+            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+        )
+    if problems and strict:
+        raise ValueError("; ".join(problems) + " (strict load)")
+    for problem in problems:
+        warnings.warn(problem, stacklevel=2)
+    # diffusers reports checkpoint keys it does not know; they were reported above.
     hush = _DropUnusedWeightsReport()
     diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
     diffusers_log.addFilter(hush)
@@ -200,23 +305,17 @@ def load_transformer(
         transformer = WanTransformer3DModel.from_pretrained(str(tdir), torch_dtype=dtype)
     finally:
         diffusers_log.removeFilter(hush)
-    ignored = getattr(WanTransformer3DModel, "_keys_to_ignore_on_load_unexpected", None) or []
-    unknown = sorted(
-        k
-        for k in stored - set(transformer.state_dict())
-        if not _GATE_KEY.match(k) and not any(re.search(p, k) for p in ignored)
-    )
-    if unknown:
-        warnings.warn(
-            f"{len(unknown)} weights in {str(tdir)!r} were not used by WanTransformer3DModel: "
-            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}",
-            stacklevel=2,
-        )
     if device is not None:
         transformer = transformer.to(device)
     load_gate_weights(transformer, read_gate_tensors(tdir))
     set_attention(transformer, attention, sparsity=sparsity, tile_size=tile_size, backend=backend)
     return transformer.eval()
+
+
+def files_name(tdir: Path) -> str:
+    """How a transformer folder stores its weights, for messages."""
+    index = tdir / WEIGHTS_INDEX_NAME
+    return index.name if index.is_file() else WEIGHTS_NAME
 
 
 # VAE classes fastwan provides itself (the toy world's pixel VAE), by config class name.
@@ -276,7 +375,7 @@ class WanComponents:
 
     path: Path
     model_index: dict[str, Any]
-    preset: WanPreset
+    identity: ModelIdentity
     transformer: nn.Module
     vae: nn.Module
     text_encoder: nn.Module
@@ -284,9 +383,32 @@ class WanComponents:
     scheduler: Any
 
     @property
+    def preset(self) -> WanPreset:
+        """The effective sampling defaults (see :mod:`fastwan.models.identity`)."""
+        return self.identity.preset
+
+    @property
+    def sampling_sources(self) -> dict[str, str]:
+        return self.identity.sources
+
+    @property
     def expand_timesteps(self) -> bool:
         """Wan2.2 TI2V: one timestep per latent token (diffusers' ``expand_timesteps``)."""
-        return bool(self.model_index.get("expand_timesteps", self.preset.expand_timesteps))
+        return self.identity.preset.expand_timesteps
+
+
+def identify_folder(
+    path_or_id: str | Path, *, preset: str | WanPreset | None = None
+) -> tuple[Path, ModelIdentity]:
+    """Resolve a model and read its identity from its JSON files and weight names only
+    (fast: sizes and settings can be checked before any weight loads)."""
+    path = resolve_model_path(path_or_id)
+    read_model_index(path)
+    tdir = _transformer_dir(path)
+    config = json.loads((tdir / "config.json").read_text())
+    report = gate_report(_weight_files(tdir), int(config.get("num_layers", 0)))
+    source = None if Path(str(path_or_id)).expanduser().exists() else str(path_or_id)
+    return path, identify(path, has_gates=report.has_gates, source=source, preset=preset)
 
 
 def load_components(
@@ -299,22 +421,14 @@ def load_components(
     sparsity: float | None = None,
     tile_size: tuple[int, int, int] = (4, 4, 4),
     backend: str = "auto",
+    strict: bool = False,
 ) -> WanComponents:
-    """Load all components on the CPU (the caller moves them); the preset is given, or
-    recognised from the folder name / hub id, or from the transformer's architecture."""
+    """Load all components on the CPU (the caller moves them). Sampling defaults come from
+    the folder's own files, then a known preset (given, or matched by name or
+    architecture), then diffusers' defaults (:func:`fastwan.models.identity.identify`)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    path = resolve_model_path(path_or_id)
-    index = read_model_index(path)
-    tdir = path / "transformer"
-    gate_tensors = read_gate_tensors(tdir)
-    if isinstance(preset, WanPreset):
-        chosen = preset
-    elif preset is not None:
-        chosen = get_preset(preset)
-    else:
-        config = json.loads((tdir / "config.json").read_text())
-        chosen = _infer_from(path_or_id, path, config, bool(gate_tensors))
+    path, identity = identify_folder(path_or_id, preset=preset)
     transformer = load_transformer(
         path,
         dtype=dtype,
@@ -322,26 +436,18 @@ def load_components(
         sparsity=sparsity,
         tile_size=tile_size,
         backend=backend,
+        strict=strict,
     )
     vae = load_vae(path / "vae", dtype=vae_dtype)
     text_encoder = UMT5EncoderModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return WanComponents(
         path=path,
-        model_index=index,
-        preset=chosen,
+        model_index=read_model_index(path),
+        identity=identity,
         transformer=transformer,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=load_scheduler(path),
     )
-
-
-def _infer_from(source, path: Path, config: dict, has_gates: bool) -> WanPreset:
-    # A hub snapshot's folder is named by a commit hash, so the name the user gave comes
-    # first; a local folder's own name (e.g. .../FastWan2.1-T2V-1.3B-Diffusers) next.
-    try:
-        return get_preset(path.name)
-    except ValueError:
-        return infer_preset(str(source), config, has_gates)

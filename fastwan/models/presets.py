@@ -108,8 +108,10 @@ def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(WanPreset)]
 
 
+# Architectures (the checkpoints' transformer/config.json). flow_shift here is only a
+# fallback: a folder's scheduler_config.json states its own (fastwan.models.identity).
 _WAN21_13B = dict(
-    dim=1536, num_layers=30, in_channels=16, num_heads=12, ffn_dim=8960, flow_shift=8.0
+    dim=1536, num_layers=30, in_channels=16, num_heads=12, ffn_dim=8960, flow_shift=3.0
 )
 _WAN21_14B = dict(
     dim=5120, num_layers=40, in_channels=16, num_heads=40, ffn_dim=13824, flow_shift=3.0
@@ -123,6 +125,12 @@ _WAN22_5B = dict(
     vae_stride=(4, 16, 16),
     flow_shift=5.0,
     expand_timesteps=True,
+)
+# Wan2.2's own negative prompt (FastVideo's Wan2_2_Base_SamplingParam, the Wan2.2 repo).
+WAN22_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 # The toy world's tiny Wan (fastwan/toy): 16 x 16 pixels folded 2 x 2 into 12 channels
 # plus 3 coordinate channels (ToyPixelVAE), 8 frames, 2 x 2 patches -> an 8 x 4 x 4 token
@@ -147,56 +155,72 @@ _TOY = dict(
     negative_prompt="",
     bundled=True,
 )
-_480P = dict(height=480, width=832, num_frames=81, fps=16)
-_704P = dict(height=704, width=1280, num_frames=121, fps=24)
+# Sampling defaults, each as FastVideo publishes it for the model
+# (fastvideo/configs/sample/wan.py; DMD steps and shifts: fastvideo/configs/pipelines/wan.py).
+_480P = dict(height=480, width=832, num_frames=81, fps=16)  # WanT2V_1_3B_SamplingParam
+_720P = dict(height=720, width=1280, num_frames=81, fps=16)  # WanT2V_14B_SamplingParam
+_704P = dict(height=704, width=1280, num_frames=121, fps=24)  # Wan2_2_TI2V_5B_SamplingParam
+_FASTWAN_480P = dict(height=448, width=832, num_frames=61, fps=16)  # FastWanT2V480PConfig
+_FEW_STEP = dict(timesteps=FASTWAN_TIMESTEPS, guidance_scale=1.0)  # dmd_denoising_steps
 
 PRESETS: dict[str, WanPreset] = {
     p.name: p
     for p in (
-        WanPreset("wan2.1-t2v-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", **_WAN21_13B, **_480P),
-        WanPreset("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", **_WAN21_14B, **_480P),
-        WanPreset("wan2.2-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", **_WAN22_5B, **_704P),
+        # WanT2V_1_3B_SamplingParam: 50 steps, guidance 3.0.
+        WanPreset(
+            "wan2.1-t2v-1.3b",
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            **_WAN21_13B,
+            **_480P,
+            guidance_scale=3.0,
+        ),
+        # WanT2V_14B_SamplingParam: 720P, 50 steps, guidance 5.0.
+        WanPreset("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", **_WAN21_14B, **_720P),
+        # Wan2_2_TI2V_5B_SamplingParam: 50 steps, guidance 5.0, Wan2.2's negative prompt.
+        WanPreset(
+            "wan2.2-ti2v-5b",
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            **_WAN22_5B,
+            **_704P,
+            negative_prompt=WAN22_NEGATIVE_PROMPT,
+        ),
+        # FastWan2_1_T2V_480P_Config (shift 8, DMD [1000, 757, 522]) + FastWanT2V480PConfig
+        # (61 x 448 x 832, 16 fps); VSA 0.8 as FastVideo's FastWan 1.3B inference runs it.
         WanPreset(
             "fastwan2.1-t2v-1.3b",
             "FastVideo/FastWan2.1-T2V-1.3B-Diffusers",
-            **_WAN21_13B,
-            **_480P,
-            timesteps=FASTWAN_TIMESTEPS,
-            guidance_scale=1.0,
+            **{**_WAN21_13B, "flow_shift": 8.0},
+            **_FASTWAN_480P,
+            **_FEW_STEP,
             attention="vsa",
             sparsity=0.8,
         ),
+        # The same configs as the 1.3B; trained and run at VSA 0.9 (FastVideo's 14B
+        # sparse-distill scripts; recipes/wan2.1_t2v_14b_sparse_distill.yaml).
         WanPreset(
             "fastwan2.1-t2v-14b-480p",
             "FastVideo/FastWan2.1-T2V-14B-480P-Diffusers",
-            **_WAN21_14B,
-            **_480P,
-            timesteps=FASTWAN_TIMESTEPS,
-            guidance_scale=1.0,
+            **{**_WAN21_14B, "flow_shift": 8.0},
+            **_FASTWAN_480P,
+            **_FEW_STEP,
             attention="vsa",
-            sparsity=0.8,
+            sparsity=0.9,
             aliases=("fastwan2.1-t2v-14b",),
         ),
+        # FastWan2_2_TI2V_5B_Config (shift 5, DMD [1000, 757, 522]) with the 5B's sampling
+        # size (704 x 1280, 121 frames, 24 fps); FullAttn: no gates, dense.
         WanPreset(
             "fastwan2.2-ti2v-5b-fullattn",
             "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
             **_WAN22_5B,
             **_704P,
-            timesteps=FASTWAN_TIMESTEPS,
-            guidance_scale=1.0,
+            **_FEW_STEP,
+            negative_prompt=WAN22_NEGATIVE_PROMPT,
             attention="dense",
             aliases=("fastwan2.2-ti2v-5b",),
         ),
         WanPreset("toy-teacher", "", **_TOY, num_inference_steps=50, guidance_scale=2.0),
-        WanPreset(
-            "toy-student",
-            "",
-            **_TOY,
-            timesteps=FASTWAN_TIMESTEPS,
-            guidance_scale=1.0,
-            attention="vsa",
-            sparsity=0.75,
-        ),
+        WanPreset("toy-student", "", **_TOY, **_FEW_STEP, attention="vsa", sparsity=0.75),
     )
 }
 

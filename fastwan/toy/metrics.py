@@ -51,16 +51,29 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         )
     if len(feats_a) < 2 or len(feats_b) < 2:
         raise ValueError("the Frechet distance needs at least 2 samples per set")
+    feats_a, feats_b = (np.asarray(f, dtype=np.float64) for f in (feats_a, feats_b))
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
     root_a = _sqrtm_psd(s_a)
     cross = _sqrtm_psd(root_a @ s_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross))
+    mean_term = float(((mu_a - mu_b) ** 2).sum())
+    traces = float(np.trace(s_a) + np.trace(s_b))
+    fd = mean_term + traces - 2 * float(np.trace(cross))
+    # The distance is >= 0, but for (nearly) equal sets the traces cancel and leave float64
+    # rounding of either sign (~1e-15 of the traces, eigh included): a negative that small
+    # is 0. A clearly negative value (a bug, non-PSD input) is returned as it is.
+    if -1e-9 * max(traces + mean_term, 1.0) < fd < 0:
+        fd = 0.0
+    return fd
 
 
 def _spread(feats: np.ndarray, groups: Sequence[int]) -> float:
     """Mean pairwise distance within groups (clips of one prompt), averaged over groups."""
-    groups = np.asarray(groups)
+    # In float64 whatever the features' dtype: the distances and their means add no float32
+    # rounding of their own (equal feature rows give exactly 0 in any dtype).
+    feats, groups = np.asarray(feats, dtype=np.float64), np.asarray(groups)
+    if len(groups) != len(feats):
+        raise ValueError(f"{len(feats)} feature rows but {len(groups)} group indices")
     per_group = []
     for g in np.unique(groups):
         f = feats[groups == g]

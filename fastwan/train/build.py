@@ -13,6 +13,12 @@
 * the validator (:class:`~fastwan.train.validation.Validator`, with the folder's VAE) when
   ``train.validation_prompts`` is set, and the metric trackers of ``train.report_to``.
 
+Before any model loads: the data path, ``train.output_dir`` (writable), the checkpoint to
+resume from (it exists and is complete, and the recipe's changes since it are safe:
+:func:`fastwan.train.trainer.check_resume`) and the data's latent sizes against the
+recipe's (:func:`latent_shape_of`; see :class:`fastwan.data.dataset.LatentDataset`) are
+checked.
+
 With ``parallel.world_size > 1`` (launched by ``torchrun``): the layout is checked before
 any model is loaded, the process group and mesh start
 (:func:`fastwan.distributed.mesh.init_parallel`), each rank reads its data-parallel rank's
@@ -33,17 +39,16 @@ import torch
 from torch import nn
 
 from fastwan.train.config import Recipe, torch_dtype
-from fastwan.train.trainer import Trainer
+from fastwan.train.trainer import RECIPE_FILE, Trainer, check_resume, resolve_resume
 
 __all__ = [
+    "RECIPE_FILE",
     "TrainingSetup",
     "build_trainer",
     "check_world_size",
     "expand_timesteps_of",
     "latent_shape_of",
 ]
-
-RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass
@@ -53,6 +58,9 @@ class TrainingSetup:
     trainer: Trainer
     model_path: Path  # the resolved teacher folder
     device: torch.device
+    # The checkpoint build_trainer(resume=...) checked (None: start from step 0); pass it
+    # to trainer.resume().
+    resume_from: Path | None = None
 
 
 def check_world_size(recipe: Recipe, num_heads: int | None = None) -> None:
@@ -133,18 +141,23 @@ def build_trainer(
     negative_prompt: str | None = None,
     log_fn: Callable[[str], None] | None = None,
     progress: bool = False,
+    resume: str | Path | None = None,
 ) -> TrainingSetup:
     """Load the models and data of ``recipe`` and return its Trainer (not yet run).
 
     negative_prompt: replaces ``dmd.negative_prompt`` (the teacher's CFG "uncond" text for
     ``dmd``, the negative of ``flow`` validation with CFG) when given.
     progress: show a progress bar while validation videos are generated.
+    resume: ``"latest"`` or a checkpoint (path, or name under ``train.output_dir``) that
+    the caller will resume from: checked before any model loads (it exists, is complete,
+    and the recipe changed only in fields safe to change); the result's ``resume_from``.
     """
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
     from fastwan.distributed.mesh import broadcast_from_main, in_turns, init_parallel
     from fastwan.distributed.parallelize import DistributedValidator, parallelize_method
+    from fastwan.fsutil import ensure_writable_dir
     from fastwan.methods.dmd import DMDMethod
     from fastwan.methods.flow import FlowMethod
     from fastwan.models.loading import read_model_index, resolve_model_path
@@ -163,6 +176,10 @@ def build_trainer(
             f"data.path {recipe.data.path!r} does not exist; write shards with "
             "`fastwan preprocess` / `synthesize` and pass --data.path=DIR"
         )
+    ensure_writable_dir(recipe.train.output_dir, "train.output_dir")
+    resume_from = resolve_resume(resume, recipe.train.output_dir)
+    if resume_from is not None:
+        check_resume(recipe, resume_from)  # unsafe changes are refused here, not after loading
     dev = default_device(str(device) if device is not None else None)
     heads = _num_heads(resolve_model_path(recipe.model.teacher))
     check_world_size(recipe, heads)  # the layout fails here, before any model is loaded
@@ -196,6 +213,7 @@ def build_trainer(
     negative_embedding = encoded.pop(0) if need_negative else None  # [L, dim]
     validation_embeddings = encoded  # one [L_i, dim] per validation prompt
     expand = expand_timesteps_of(model_path)
+    latent_shape = latent_shape_of(model_path, recipe)  # [C, T, H, W] of data.* clips
 
     mean = std = None
     if not recipe.data.text_only:
@@ -210,6 +228,7 @@ def build_trainer(
         latents_mean=mean,
         latents_std=std,
         empty_embedding=empty,
+        latent_shape=latent_shape,  # longer latents are cropped in time, others skipped
     )
 
     def build_method():  # the networks, wrapped for this rank (FSDP2 keeps its shards)
@@ -223,7 +242,7 @@ def build_trainer(
                 recipe.dmd,
                 recipe.vsa,
                 negative_embedding,
-                latent_shape=latent_shape_of(model_path, recipe),
+                latent_shape=latent_shape,
                 student=student,
                 critic=critic,
                 expand_timesteps=expand,
@@ -249,7 +268,7 @@ def build_trainer(
             load_validation_vae(model_path, dev),
             validation_embeddings,
             negative_embedding=negative_embedding,
-            latent_shape=latent_shape_of(model_path, recipe),
+            latent_shape=latent_shape,
             model_path=model_path,
             expand_timesteps=expand,
             progress=progress and parallel.is_main,
@@ -266,4 +285,6 @@ def build_trainer(
         tracker=build_trackers(recipe, t.output_dir) if parallel.is_main else None,
         parallel=parallel,
     )
-    return TrainingSetup(trainer=trainer, model_path=model_path, device=dev)
+    return TrainingSetup(
+        trainer=trainer, model_path=model_path, device=dev, resume_from=resume_from
+    )

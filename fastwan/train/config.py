@@ -16,9 +16,16 @@ says how to fix it. :class:`Recipe` adds the checks that span sections (global b
 micro batch x accumulation x data-parallel size, ...).
 
 ``load_recipe(path, overrides)`` reads YAML and applies dotted overrides such as
-``--optim.generator.lr=2e-5`` or ``train.max_steps=10``; values are parsed by the field's
-type (ints, floats -- including PyYAML's unparsed ``1e-5`` --, bools, lists, ``null``).
-``dump_recipe`` writes a recipe back to YAML; loading the dump gives an equal recipe.
+``--optim.generator.lr=2e-5`` or ``train.max_steps=10``; override values are parsed by the
+field's type (ints, floats, bools, lists, ``null``), YAML values must have it already (a
+quoted ``max_steps: "600"`` is refused naming the field; ``1e-5`` without a dot is read as
+a float, as YAML 1.2 does). ``dump_recipe`` writes a recipe back to YAML; loading the dump
+gives an equal recipe.
+
+Resuming with a changed recipe: :func:`resume_changes` compares a checkpoint's saved recipe
+with the new one field by field; the fields of :data:`RESUME_SAFE_FIELDS` may change
+(they are applied and recorded by the trainer), any other change is refused naming each
+field, old -> new, and the fix.
 
 Guidance convention: ``dmd.guidance_scale`` is the *standard* CFG scale ``w`` in
 ``uncond + w (cond - uncond)`` (1 = no guidance). FastVideo's ``real_score_guidance_scale``
@@ -31,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,8 +66,12 @@ __all__ = [
     "dump_recipe",
     "load_recipe",
     "parse_overrides",
+    "RESUME_SAFE_FIELDS",
+    "load_recipe_dict",
+    "recipe_changes",
     "recipe_from_dict",
     "recipe_to_dict",
+    "resume_changes",
     "torch_dtype",
 ]
 
@@ -582,7 +594,25 @@ class DataConfig:
     shape for simulated rollouts and validation videos). ``text_length``: tokens the text
     embeddings are padded to (the model's text length; Wan: 512). ``on_error``: what a
     corrupt shard or row does -- ``raise`` (an error naming the file and row) or ``skip``
-    (skipped and counted).
+    (skipped and counted per reason in the console log, the trackers and the run's
+    ``summary.json``).
+
+    In data mode (latents read from the shards) the clip size is also the *training* size:
+    latents with more latent frames than the recipe's (``(num_frames - 1) //`` the VAE's
+    temporal stride ``+ 1``) are cropped in time to them -- ``temporal_crop: random``: at a
+    latent-aligned start drawn from ``train.seed`` per (epoch, sample), the same on resume;
+    ``first``: the first frames, as FastVideo does --, and latents with fewer frames or
+    another spatial size are skipped and counted (``too_short`` / ``shape_mismatch``), or
+    refused before training when no row fits (or, under ``on_error: raise``, when any row
+    does not).
+
+    ``max_skip_fraction``: a run that has skipped more than this fraction of the rows it
+    read stops with an error naming the files and rows (checked every step once enough
+    rows are read to tell, and at the last step; unreadable files and rows of another
+    size count when the dataset opens); 0: any skipped row stops it, 1: never.
+    ``max_abs_latent``: latents (after normalisation, ~N(0, 1) for real data) larger in
+    magnitude than this are a corrupt row (``non_finite``, like NaN / inf); null: only
+    NaN / inf are.
     """
 
     path: str | None = None
@@ -594,6 +624,9 @@ class DataConfig:
     width: int = 832
     text_length: int = 512
     on_error: Literal["raise", "skip"] = "raise"
+    max_skip_fraction: float = 0.05
+    max_abs_latent: float | None = 1000.0
+    temporal_crop: Literal["random", "first"] = "random"
 
     def __post_init__(self) -> None:
         _check_path(
@@ -608,6 +641,23 @@ class DataConfig:
         _check_int(self, "num_workers", 0)
         _check_int(self, "text_length", 1, fix=" (Wan's text encoder gives 512 tokens)")
         _check_choice(self, "on_error", ("raise", "skip"))
+        _check_range(
+            self,
+            "max_skip_fraction",
+            0.0,
+            1.0,
+            fix=" (the fraction of rows read that may be skipped; 0.05 = 5%)",
+        )
+        if self.max_abs_latent is not None:
+            _check_range(
+                self,
+                "max_abs_latent",
+                0.0,
+                None,
+                lo_open=True,
+                fix=" (normalised latents are ~N(0, 1): e.g. 1000; null: NaN / inf only)",
+            )
+        _check_choice(self, "temporal_crop", ("random", "first"))
         # The VAE's own temporal factor (4 for Wan: 4k + 1 frames) is checked against the
         # model folder when training starts (fastwan.train.build.latent_shape_of).
         _check_int(self, "num_frames", 1)
@@ -712,8 +762,30 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert a YAML value or an override string to the annotated type ``tp``."""
+class _Text(str):
+    """An override's value (``--section.key=VALUE``): text to parse by the field's type.
+    A plain ``str`` in a number or bool field is a quoted YAML value, and is refused."""
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _refuse_string(value: str, tp: Any, path: str) -> typing.NoReturn:
+    raise ConfigError(
+        path,
+        f"must be {_KINDS[tp]}, got the string {value!r}; remove the quotes in the YAML "
+        f"({path.rsplit('.', 1)[-1]}: {value.strip()})",
+        "",
+    )
+
+
+def _coerce(value: Any, tp: Any, path: str, text: bool = False) -> Any:
+    """Convert a YAML value or an override string to the annotated type ``tp``.
+
+    Override strings (``text``: the value or a list it belongs to came from an override)
+    are parsed by the type; YAML values must already have it -- a quoted ``"600"`` in an
+    int field is refused, not read as 600."""
+    text = text or isinstance(value, _Text)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -724,15 +796,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return None
         if len(non_none) != 1:  # pragma: no cover - no such fields
             raise TypeError(f"unsupported annotation {tp} for {path}")
-        return _coerce(value, non_none[0], path)
+        return _coerce(value, non_none[0], path, text)
     if value is None:
         raise ConfigError(path, f"must be {_type_name(tp)}, got null", "")
     if origin is Literal:
         if isinstance(value, str) and value in args:
-            return value
+            return str(value)
         raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}; got {value!r}", "")
     if origin in (list, tuple):
-        return _coerce_sequence(value, tp, origin, args, path)
+        return _coerce_sequence(value, tp, origin, args, path, text)
+    if tp in _KINDS and isinstance(value, str) and not text:
+        _refuse_string(value, tp, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -768,33 +842,40 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(path, f"must be a number, got {value!r}", "")
     if tp is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise ConfigError(
             path, f"must be a string, got {value!r} ({type(value).__name__}); quote it in YAML", ""
         )
     raise TypeError(f"unsupported annotation {tp} for {path}")  # pragma: no cover
 
 
-def _coerce_sequence(value: Any, tp: Any, origin: Any, args: tuple, path: str) -> Any:
+def _coerce_sequence(
+    value: Any, tp: Any, origin: Any, args: tuple, path: str, text: bool = False
+) -> Any:
+    numeric = bool(args) and args[0] in _KINDS
     if isinstance(value, str):
-        text = value.strip()
-        parsed = yaml.safe_load(text) if text else []
+        if numeric and not text:  # a quoted YAML string where numbers belong
+            raise ConfigError(
+                path, f"must be a list, got the string {value!r}; write a YAML list [a, b]", ""
+            )
+        stripped = value.strip()
+        parsed = _load_yaml(stripped) if stripped else []
         if isinstance(parsed, list):
             value = parsed
-        elif "," in text and args and args[0] in (int, float):
-            value = [x.strip() for x in text.split(",") if x.strip()]
+        elif "," in stripped and args and args[0] in (int, float):
+            value = [x.strip() for x in stripped.split(",") if x.strip()]
         else:
             value = [parsed if args and args[0] in (int, float) else value]
     if not isinstance(value, (list, tuple)):
         raise ConfigError(path, f"must be a list, got {value!r}", "")
     if origin is list:
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{path}[{i}]", text) for i, v in enumerate(value)]
     # tuple[X, ...] or fixed-length tuple[X, Y, Z]
     if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, args[0], f"{path}[{i}]", text) for i, v in enumerate(value))
     if len(value) != len(args):
         raise ConfigError(path, f"must have {len(args)} items, got {len(value)}: {value!r}", "")
-    return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(_coerce(v, a, f"{path}[{i}]", text) for i, (v, a) in enumerate(zip(value, args)))
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -912,7 +993,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
                 raise ConfigError(
                     here, f"is a section, not a value; override one of its keys: {keys}", ""
                 )
-            node[part] = value
+            node[part] = _Text(value)
             return
         if not _is_dataclass_type(tp):
             raise ConfigError(here, f"is a value, not a section; write {here}=VALUE", "")
@@ -925,6 +1006,22 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 # --------------------------------------------------------------------------------- YAML
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent numbers without a dot (``1e-5``) as floats,
+    as YAML 1.2 does (PyYAML's YAML 1.1 rules make them strings)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, build and validate the :class:`Recipe`."""
     path = Path(path)
@@ -933,7 +1030,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     except FileNotFoundError:
         raise ValueError(f"recipe file {str(path)!r} does not exist; see recipes/*.yaml") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
     if data is None:
@@ -974,3 +1071,152 @@ def dump_recipe(recipe: Recipe, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+# ------------------------------------------------------------------------------ resume
+
+# Fields a resumed run may change ("section.*": any field of the section). What they do on
+# resume: loop lengths and intervals, logging, validation and trackers take the new value;
+# the mesh and performance settings (parallel.*, data.num_workers, vsa.backend) reshard or
+# re-run the same math; optim.<role>.lr / weight_decay are written into the restored
+# optimizer and LR schedule (the schedule's position is kept); grad_clip is read every
+# step; the data error policy and bounds apply to the rows read from then on; the
+# accumulation count can only change with the mesh (the global batch may not).
+RESUME_SAFE_FIELDS: tuple[str, ...] = (
+    "train.max_steps",
+    "train.gradient_accumulation_steps",
+    "train.log_interval",
+    "train.validation_interval",
+    "train.checkpoint_interval",
+    "train.checkpoints_total_limit",
+    "train.output_dir",
+    "train.validation_prompts",
+    "train.validation_seeds",
+    "train.validation_steps",
+    "train.validation_guidance_scale",
+    "train.validation_sampler",
+    "train.validation_fps",
+    "train.validation_grid_frames",
+    "train.report_to",
+    "train.tracker_project",
+    "parallel.*",
+    "data.num_workers",
+    "data.on_error",
+    "data.max_skip_fraction",
+    "data.max_abs_latent",
+    "optim.*.lr",
+    "optim.*.weight_decay",
+    "optim.*.grad_clip",
+    "vsa.backend",
+)
+
+
+def _is_resume_safe(name: str) -> bool:
+    parts = name.split(".")
+    for pattern in RESUME_SAFE_FIELDS:
+        want = pattern.split(".")
+        if want[-1] == "*" and len(want) == 2 and parts[0] == want[0]:
+            return True
+        if len(want) == len(parts) and all(w in ("*", p) for w, p in zip(want, parts)):
+            return True
+    return False
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+_MISSING = object()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b  # YAML round trips floats exactly (repr)
+    return a == b
+
+
+def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    """A saved recipe (``recipe.yaml`` of a run or a checkpoint) as nested dicts, read
+    with the recipe loader but not validated (a recipe saved by another version of
+    fastwan may not validate here)."""
+    path = Path(path)
+    try:
+        data = _load_yaml(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(
+            f"cannot read the saved recipe {str(path)!r} ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the saved recipe {str(path)!r} is not a mapping of sections")
+    return data
+
+
+def recipe_changes(old: Mapping[str, Any], new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> ``(old value, new value)`` for every field of ``new`` whose value
+    differs from the saved recipe ``old`` (nested dicts, as :func:`recipe_to_dict` or a
+    saved ``recipe.yaml`` give). A field the saved recipe lacks (added to fastwan since)
+    compares with its default; fields fastwan no longer has are ignored."""
+    new_flat = _flatten(recipe_to_dict(new))
+    old_flat = _flatten(old)
+    defaults = _flatten(recipe_to_dict(Recipe(model=ModelConfig(teacher=new.model.teacher))))
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name, value in new_flat.items():
+        before = old_flat.get(name, defaults.get(name, _MISSING))
+        if before is _MISSING or not _same_value(before, value):
+            changes[name] = (None if before is _MISSING else before, value)
+    return changes
+
+
+def _override_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_override_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return repr(value) if (not value or any(c in value for c in " ,[]'\"")) else value
+    return repr(value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]} ({len(text)} chars)"
+
+
+def resume_changes(
+    old: Mapping[str, Any], new: Recipe, checkpoint: str | Path
+) -> dict[str, tuple[Any, Any]]:
+    """The changes from the saved recipe ``old`` (of ``checkpoint``) to ``new`` when all of
+    them are safe to make on resume (:data:`RESUME_SAFE_FIELDS`); otherwise a
+    :class:`ConfigError` naming every unsafe field, old -> new, and the fix."""
+    changes = recipe_changes(old, new)
+    unsafe = {k: v for k, v in changes.items() if not _is_resume_safe(k)}
+    if unsafe:
+        listed = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in unsafe.items())
+        revert = " ".join(
+            f"--{k}={text}" if len(text := _override_text(a)) <= 80 else f"--{k}=<saved value>"
+            for k, (a, _b) in unsafe.items()
+        )
+        first = next(iter(unsafe))
+        raise ConfigError(
+            first,
+            f"cannot change on resume from {str(checkpoint)!r}, which trained with the saved "
+            f"values ({len(unsafe)} field{'s' if len(unsafe) > 1 else ''} changed: {listed}). "
+            f"Revert {'them' if len(unsafe) > 1 else 'it'} ({revert}) to resume, or start a "
+            "new run in another train.output_dir (without --resume). Fields that may change "
+            f"on resume: {', '.join(RESUME_SAFE_FIELDS)}",
+            "",
+        )
+    return changes

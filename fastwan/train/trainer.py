@@ -25,15 +25,37 @@ Hooks: a ``validator`` (:class:`fastwan.train.validation.Validator`) runs every
 rates, timesteps, sparsity, step time, samples/s) and the validation grid. Neither touches
 the training RNG or weights, so they do not change the losses. At the last step the loss
 curves are plotted to ``<output_dir>/loss_curves.png``.
+
+Skipped rows (``data.on_error: skip``): the rows each batch reports in ``batch["skipped"]``
+(:func:`fastwan.data.dataset.collate_samples`) are counted per reason (``decode_error``,
+``non_finite``, ``shape_mismatch``, ``too_short``) with the rows read; the counts go to
+the console line, the tracker (``data/skipped``, ``data/skipped_<reason>``,
+``data/skip_fraction``, ``data/rows_read``), the log history (so they survive a resume)
+and :meth:`Trainer.data_summary`. When more than ``data.max_skip_fraction`` of the rows
+read were skipped the run stops with :class:`SkippedRowsError` naming the files and rows:
+checked every step once enough rows were read to tell (``20 / max_skip_fraction``), and
+at the last step whatever the count.
+
+Resume with a changed recipe: every checkpoint holds the recipe it was trained with
+(``recipe.yaml``). :meth:`Trainer.resume` compares it with this run's field by field
+(:func:`fastwan.train.config.resume_changes`): a change to a field that is not safe to
+change refuses the resume naming each field, old -> new, and the fix; safe changes are
+applied -- a new ``optim.<role>.lr`` / ``weight_decay`` (or ``train.max_steps``, which
+re-spreads a cosine schedule) is written into the restored optimizer and LR schedule --,
+logged, and appended to ``<output_dir>/recipe_changes.jsonl``.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
+import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,22 +79,150 @@ from fastwan.distributed.parallelize import (
 from fastwan.train.checkpoint_io import (
     capture_rng_state,
     checkpoint_dir,
+    ensure_valid_checkpoint,
+    is_complete,
     latest_checkpoint,
+    list_checkpoints,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
-from fastwan.train.config import Recipe
+from fastwan.train.config import (
+    Recipe,
+    dump_recipe,
+    load_recipe_dict,
+    resume_changes,
+)
 from fastwan.train.ema import EMA
 from fastwan.train.schedules import make_lr_scheduler
 
-__all__ = ["LOSS_PLOT_FILE", "Method", "Tracker", "Trainer", "Validator"]
+__all__ = [
+    "LOSS_PLOT_FILE",
+    "RECIPE_CHANGES_FILE",
+    "RECIPE_FILE",
+    "Method",
+    "SkippedRowsError",
+    "Tracker",
+    "Trainer",
+    "Validator",
+    "check_resume",
+    "resolve_resume",
+    "saved_recipe",
+]
 
 logger = logging.getLogger("fastwan.train")
 
 _STATE_FILE = "trainer_state.pt"
 _RNG_FILE = "rng_rank0.pt"
 _GENERATOR_NAME = "train"
+RECIPE_FILE = "recipe.yaml"  # a run's starting recipe; also every checkpoint's own
+RECIPE_CHANGES_FILE = "recipe_changes.jsonl"  # one JSON record per resume that changed it
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Skipped rows named in the console (then only counted) and in a SkippedRowsError.
+_NAMED_SKIPS_LOGGED = 10
+_NAMED_FILES = 5
+_NAMED_ROWS_PER_FILE = 10
+# The skip fraction is enforced once this many skipped rows are expected at the limit
+# (rows read >= _SKIP_CHECK_EXPECTED / max_skip_fraction), so that a few unlucky early
+# batches do not stop a run whose data is within the limit; and at the last step.
+_SKIP_CHECK_EXPECTED = 20
+
+
+class SkippedRowsError(ValueError):
+    """More than ``data.max_skip_fraction`` of the rows read were skipped; the message
+    names the files, the rows, the reasons and the fix."""
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint that ``resume`` names, checked before anything loads: ``None`` ->
+    None; ``"latest"`` -> the newest complete checkpoint under ``output_dir`` (None when
+    there is none); a path (as given, else relative to ``output_dir``, e.g.
+    ``checkpoint-500``) -> it, when it is a complete trainer checkpoint. Otherwise a
+    ValueError naming the path, the checkpoints there are and the fix."""
+    if resume is None:
+        return None
+    output_dir = Path(output_dir)
+    if str(resume) == "latest":
+        return latest_checkpoint(output_dir)
+    given = Path(resume)
+    candidates = [given] if given.is_absolute() else [given, output_dir / given]
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        found = [p.name for _step, p in list_checkpoints(output_dir)]
+        have = (
+            f"the complete checkpoints under {str(output_dir)!r} are {', '.join(found)}"
+            if found
+            else f"there is no complete checkpoint under {str(output_dir)!r}"
+        )
+        looked = " and ".join(repr(str(c)) for c in candidates)
+        raise ValueError(
+            f"resume checkpoint {str(resume)!r} does not exist (looked at {looked}); {have}. "
+            "Pass one of them (--resume checkpoint-<step> or a path), --resume latest, or "
+            "no --resume to start from step 0"
+        )
+    if not (path / _STATE_FILE).is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a trainer checkpoint (no {_STATE_FILE}); pass a "
+            "checkpoint-<step> directory written by Trainer.save_checkpoint"
+        )
+    if not is_complete(path):
+        raise ValueError(
+            f"{str(path)!r} is not a complete checkpoint (no COMPLETE marker: its save was "
+            "interrupted); resume from an earlier checkpoint or --resume latest"
+        )
+    return ensure_valid_checkpoint(path)  # a damaged file is named before anything loads
+
+
+def saved_recipe(checkpoint: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """The recipe ``checkpoint`` was trained with, as nested dicts, and where it came
+    from: the checkpoint's own ``recipe.yaml``; for a checkpoint without one (written by
+    an older fastwan or by a multi-process save), the run's ``recipe.yaml`` with the
+    changes of ``recipe_changes.jsonl`` made before the checkpoint's step replayed on it;
+    ``(None, reason)`` when neither exists."""
+    checkpoint = Path(checkpoint)
+    own = checkpoint / RECIPE_FILE
+    if own.is_file():
+        return load_recipe_dict(own), str(own)
+    run_file = checkpoint.parent / RECIPE_FILE
+    if not run_file.is_file():
+        return None, f"neither {str(own)!r} nor {str(run_file)!r} exists"
+    data = load_recipe_dict(run_file)
+    step = _checkpoint_step(checkpoint)
+    history = checkpoint.parent / RECIPE_CHANGES_FILE
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if step is not None and int(record.get("step", 0)) >= step:
+                continue
+            for name, change in record.get("changes", {}).items():
+                node = data
+                *parents, leaf = name.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = change["new"]
+    return data, f"{run_file} (+ {RECIPE_CHANGES_FILE})"
+
+
+def check_resume(recipe: Recipe, checkpoint: str | Path) -> dict[str, tuple[Any, Any]]:
+    """The safe changes from ``checkpoint``'s saved recipe to ``recipe`` (see
+    :func:`fastwan.train.config.resume_changes`, which refuses the unsafe ones); ``{}``
+    with a warning when no saved recipe can be found."""
+    saved, source = saved_recipe(checkpoint)
+    if saved is None:
+        warnings.warn(
+            f"cannot compare the recipe with the one {str(checkpoint)!r} trained with "
+            f"({source}): a changed field would be taken without a check",
+            stacklevel=2,
+        )
+        return {}
+    return resume_changes(saved, recipe, checkpoint)
 
 
 class Method(Protocol):
@@ -214,6 +364,12 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._data_iter: Iterator[Mapping[str, Any]] | None = None
+        # Rows read and skipped (from batch["skipped"]); rebuilt from the history on resume.
+        self._rows_read = 0
+        self._skipped: Counter[str] = Counter()
+        self._skipped_rows: list[dict[str, Any]] = []  # {"file", "row", "reason"}
+        self._skip_messages: dict[str, str] = {}  # reason -> the first message seen
+        self._counts_rows = False  # whether the data reports skipped rows
 
     # ----------------------------------------------------------------- data
     def _next_batch(self) -> Mapping[str, Any]:
@@ -287,6 +443,7 @@ class Trainer:
         self.method.set_step(self.step)
         batches = [self._next_batch() for _ in range(self.accumulation)]
         record: dict[str, Any] = {"step": self.step + 1}
+        self._count_rows(batches, record)
         if self.method.name == "dmd":
             record["generator_updated"] = self.step % self.interval == 0
             if record["generator_updated"]:
@@ -304,18 +461,144 @@ class Trainer:
             self.tracker.log_metrics(self._metrics(record), self.step)
         return record
 
+    # ----------------------------------------------------------------- skipped rows
+    def _count_rows(self, batches: Sequence[Mapping[str, Any]], record: dict[str, Any]) -> None:
+        """Count the rows these batches read and skipped (summed over data-parallel ranks),
+        record them in ``record`` and stop when too many were skipped."""
+        if not any("skipped" in b for b in batches):
+            return
+        self._counts_rows = True
+        skipped = [dict(s) for b in batches for s in b.get("skipped", ())]
+        # Rows read = rows the sampler asked for; a skipped one was replaced by the next good
+        # row (which counts when it is asked for itself), so skipped / read estimates the
+        # fraction of bad rows in the data.
+        rows = sum(len(b["id"]) if "id" in b else len(b["index"]) for b in batches)
+        if self._distributed:  # every rank must see the same totals (and stop together)
+            rows, skipped = self._gather_rows(rows, skipped)
+        for s in skipped:
+            self._skip_messages.setdefault(s["reason"], s.get("message", ""))
+        compact = [
+            {"file": x["file"], "row": int(x["row"]), "reason": x["reason"]} for x in skipped
+        ]
+        record["data_rows"] = rows
+        if compact:
+            record["data_skipped"] = dict(Counter(x["reason"] for x in compact))
+            record["data_skipped_rows"] = compact
+        for s, entry in zip(skipped, compact):
+            if len(self._skipped_rows) < _NAMED_SKIPS_LOGGED:
+                self.log_fn(
+                    f"step {record['step']}: skipped {s['file']} row {s['row']} "
+                    f"({s['reason']}): {s.get('message', '')}"
+                )
+            self._skipped_rows.append(dict(entry))
+        self._rows_read += rows
+        self._skipped.update(s["reason"] for s in compact)
+        self._check_skip_fraction(last=record["step"] >= self.recipe.train.max_steps)
+
+    def _gather_rows(
+        self, rows: int, skipped: list[dict[str, Any]]
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Global rows read and skipped rows (SP ranks of a group read the same rows)."""
+        import torch.distributed as dist
+
+        sp = self.parallel.sp_size
+        means = all_reduce_mean({"rows": rows, "skipped": len(skipped)}, self.device)
+        world = self.parallel.world_size
+        total_rows = round(means["rows"] * world / sp)
+        if round(means["skipped"] * world) == 0:
+            return total_rows, []
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, skipped)
+        keep = [g for rank, g in enumerate(gathered) if rank % sp == 0]  # one rank per group
+        return total_rows, [s for group in keep for s in group]
+
+    def _check_skip_fraction(self, last: bool) -> None:
+        limit = self.recipe.data.max_skip_fraction
+        count, rows = sum(self._skipped.values()), self._rows_read
+        if not count or count <= limit * rows:
+            return
+        if not (limit == 0 or last or rows >= _SKIP_CHECK_EXPECTED / limit):
+            return  # too few rows read to tell yet
+        raise SkippedRowsError(self._skip_report(count, rows, limit))
+
+    def _skip_report(self, count: int, rows: int, limit: float) -> str:
+        by_file: dict[str, set[int]] = {}
+        for s in self._skipped_rows:
+            by_file.setdefault(s["file"], set()).add(s["row"])
+        files = []
+        for file, rows_of in list(by_file.items())[:_NAMED_FILES]:
+            listed = sorted(rows_of)
+            more = len(listed) - _NAMED_ROWS_PER_FILE
+            text = ", ".join(map(str, listed[:_NAMED_ROWS_PER_FILE]))
+            files.append(f"{file} (rows {text}{f' and {more} more' if more > 0 else ''})")
+        if len(by_file) > _NAMED_FILES:
+            files.append(f"and {len(by_file) - _NAMED_FILES} more files")
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self._skipped.items()))
+        first = next(iter(self._skip_messages.values()), "")
+        return (
+            f"data.max_skip_fraction: {count} of the {rows} rows read by step "
+            f"{self.step + 1} were skipped ({count / rows:.1%} > {limit:.1%}; {reasons}) in "
+            f"{'; '.join(files)}.{f' First: {first}.' if first else ''} Repair or delete "
+            "those rows or files (re-encode them with fastwan preprocess), or raise "
+            "data.max_skip_fraction to train on the rest"
+        )
+
+    def _rebuild_row_counts(self) -> None:
+        """The skip counters from the (resumed) history."""
+        self._rows_read, self._skipped, self._skipped_rows = 0, Counter(), []
+        for record in self.history:
+            if "data_rows" not in record:
+                continue
+            self._counts_rows = True
+            self._rows_read += int(record["data_rows"])
+            for s in record.get("data_skipped_rows", ()):
+                self._skipped[s["reason"]] += 1
+                self._skipped_rows.append(dict(s))
+
+    def data_summary(self) -> dict[str, Any]:
+        """Rows read and skipped so far (the whole run, across resumes): per reason, per
+        file, and the files the dataset could not open."""
+        from fastwan.data.dataset import SKIP_REASONS
+
+        dataset = getattr(self.data, "dataset", None)
+        by_file: dict[str, list[int]] = {}
+        for s in self._skipped_rows:
+            by_file.setdefault(s["file"], []).append(s["row"])
+        count = sum(self._skipped.values())
+        return {
+            "rows_read": self._rows_read,
+            "rows_skipped": count,
+            "skip_fraction": count / self._rows_read if self._rows_read else 0.0,
+            "max_skip_fraction": self.recipe.data.max_skip_fraction,
+            "skipped_by_reason": {r: self._skipped.get(r, 0) for r in SKIP_REASONS},
+            "skipped_rows_by_file": {f: sorted(set(r)) for f, r in by_file.items()},
+            "skipped_files": [
+                {"file": f, "reason": why} for f, why in getattr(dataset, "skipped_files", [])
+            ],
+            "rows_of_another_size": dict(getattr(dataset, "shape_skips", {})),
+        }
+
     def _samples_per_step(self) -> int:
         return self.recipe.train.micro_batch_size * self.accumulation  # this process's
 
     def _metrics(self, record: Mapping[str, Any]) -> dict[str, float]:
         """The record's numbers under ``train/`` plus throughput (not kept in the history:
-        it differs between runs)."""
+        it differs between runs), and the run's skipped-row counts under ``data/``."""
         out = {
             f"train/{k}": float(v)
             for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         out["train/samples_per_s"] = self._samples_per_step() / max(record["step_time"], 1e-9)
+        if self._counts_rows:
+            from fastwan.data.dataset import SKIP_REASONS
+
+            count = sum(self._skipped.values())
+            out["data/rows_read"] = float(self._rows_read)
+            out["data/skipped"] = float(count)
+            out["data/skip_fraction"] = count / max(self._rows_read, 1)
+            for reason in SKIP_REASONS:
+                out[f"data/skipped_{reason}"] = float(self._skipped.get(reason, 0))
         return out
 
     def _console_line(self, record: Mapping[str, Any]) -> str:
@@ -327,6 +610,12 @@ class Trainer:
                 parts.append(f"{key} {value:.3g}")
         parts.append(f"{record['step_time']:.2f}s")
         parts.append(f"{self._samples_per_step() / max(record['step_time'], 1e-9):.3g} samples/s")
+        count = sum(self._skipped.values())
+        if count:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(self._skipped.items()))
+            parts.append(
+                f"skipped {count}/{self._rows_read} rows ({count / self._rows_read:.1%}: {reasons})"
+            )
         return " | ".join(parts)
 
     def train(self, num_steps: int | None = None) -> list[dict[str, Any]]:
@@ -407,6 +696,7 @@ class Trainer:
             }
             torch.save(state, tmp / _STATE_FILE)
             torch.save(capture_rng_state({_GENERATOR_NAME: self.generator}), tmp / _RNG_FILE)
+            dump_recipe(self.recipe, tmp / RECIPE_FILE)  # what trained up to this step
 
         path = save_checkpoint(
             checkpoint_dir(self.output_dir, self.step),
@@ -420,19 +710,65 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> Path | None:
         """Load a checkpoint (default: the latest complete one under ``output_dir``);
-        returns its path, or None when there is none to resume from."""
+        returns its path, or None when there is none to resume from.
+
+        The recipe is compared with the checkpoint's first (see the module docstring):
+        unsafe changes raise a :class:`~fastwan.train.config.ConfigError` before anything
+        is loaded; safe ones are applied, logged and recorded."""
+        path = resolve_resume("latest" if path is None else path, self.output_dir)
+        if path is None:
+            return None
+        changes = check_resume(self.recipe, path)
+        self._load_checkpoint(path)
+        self._rebuild_row_counts()
+        if changes:
+            self._apply_changes(path, changes)
+        return path
+
+    def _apply_changes(self, path: Path, changes: Mapping[str, tuple[Any, Any]]) -> None:
+        """Write the new learning rates / weight decays (and a re-spread schedule for a new
+        ``train.max_steps``) into the restored optimizers; log and record every change."""
+        applied: dict[str, str] = {}
+        for role, opt in self.optimizers.items():
+            keys = (f"optim.{role}.lr", f"optim.{role}.weight_decay", "train.max_steps")
+            if not any(k in changes for k in keys):
+                continue
+            cfg = getattr(self.recipe.optim, role)
+            sched = self.schedulers[role]
+            old_lr = [g["lr"] for g in opt.param_groups]
+            sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+            for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = cfg.lr
+                group["lr"] = cfg.lr * factor(sched.last_epoch)
+                group["weight_decay"] = cfg.weight_decay
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+            if old_lr[0] != opt.param_groups[0]["lr"]:
+                applied[f"optim.{role}.lr"] = (
+                    f"the next {role} update uses lr {opt.param_groups[0]['lr']:.4g} (was "
+                    f"{old_lr[0]:.4g}); the schedule keeps its position"
+                )
+        listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        record = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "step": self.step,
+            "checkpoint": str(path),
+            "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()},
+            "applied": applied,
+        }
+        target = self.output_dir / RECIPE_CHANGES_FILE
+        if not self._distributed or self.parallel.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        extra = "".join(f"; {text}" for text in applied.values())
+        self.log_fn(
+            f"resumed from {path} at step {self.step} with recipe changes: {listed}{extra} "
+            f"(recorded in {target})"
+        )
+
+    def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        if path is None:
-            path = latest_checkpoint(self.output_dir)
-            if path is None:
-                return None
-        path = Path(path)
-        if not (path / _STATE_FILE).is_file():
-            raise ValueError(
-                f"{str(path)!r} is not a trainer checkpoint (no {_STATE_FILE}); pass a "
-                "checkpoint-<step> directory written by Trainer.save_checkpoint"
-            )
         state = torch.load(path / _STATE_FILE, weights_only=True)
         if state["method"] != self.method.name:
             raise ValueError(
@@ -446,10 +782,10 @@ class Trainer:
             )
         if is_sharded_checkpoint(path):  # saved by N processes; loads on any mesh
             resume_trainer_checkpoint(self, path, _GENERATOR_NAME)
-            return path
+            return
         if self._distributed:  # a one-process checkpoint: every rank keeps its shards
             resume_trainer_from_full(self, path, state, _GENERATOR_NAME)
-            return path
+            return
         for role, net in self.networks.items():
             net.load_state_dict(load_file(str(path / _weights_file(role)), device="cpu"))
             self.optimizers[role].load_state_dict(state["optimizers"][role])
@@ -477,4 +813,3 @@ class Trainer:
         rng = torch.load(path / _RNG_FILE, weights_only=True)
         restore_rng_state(rng, {_GENERATOR_NAME: self.generator})
         self.method.set_step(self.step)
-        return path

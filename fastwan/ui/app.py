@@ -6,19 +6,26 @@ generate, write the MP4, time it); it knows nothing of Gradio, so it is tested d
 through small adapters that turn errors into a message in the page (the server keeps
 serving). Nothing the browser sends is used as a file path: inputs are text and numbers,
 checked against the allowed values, and videos are written to a folder the server owns.
+
+Every input reaches the handlers as sent (the events skip Gradio's own preprocessing), so a
+bad value from the page or from the API (``gradio_client``) is refused by the checks here
+with a message naming the field and the fix, raised as a ``gr.Error``: API clients get it
+as the call's error, and the page shows it in a toast and in the status line.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import traceback
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +40,8 @@ if TYPE_CHECKING:  # type hints only: importing gradio / the pipeline is slow
 
 ATTENTION_CHOICES = ("vsa", "dense")
 MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**32 - 1  # torch.Generator.manual_seed takes any 64-bit int; keep it readable
+MAX_SEED = 2**63 - 1  # the seeds fastwan.pipeline takes (its MAX_SEED): 0 .. 2**63 - 1
+RANDOM_SEED_MAX = 2**32 - 1  # the random-seed button draws short, readable seeds
 MAX_MULTI_STEPS = 100  # the steps slider of a many-step model
 # (numerator, denominator) aspect ratios offered in both orientations.
 ASPECTS = ((1, 1), (4, 3), (16, 9))
@@ -64,14 +72,23 @@ class SizeOptions:
             if label == resolution_label(h, w):
                 return h, w
         raise ValueError(
-            f"resolution must be one of {self.resolution_labels} (width x height), got {label!r}"
+            f"resolution must be one of {self.resolution_labels} (width x height), got "
+            f"{_shown(label)}"
         )
 
+    @property
+    def frame_labels(self) -> list[str]:
+        """The frame counts as the page lists them (and the API declares them): text."""
+        return [str(n) for n in self.frame_counts]
+
     def parse_frames(self, value: Any) -> int:
-        """A frame count from :attr:`frame_counts` (an int, or its decimal text)."""
+        """A frame count from :attr:`frame_counts`: an int, or its decimal text (as listed)."""
         frames = _as_int(value)
         if frames is None or frames not in self.frame_counts:
-            raise ValueError(f"num_frames must be one of {list(self.frame_counts)}, got {value!r}")
+            raise ValueError(
+                f"num_frames must be one of {self.frame_labels} (an int or its text), got "
+                f"{_shown(value)}; pick one from the Frames list"
+            )
         return frames
 
 
@@ -212,15 +229,24 @@ class CompareResult:
 
 
 # --------------------------------------------------------------------------- validation
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits; long enough for any 64-bit int
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: messages quote what was sent."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
+
+
 def _as_int(value: Any) -> int | None:
-    """An int from an int, an integral float or decimal text; None otherwise."""
+    """An int from an int, an integral finite float or decimal text; None otherwise."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None  # inf and nan are not integers
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         return int(value.strip())
     return None
 
@@ -241,27 +267,39 @@ def check_prompt(prompt: Any, name: str = "prompt", *, required: bool = True) ->
 
 
 def check_seed(seed: Any) -> int:
+    """A seed in [0, MAX_SEED] (an int or its decimal text), or a ValueError with the fix."""
+    fix = f"type a whole number from 0 to {MAX_SEED} (2**63 - 1), or click Random seed"
     value = _as_int(seed)
-    if value is None or not 0 <= value <= MAX_SEED:
+    if value is None:
+        raise ValueError(f"seed must be a whole number, got {_shown(seed)}; {fix}")
+    if value < 0:
         raise ValueError(
-            f"seed must be a whole number in [0, {MAX_SEED}], got {seed!r}; or click the "
-            "random seed button"
+            f"seed must be >= 0 (negative seeds are not taken), got {_shown(seed)}; {fix}"
         )
+    if value > MAX_SEED:
+        raise ValueError(f"seed must be at most {MAX_SEED} (2**63 - 1), got {_shown(seed)}; {fix}")
     return value
 
 
 def check_sparsity(attention: Any, sparsity: Any) -> tuple[str, float | None]:
     if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {_shown(attention)}")
     if attention == "dense":
         return "dense", None
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {_shown(sparsity)}")
+    value = float(sparsity) if isinstance(sparsity, float) or abs(sparsity) < 2**53 else math.inf
+    if not math.isfinite(value):
         raise ValueError(
-            f"sparsity must be in [0, 1) (the fraction of key tiles skipped), got {sparsity!r}"
+            f"sparsity must be a finite number in [0, 1), got {_shown(sparsity)}; e.g. 0.8 skips "
+            "80% of the key tiles"
         )
-    return "vsa", float(sparsity)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"sparsity must be in [0, 1) (the fraction of key tiles skipped), got "
+            f"{_shown(sparsity)}"
+        )
+    return "vsa", value
 
 
 def step_range(model: VideoGenerator) -> tuple[int, int, int]:
@@ -278,7 +316,7 @@ def sampling_args(model: VideoGenerator, steps: Any, name: str = "steps") -> dic
     lo, hi, default = step_range(model)
     value = default if steps in (None, 0, "") else _as_int(steps)
     if value is None or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {steps!r}")
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {_shown(steps)}")
     if model.preset.few_step:  # each DMD step predicts x0; fewer steps stop earlier
         return {"timesteps": list(model.preset.timesteps[:value])}
     return {"num_inference_steps": value}
@@ -311,13 +349,16 @@ class FastWanUI:
     ) -> None:
         model = student.get()  # the page's sizes come from the student
         p = model.preset
-        self.options = size_options(
-            vae_scale=model.vae_scale,
-            patch_size=model.transformer.config.patch_size,
-            tile_size=p.tile_size,
-            native=(p.height, p.width, p.num_frames),
-            max_frames=p.num_frames if max_frames is None else max_frames,
-            max_pixels=p.height * p.width if max_pixels is None else max_pixels,
+        self.options = _within_model_limits(
+            model,
+            size_options(
+                vae_scale=model.vae_scale,
+                patch_size=model.transformer.config.patch_size,
+                tile_size=p.tile_size,
+                native=(p.height, p.width, p.num_frames),
+                max_frames=p.num_frames if max_frames is None else max_frames,
+                max_pixels=p.height * p.width if max_pixels is None else max_pixels,
+            ),
         )
         if keep_videos < 1:
             raise ValueError(f"keep_videos must be >= 1, got {keep_videos}")
@@ -334,7 +375,9 @@ class FastWanUI:
         self.keep_videos = keep_videos
         self.examples = list(examples) if examples else list(GENERIC_EXAMPLES)
         self._written: deque[Path] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time
+        self._files_lock = threading.Lock()  # the videos written; never held while generating
+        self._closed = False
         self._seed_rng = torch.Generator()
         self._seed_rng.seed()  # the random-seed button: fresh entropy, not a fixed seed
 
@@ -350,15 +393,21 @@ class FastWanUI:
         return attn["mode"], float(sparsity)
 
     def close(self) -> None:
-        """Delete the videos written (and the output folder when it is a temporary one)."""
-        with self._lock:
+        """Delete the videos written (and the output folder when it is a temporary one).
+
+        Safe to call more than once and from an ``atexit`` hook or a signal's shutdown path:
+        it never waits for a generation in progress, and a video that one writes after this
+        is deleted as soon as it is written.
+        """
+        with self._files_lock:
+            self._closed = True
             while self._written:
                 self._written.popleft().unlink(missing_ok=True)
             if self._own_dir:
                 shutil.rmtree(self.output_dir, ignore_errors=True)
 
     def random_seed(self) -> int:
-        return int(torch.randint(0, MAX_SEED + 1, (1,), generator=self._seed_rng))
+        return int(torch.randint(0, RANDOM_SEED_MAX + 1, (1,), generator=self._seed_rng))
 
     # ---------------------------------------------------------------- handlers
     def generate(
@@ -461,10 +510,50 @@ class FastWanUI:
         return VideoResult(path, args["seed"], dict(out.timings), h, w, f, out.fps, setup)
 
     def _keep(self, path: Path) -> None:
-        """Remember ``path``; delete the videos written before the newest ``keep_videos``."""
-        self._written.append(path)
-        while len(self._written) > self.keep_videos:
-            self._written.popleft().unlink(missing_ok=True)
+        """Remember ``path``; delete the videos written before the newest ``keep_videos``
+        (and, once closed, this one: the server is stopping)."""
+        with self._files_lock:
+            if self._closed:
+                path.unlink(missing_ok=True)
+                if self._own_dir:
+                    shutil.rmtree(self.output_dir, ignore_errors=True)
+                raise ValueError("the UI is shutting down; the video was not kept")
+            self._written.append(path)
+            while len(self._written) > self.keep_videos:
+                self._written.popleft().unlink(missing_ok=True)
+
+
+def _within_model_limits(model: VideoGenerator, opts: SizeOptions) -> SizeOptions:
+    """``opts`` less the sizes ``model`` refuses (past its rotary position table, say, when
+    --max-frames / --max-pixels are above what it takes); a ValueError if none is left."""
+
+    def takes(height: int, width: int, frames: int) -> bool:
+        try:
+            model.latent_shape(1, height, width, frames)
+        except ValueError:
+            return False
+        return True
+
+    small_h, small_w = opts.resolutions[0]
+    frames = tuple(f for f in opts.frame_counts if takes(small_h, small_w, f))
+    resolutions = tuple(hw for hw in opts.resolutions if frames and takes(*hw, frames[0]))
+    if not frames or not resolutions:
+        raise ValueError(
+            f"the model takes none of the sizes offered ({opts.resolution_labels} at "
+            f"{opts.frame_labels} frames); lower --max-frames / --max-pixels"
+        )
+    if (frames, resolutions) == (opts.frame_counts, opts.resolutions):
+        return opts
+    dropped = sorted(set(opts.frame_counts) - set(frames))
+    print(
+        f"fastwan ui: not offering sizes the model cannot take (its largest sizes); frame "
+        f"counts left out: {dropped or 'none'}, resolutions left out: "
+        f"{[resolution_label(*hw) for hw in opts.resolutions if hw not in resolutions] or 'none'}",
+        file=sys.stderr,
+    )
+    res = opts.default_resolution if opts.default_resolution in resolutions else resolutions[-1]
+    n = opts.default_frames if opts.default_frames in frames else frames[-1]
+    return SizeOptions(resolutions, frames, res, n)
 
 
 def _setup(mode: str, sparsity: float | None, kwargs: dict[str, Any]) -> str:
@@ -510,11 +599,23 @@ def _timing_row(name: str, result: VideoResult) -> str:
 
 # --------------------------------------------------------------------------- gradio adapters
 def _error_message(err: BaseException) -> str:
-    if isinstance(err, ValueError):
-        return str(err)
+    """What the user reads for ``err``: the message of a refused input (ValueError) or of a
+    failed write or read (OSError, e.g. ``save_video``'s "cannot write video ...: disk
+    full") as it is; anything else as an internal error, its traceback in the server log."""
+    if isinstance(err, (ValueError, OSError)):
+        return str(err) or type(err).__name__
     # Unexpected (out of memory, a bug): the page says what, the server log has the trace.
     traceback.print_exception(err, file=sys.stderr)
     return f"internal error ({type(err).__name__}): {err}"
+
+
+def _user_error(err: BaseException) -> Exception:
+    """``err`` as a ``gr.Error``: the call's error for API clients (plain text), a toast in
+    the page (which Gradio sanitizes before rendering: a message quoting what was sent
+    cannot inject markup that runs)."""
+    import gradio as gr
+
+    return gr.Error(_error_message(err), print_exception=False)
 
 
 def _progress_callback(progress: Any, label: str) -> Callable[[dict], None] | None:
@@ -528,12 +629,12 @@ def _progress_callback(progress: Any, label: str) -> Callable[[dict], None] | No
 
 
 def run_generate(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
-    """Event adapter of Generate: ``(video path, seed used, timings, status)``; an error
-    leaves the outputs empty and says what to fix in the status."""
+    """Event adapter of Generate: ``(video path, seed used, timings, status)``; any failure
+    is raised as a ``gr.Error`` carrying the message (what to fix); the server lives."""
     try:
         res = ui.generate(*values, callback=_progress_callback(progress, "denoising"))
     except Exception as err:  # noqa: BLE001 - any failure becomes a message; the server lives
-        return None, None, "", f"**Error:** {_error_message(err)}"
+        raise _user_error(err) from err
     status = (
         f"Generated {res.num_frames} frames at {res.width}x{res.height} "
         f"in {res.timings['total']:.2f} s ({res.setup})."
@@ -542,11 +643,12 @@ def run_generate(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
 
 
 def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
-    """Event adapter of Compare: ``(teacher video, student video, seed used, table, status)``."""
+    """Event adapter of Compare: ``(teacher video, student video, seed used, table, status)``;
+    a failure is a ``gr.Error`` as in :func:`run_generate`."""
     try:
         res = ui.compare(*values, callback=_progress_callback(progress, "denoising"))
     except Exception as err:  # noqa: BLE001
-        return None, None, None, "", f"**Error:** {_error_message(err)}"
+        raise _user_error(err) from err
     pace = (
         f"{res.speedup:.1f}x faster"
         if res.speedup >= 1
@@ -560,6 +662,28 @@ def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
         format_compare(res),
         status,
     )
+
+
+class _LastErrors:
+    """The last error message of each page session, for the status line: the handler that
+    failed records it, the page's failure event reads it back. Bounded: API clients never
+    read theirs."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._messages: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, session: str | None, message: str) -> None:
+        with self._lock:
+            self._messages[session or ""] = message
+            self._messages.move_to_end(session or "")
+            while len(self._messages) > self._size:
+                self._messages.popitem(last=False)
+
+    def pop(self, session: str | None) -> str | None:
+        with self._lock:
+            return self._messages.pop(session or "", None)
 
 
 def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
@@ -593,12 +717,11 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                     elem_id="negative-prompt",
                 )
                 with gr.Row():
-                    seed = gr.Number(
-                        label="Seed",
-                        value=0,
-                        precision=0,
-                        minimum=0,
-                        maximum=MAX_SEED,
+                    # Text, not a number field: a browser's numbers lose digits past 2**53.
+                    seed = gr.Textbox(
+                        label=f"Seed (0 to {MAX_SEED})",
+                        value="0",
+                        max_lines=1,
                         elem_id="seed",
                     )
                     dice = gr.Button("Random seed", elem_id="random-seed", scale=0)
@@ -639,9 +762,9 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                         label="Resolution (width x height)",
                         elem_id="resolution",
                     )
-                    frames = gr.Dropdown(
-                        list(opts.frame_counts),
-                        value=opts.default_frames,
+                    frames = gr.Dropdown(  # text choices: what the API declares is taken
+                        opts.frame_labels,
+                        value=str(opts.default_frames),
                         label="Frames",
                         elem_id="frames",
                     )
@@ -673,38 +796,96 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                             label="Student", interactive=False, elem_id="student-video"
                         )
                     compare_table = gr.Markdown(elem_id="compare-timings")
-                seed_used = gr.Number(
-                    label="Seed used", interactive=False, precision=0, elem_id="seed-used"
-                )
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
                 status = gr.Markdown(elem_id="status")
 
         common = [prompt, negative, seed, steps]
         tail = [attention, sparsity_in, resolution, frames]
 
         tracker = gr.Progress()  # Gradio hands a live one to a handler defaulting to it
+        errors = _LastErrors()
 
-        def on_generate(*values, progress=tracker):
-            return run_generate(ui, *values, progress=progress)
+        # Named parameters: the API lists each input by its field's name.
+        def on_generate(
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            attention,
+            sparsity,
+            resolution,
+            num_frames,
+            request=None,
+            progress=tracker,
+        ):
+            values = (prompt, negative_prompt, seed, steps)
+            values += (attention, sparsity, resolution, num_frames)
+            try:
+                return run_generate(ui, *values, progress=progress)
+            except gr.Error as err:
+                errors.put(getattr(request, "session_hash", None), err.message)
+                raise
 
-        def on_compare(*values, progress=tracker):
-            return run_compare(ui, *values, progress=progress)
+        def on_compare(
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            teacher_steps,
+            attention,
+            sparsity,
+            resolution,
+            num_frames,
+            request=None,
+            progress=tracker,
+        ):
+            values = (prompt, negative_prompt, seed, steps, teacher_steps)
+            values += (attention, sparsity, resolution, num_frames)
+            try:
+                return run_compare(ui, *values, progress=progress)
+            except gr.Error as err:
+                errors.put(getattr(request, "session_hash", None), err.message)
+                raise
+
+        def failure_handler(blank: tuple) -> Callable:
+            def on_failure(request=None):
+                """After a failed request: its message in the status line as well, and the
+                outputs of the previous one cleared (they are not this request's)."""
+                message = errors.pop(getattr(request, "session_hash", None))
+                return (*blank, f"**Error:** {message or 'see the message above'}")
+
+            return on_failure
+
+        on_generate_failure = failure_handler((None, "", ""))
+        on_compare_failure = failure_handler((None, None, "", ""))
+        # Gradio finds gr.Request by annotation; this module's annotations are strings.
+        for fn in (on_generate, on_compare, on_generate_failure, on_compare_failure):
+            fn.__annotations__["request"] = gr.Request
 
         # One worker for both buttons: requests queue instead of running side by side.
+        # preprocess=False: the handlers get the values as sent and check each one, so a bad
+        # value is a message naming its field, not Gradio's generic error.
+        generate_out = [video, seed_used, timings, status]
         generate_btn.click(
             on_generate,
             inputs=common + tail,
-            outputs=[video, seed_used, timings, status],
+            outputs=generate_out,
             concurrency_limit=1,
             concurrency_id="model",
-        )
+            preprocess=False,
+            api_name="generate",
+        ).failure(on_generate_failure, outputs=generate_out, queue=False, api_visibility="private")
+        compare_out = [teacher_video, student_video, seed_used, compare_table, status]
         compare_btn.click(
             on_compare,
             inputs=common + [teacher_steps] + tail,
-            outputs=[teacher_video, student_video, seed_used, compare_table, status],
+            outputs=compare_out,
             concurrency_limit=1,
             concurrency_id="model",
-        )
-        dice.click(ui.random_seed, outputs=seed, queue=False)
+            preprocess=False,
+            api_name="compare",
+        ).failure(on_compare_failure, outputs=compare_out, queue=False, api_visibility="private")
+        dice.click(ui.random_seed, outputs=seed, queue=False, api_name="random_seed")
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
 
