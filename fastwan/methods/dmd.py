@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
@@ -50,6 +51,18 @@ from fastwan.models.vsa import set_attention
 from fastwan.train.config import DMDConfig, VSAConfig
 
 __all__ = ["DMDMethod"]
+
+
+def _same_on_all_ranks(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank. The rollout length decides how many times the
+    student runs; FSDP2 all-gathers its parameters on every call, so ranks that drew
+    different lengths would run mismatched collectives (a crash or a hang)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    on_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=on_device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 class DMDMethod:
@@ -231,7 +244,10 @@ class DMDMethod:
         (gradient flows only through the final student call); returns (x0, t_k)."""
         steps = self.dmd.denoising_timesteps
         device = self.device
-        k = int(torch.randint(len(steps), (1,), generator=generator, device=generator.device))
+        k = _same_on_all_ranks(
+            int(torch.randint(len(steps), (1,), generator=generator, device=generator.device)),
+            device,
+        )
         b = cond.shape[0]
         if self.dmd.rollout == "data":
             assert latents is not None
