@@ -26,9 +26,7 @@ import torch
 import torch.multiprocessing as mp
 from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, RandomSamples, collate_tensors
 
-from fastwan.data.sampler import DistributedSampler, ResumableLoader
-from fastwan.distributed.mesh import data_parallel_seed
-from fastwan.train.config import (
+from fastwan.config import (
     DMDConfig,
     ModelConfig,
     OptimConfig,
@@ -38,6 +36,8 @@ from fastwan.train.config import (
     TrainConfig,
     VSAConfig,
 )
+from fastwan.data.sampler import DistributedSampler, ResumableLoader
+from fastwan.distributed.mesh import data_parallel_seed
 
 LATENT = (16, 2, 8, 8)  # C, T, H, W
 NUM_SAMPLES = 8

@@ -290,10 +290,7 @@ def wan_path(tmp_path_factory):
 def _trainer(wan_path, out: Path, steps: int = 4):
     from _tiny_wan import RandomSamples, collate_tensors
 
-    from fastwan.data.sampler import DistributedSampler, ResumableLoader
-    from fastwan.methods.flow import FlowMethod
-    from fastwan.models import load_transformer
-    from fastwan.train.config import (
+    from fastwan.config import (
         ModelConfig,
         OptimConfig,
         OptimConfigs,
@@ -301,6 +298,9 @@ def _trainer(wan_path, out: Path, steps: int = 4):
         TrainConfig,
         VSAConfig,
     )
+    from fastwan.data.sampler import DistributedSampler, ResumableLoader
+    from fastwan.methods.flow import FlowMethod
+    from fastwan.models import load_transformer
     from fastwan.train.trainer import Trainer
 
     vsa = VSAConfig(sparsity=0.5, tile_size=(1, 2, 2), backend="torch")

@@ -11,12 +11,12 @@ import torch
 from _fastvideo_schema import FASTVIDEO_T2V as FASTVIDEO_T2V_FIELDS
 from _tiny_wan import TEXT_DIM, tiny_transformer
 
+from fastwan.config import DataConfig
 from fastwan.data.dataset import LatentDataset, collate_samples
 from fastwan.data.sampler import DistributedSampler, ResumableLoader, build_train_loader
 from fastwan.data.schema import SchemaError
 from fastwan.diffusion.flow import add_noise
 from fastwan.methods.losses import flow_matching_loss
-from fastwan.train.config import DataConfig
 
 LATENT = (16, 2, 4, 6)  # [C, T, H, W] of the tiny Wan transformer (16 channels, patch 1x2x2)
 MEAN = [0.1 * (c % 4) for c in range(16)]

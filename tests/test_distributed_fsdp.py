@@ -38,8 +38,8 @@ from _dist import (
 )
 from _tiny_wan import build_tiny_wan
 
+from fastwan.config import ParallelConfig
 from fastwan.distributed.mesh import data_parallel_seed, validate_layout
-from fastwan.train.config import ParallelConfig
 from fastwan.train.trainer import Trainer
 
 STEPS = 3

@@ -402,7 +402,7 @@ def test_a_dense_student_exports_no_gate_tensors(tmp_path, caplog):
 
 def test_export_sampling_records_the_recipe(tmp_path):
     from fastwan.commands.train import export_sampling
-    from fastwan.train.config import load_recipe
+    from fastwan.config import load_recipe
 
     recipe = load_recipe(
         Path(__file__).parents[1] / "recipes" / "wan2.1_t2v_14b_sparse_distill.yaml"

@@ -16,6 +16,7 @@ import torch
 from _tiny_wan import tiny_transformer_config
 
 from fastwan.cli import main
+from fastwan.config import load_recipe
 from fastwan.distributed.memory_plan import (
     GIB,
     Layout,
@@ -30,7 +31,6 @@ from fastwan.distributed.memory_plan import (
     smallest_fitting_shard,
 )
 from fastwan.models.presets import get_preset, transformer_config
-from fastwan.train.config import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 R13 = RECIPES / "wan2.1_t2v_1.3b_sparse_distill.yaml"

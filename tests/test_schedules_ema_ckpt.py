@@ -13,6 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from fastwan.config import OptimConfig, VSAConfig
+from fastwan.methods.schedules import (
+    constant_multiplier,
+    cosine_multiplier,
+    lr_lambda,
+    make_lr_scheduler,
+    vsa_sparsity_at,
+    vsa_sparsity_from_config,
+    warmup_multiplier,
+)
 from fastwan.train.checkpoint_io import (
     CHECKSUMS_FILE,
     COMPLETE_MARKER,
@@ -29,17 +39,7 @@ from fastwan.train.checkpoint_io import (
     save_checkpoint,
     save_rng_state,
 )
-from fastwan.train.config import OptimConfig, VSAConfig
 from fastwan.train.ema import EMA
-from fastwan.train.schedules import (
-    constant_multiplier,
-    cosine_multiplier,
-    lr_lambda,
-    make_lr_scheduler,
-    vsa_sparsity_at,
-    vsa_sparsity_from_config,
-    warmup_multiplier,
-)
 
 REPO = Path(__file__).resolve().parent.parent
 

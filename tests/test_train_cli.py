@@ -149,8 +149,8 @@ def test_bad_inputs_fail_clearly(tmp_path, wan_dir, data_dir, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "parallel.world_size is 2" in err and "torchrun --nproc_per_node=2" in err
+    from fastwan.config import load_recipe
     from fastwan.train.build import build_trainer
-    from fastwan.train.config import load_recipe
 
     with pytest.raises(ValueError, match="parallel.world_size"):
         build_trainer(load_recipe(recipe, ["parallel.world_size=4", "parallel.replicate=4",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastwan.train.config import (
+from fastwan.config import (
     ATTENTION_BACKENDS,
     ConfigError,
     DataConfig,
@@ -353,7 +353,7 @@ def test_torch_dtype():
 
 def test_config_import_is_light():
     code = (
-        "import sys, fastwan.train, fastwan.train.config; "
+        "import sys, fastwan.train, fastwan.config; "
         "assert 'torch' not in sys.modules, 'config imported torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
@@ -473,7 +473,7 @@ def test_wan_recipes_train_61x448x832_from_wan_syn_77_frame_latents(path, tmp_pa
 
 
 def test_resume_changes_split_safe_and_unsafe_fields():
-    from fastwan.train.config import RESUME_SAFE_FIELDS, recipe_changes, resume_changes
+    from fastwan.config import RESUME_SAFE_FIELDS, recipe_changes, resume_changes
 
     saved = recipe_to_dict(load_recipe(R13))
     safe = load_recipe(R13, ["train.max_steps=5000", "optim.generator.lr=2e-5",

@@ -11,10 +11,10 @@ import pytest
 import torch
 from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, tiny_transformer
 
+from fastwan.config import DataConfig, ModelConfig, Recipe, TrainConfig, VSAConfig
 from fastwan.data.sampler import build_train_loader
 from fastwan.data.schema import SchemaError, arrow_schema, video_row
 from fastwan.methods.flow import FlowMethod
-from fastwan.train.config import DataConfig, ModelConfig, Recipe, TrainConfig, VSAConfig
 from fastwan.train.trainer import SkippedRowsError, Trainer
 
 LATENT = (16, 2, 8, 8)  # C, T, H, W of the tiny transformer (a 2 x 4 x 4 token grid)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, tiny_transformer
 
-from fastwan.methods.flow import FlowMethod
-from fastwan.train.checkpoint_io import CHECKSUMS_FILE, COMPLETE_MARKER
-from fastwan.train.config import (
+from fastwan.config import (
     ConfigError,
     ModelConfig,
     OptimConfig,
@@ -23,7 +21,9 @@ from fastwan.train.config import (
     VSAConfig,
     dump_recipe,
 )
-from fastwan.train.schedules import cosine_multiplier
+from fastwan.methods.flow import FlowMethod
+from fastwan.methods.schedules import cosine_multiplier
+from fastwan.train.checkpoint_io import CHECKSUMS_FILE, COMPLETE_MARKER
 from fastwan.train.trainer import (
     RECIPE_CHANGES_FILE,
     RECIPE_FILE,

@@ -12,8 +12,8 @@ import torch
 from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, tiny_transformer
 from PIL import Image
 
+from fastwan.config import ModelConfig, Recipe, TrainConfig, VSAConfig
 from fastwan.methods.flow import FlowMethod
-from fastwan.train.config import ModelConfig, Recipe, TrainConfig, VSAConfig
 from fastwan.train.plots import loss_series, plot_loss_curves
 from fastwan.train.tracking import TensorBoardTracker, Trackers, build_trackers
 from fastwan.train.trainer import LOSS_PLOT_FILE, Trainer

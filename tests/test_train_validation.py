@@ -14,15 +14,15 @@ import torch
 from _tiny_wan import TEXT_DIM, build_tiny_wan, tiny_transformer, write_random_video_shard
 from PIL import Image
 
-from fastwan.methods.dmd import DMDMethod
-from fastwan.methods.flow import FlowMethod
-from fastwan.train.config import (
+from fastwan.config import (
     WAN_NEGATIVE_PROMPT,
     ConfigError,
     DMDConfig,
     VSAConfig,
     recipe_from_dict,
 )
+from fastwan.methods.dmd import DMDMethod
+from fastwan.methods.flow import FlowMethod
 from fastwan.train.validation import (
     Validator,
     grid_frame_indices,
@@ -269,7 +269,7 @@ def test_recipe_negative_prompt_reaches_the_teacher(tmp_path, wan_dir, data_dir)
 )
 def test_invalid_new_fields_name_the_field(tmp_path, wan_dir, data_dir, section, key, value):
     good = _recipe(tmp_path, wan_dir, data_dir)
-    from fastwan.train.config import recipe_to_dict
+    from fastwan.config import recipe_to_dict
 
     data = recipe_to_dict(good)
     data[section][key] = value

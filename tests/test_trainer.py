@@ -13,11 +13,7 @@ import pytest
 import torch
 from _tiny_wan import MAX_TEXT_LEN, TEXT_DIM, RandomSamples, build_tiny_wan, collate_tensors
 
-from fastwan.data.sampler import DistributedSampler, ResumableLoader
-from fastwan.methods.dmd import DMDMethod
-from fastwan.methods.flow import FlowMethod
-from fastwan.models import get_attention, load_transformer
-from fastwan.train.config import (
+from fastwan.config import (
     DMDConfig,
     ModelConfig,
     OptimConfig,
@@ -26,6 +22,10 @@ from fastwan.train.config import (
     TrainConfig,
     VSAConfig,
 )
+from fastwan.data.sampler import DistributedSampler, ResumableLoader
+from fastwan.methods.dmd import DMDMethod
+from fastwan.methods.flow import FlowMethod
+from fastwan.models import get_attention, load_transformer
 from fastwan.train.trainer import Trainer
 
 LATENT = (16, 2, 8, 8)  # C, T, H, W: token grid (2, 4, 4)
@@ -438,9 +438,9 @@ def test_compiled_one_process_training_equals_eager(wan_path, tmp_path):
     """``parallel.compile`` in a one-process run: every block of student, critic and
     teacher is compiled (on top of selective checkpointing) and training gives the eager
     losses and weights."""
+    from fastwan.config import ParallelConfig
     from fastwan.distributed.mesh import init_parallel
     from fastwan.distributed.parallelize import parallelize_method
-    from fastwan.train.config import ParallelConfig
 
     runs = {}
     for backend in ("none", "aot_eager"):

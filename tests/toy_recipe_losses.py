@@ -79,8 +79,8 @@ def _losses(history: list[dict]) -> list[dict[str, float]]:
 
 def run_case(case: str, data: Path, out: Path, world: int, result: Path) -> None:
     """One rank: build the recipe's trainer, train STEPS steps, rank 0 writes the losses."""
+    from fastwan.config import load_recipe
     from fastwan.train.build import build_trainer
-    from fastwan.train.config import load_recipe
 
     torch.manual_seed(0)
     recipe = load_recipe(ROOT / "recipes" / f"{case}.yaml", _overrides(case, data, out, world))

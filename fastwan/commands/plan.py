@@ -67,8 +67,8 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from fastwan.config import load_recipe
     from fastwan.distributed.memory_plan import plan_recipe, smallest_fitting_shard
-    from fastwan.train.config import load_recipe
 
     overrides = _split_overrides(args)
     missing = [

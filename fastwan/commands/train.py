@@ -105,10 +105,10 @@ def run_training(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from fastwan.config import dump_recipe, load_recipe
     from fastwan.data.parquet_io import atomic_write_json
     from fastwan.train.build import RECIPE_FILE, build_trainer
     from fastwan.train.checkpoint_io import checkpoint_dir, is_complete
-    from fastwan.train.config import dump_recipe, load_recipe
     from fastwan.train.trainer import SkippedRowsError
 
     overrides = _split_overrides(args)
@@ -230,11 +230,11 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from fastwan.config import load_recipe
     from fastwan.distributed.checkpoint import is_sharded_checkpoint, load_network_weights
     from fastwan.models.export import export_pipeline
     from fastwan.models.loading import load_transformer, resolve_model_path
     from fastwan.train.build import RECIPE_FILE
-    from fastwan.train.config import load_recipe
 
     ckpt = args.checkpoint
     weights = ckpt / "generator.safetensors"

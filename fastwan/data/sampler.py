@@ -270,7 +270,7 @@ def build_train_loader(
     empty_embedding: Any = None,
     latent_shape: Sequence[int] | None = None,
 ) -> ResumableLoader:
-    """The trainer's loader from a :class:`fastwan.train.config.DataConfig`: the dataset at
+    """The trainer's loader from a :class:`fastwan.config.DataConfig`: the dataset at
     ``data.path`` (text-only, text length, CFG dropout, error policy, latent bound and
     temporal crop from the config), this rank's sampler (SP groups share samples; shuffled
     by ``seed``) and ``data.num_workers`` worker processes. ``latents_mean`` /

@@ -506,7 +506,7 @@ def plan_recipe(
     overhead_gb: float = 4.0,
     shard: int | None = None,
 ) -> MemoryPlan:
-    """The estimate for a :class:`fastwan.train.config.Recipe` on ``nodes x gpus_per_node``
+    """The estimate for a :class:`fastwan.config.Recipe` on ``nodes x gpus_per_node``
     GPUs. The recipe's ``shard`` (or ``shard``) and ``sequence_parallel`` are kept;
     ``replicate`` follows the GPU count (it changes no per-GPU number)."""
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):

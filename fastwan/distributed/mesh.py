@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from fastwan.train.config import ParallelConfig
+from fastwan.config import ParallelConfig
 
 __all__ = [
     "MESH_DIMS",

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastwan.config import DMDConfig, VSAConfig
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
 from fastwan.methods.flow import (
     _check_generator,
@@ -48,7 +49,6 @@ from fastwan.methods.losses import (
     sample_dmd_timesteps,
 )
 from fastwan.models.vsa import set_attention
-from fastwan.train.config import DMDConfig, VSAConfig
 
 __all__ = ["DMDMethod"]
 

@@ -3,7 +3,7 @@
 The network is trained in place with the rectified-flow loss
 (:func:`fastwan.methods.losses.flow_matching_loss`): ``x_t = (1 - s) x0 + s eps`` with
 ``s`` uniform after the timestep shift, target ``v = eps - x0``. With VSA enabled its
-sparsity follows the schedule of :func:`fastwan.train.schedules.vsa_sparsity_from_config`
+sparsity follows the schedule of :func:`fastwan.methods.schedules.vsa_sparsity_from_config`
 (a dense model learns to attend sparsely as the sparsity ramps up).
 
 Also home of the helpers every method shares: reading the text condition from a batch,
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastwan.config import VSAConfig
 from fastwan.diffusion.flow import add_noise
 from fastwan.methods.losses import flow_matching_loss, sample_dmd_timesteps
+from fastwan.methods.schedules import vsa_sparsity_from_config
 from fastwan.models.vsa import set_attention
-from fastwan.train.config import VSAConfig
-from fastwan.train.schedules import vsa_sparsity_from_config
 
 __all__ = ["FlowMethod", "call_transformer", "draw_noise", "latents_of", "text_condition"]
 

@@ -380,10 +380,10 @@ def _finite(obj: Any) -> Any:
 def _live_distill(settings: DemoSettings) -> tuple[list[dict], dict]:
     """Run recipes/toy_distill.yaml for ``live_steps`` steps from the teacher; returns the
     log history and the trained generator's weights."""
+    from fastwan.config import load_recipe
     from fastwan.models.loading import resolve_model_path
     from fastwan.toy.data import write_prompt_dataset
     from fastwan.train.build import build_trainer
-    from fastwan.train.config import load_recipe
 
     teacher_path = resolve_model_path(settings.teacher)
     live = settings.out_dir / "live"

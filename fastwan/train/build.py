@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastwan.train.config import Recipe, torch_dtype
+from fastwan.config import Recipe, torch_dtype
 from fastwan.train.trainer import RECIPE_FILE, Trainer, check_resume, resolve_resume
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fastwan.train.config import Recipe, recipe_to_dict
+from fastwan.config import Recipe, recipe_to_dict
 
 __all__ = [
     "LOG_DIR",

@@ -9,7 +9,7 @@ generator and the critic see the same micro-batches (generator first, so the cri
 learns on the updated generator).
 
 Per network: AdamW with its ``optim.<role>`` settings, a ``LambdaLR`` schedule from
-:mod:`fastwan.train.schedules` that steps with that network's own updates, gradient-norm
+:mod:`fastwan.methods.schedules` that steps with that network's own updates, gradient-norm
 clipping (``grad_clip``; the norm is logged either way).
 
 All randomness of the methods comes from one ``torch.Generator`` seeded with
@@ -38,7 +38,7 @@ at the last step whatever the count.
 
 Resume with a changed recipe: every checkpoint holds the recipe it was trained with
 (``recipe.yaml``). :meth:`Trainer.resume` compares it with this run's field by field
-(:func:`fastwan.train.config.resume_changes`): a change to a field that is not safe to
+(:func:`fastwan.config.resume_changes`): a change to a field that is not safe to
 change refuses the resume naming each field, old -> new, and the fix; safe changes are
 applied -- a new ``optim.<role>.lr`` / ``weight_decay`` (or ``train.max_steps``, which
 re-spreads a cosine schedule) is written into the restored optimizer and LR schedule --,
@@ -63,6 +63,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fastwan.config import (
+    Recipe,
+    dump_recipe,
+    load_recipe_dict,
+    resume_changes,
+)
 from fastwan.distributed.checkpoint import (
     is_sharded_checkpoint,
     resume_trainer_checkpoint,
@@ -76,6 +82,7 @@ from fastwan.distributed.parallelize import (
     clip_grad_norm,
     set_gradient_sync,
 )
+from fastwan.methods.schedules import make_lr_scheduler
 from fastwan.train.checkpoint_io import (
     capture_rng_state,
     checkpoint_dir,
@@ -87,14 +94,7 @@ from fastwan.train.checkpoint_io import (
     restore_rng_state,
     save_checkpoint,
 )
-from fastwan.train.config import (
-    Recipe,
-    dump_recipe,
-    load_recipe_dict,
-    resume_changes,
-)
 from fastwan.train.ema import EMA
-from fastwan.train.schedules import make_lr_scheduler
 
 __all__ = [
     "LOSS_PLOT_FILE",
@@ -212,7 +212,7 @@ def saved_recipe(checkpoint: str | Path) -> tuple[dict[str, Any] | None, str]:
 
 def check_resume(recipe: Recipe, checkpoint: str | Path) -> dict[str, tuple[Any, Any]]:
     """The safe changes from ``checkpoint``'s saved recipe to ``recipe`` (see
-    :func:`fastwan.train.config.resume_changes`, which refuses the unsafe ones); ``{}``
+    :func:`fastwan.config.resume_changes`, which refuses the unsafe ones); ``{}``
     with a warning when no saved recipe can be found."""
     saved, source = saved_recipe(checkpoint)
     if saved is None:
@@ -713,7 +713,7 @@ class Trainer:
         returns its path, or None when there is none to resume from.
 
         The recipe is compared with the checkpoint's first (see the module docstring):
-        unsafe changes raise a :class:`~fastwan.train.config.ConfigError` before anything
+        unsafe changes raise a :class:`~fastwan.config.ConfigError` before anything
         is loaded; safe ones are applied, logged and recorded."""
         path = resolve_resume("latest" if path is None else path, self.output_dir)
         if path is None:

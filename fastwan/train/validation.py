@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastwan.train.config import Recipe
+from fastwan.config import Recipe
 
 __all__ = [
     "GRID_FILE",

@@ -32,7 +32,7 @@ WORLD=$((NNODES * GPUS_PER_NODE))
 WANT=$("$PYTHON" - "$RECIPE" "$@" <<'PY'
 import sys
 
-from fastwan.train.config import load_recipe
+from fastwan.config import load_recipe
 
 overrides = [a for a in sys.argv[2:] if a.startswith("--") and "=" in a]
 print(load_recipe(sys.argv[1], overrides).parallel.world_size)

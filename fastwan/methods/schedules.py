@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from fastwan.train.config import OptimConfig, VSAConfig
+    from fastwan.config import OptimConfig, VSAConfig
 
 __all__ = [
     "constant_multiplier",
