@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fastwan.choices import VIDEO_BACKENDS
 from fastwan.fsutil import WriteError, describe_os_error, ensure_writable_dir, os_error_reason
 
 MP4_SUFFIXES = (".mp4", ".mov", ".mkv")
-VIDEO_BACKENDS = ("auto", "imageio-ffmpeg", "pyav")
 
 
 def to_uint8_frames(frames) -> np.ndarray:

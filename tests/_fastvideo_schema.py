@@ -28,3 +28,18 @@ FASTVIDEO_TEXT_ONLY = [
     ("text_embedding_dtype", pa.string()),
     ("caption", pa.string()),
 ]
+# FastVideo's pyarrow_schema_i2v (fastvideo/dataset/dataloader/schema.py): the t2v columns
+# with the image condition after the text embedding.
+FASTVIDEO_I2V = [
+    *FASTVIDEO_T2V[:7],
+    *[
+        (f"{t}_{part}", kind)
+        for t in ("clip_feature", "first_frame_latent", "pil_image")
+        for part, kind in (
+            ("bytes", pa.binary()),
+            ("shape", pa.list_(pa.int64())),
+            ("dtype", pa.string()),
+        )
+    ],
+    *FASTVIDEO_T2V[7:],
+]

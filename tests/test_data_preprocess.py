@@ -146,9 +146,11 @@ def test_resize_center_crop_keeps_the_centre():
 
 def test_check_clip_size_names_the_nearest_valid_values():
     check_clip_size(480, 832, 81, 16)
-    with pytest.raises(ValueError, match="--height 470 must be a multiple of 16.*use 464 or 480"):
+    with pytest.raises(
+        ValueError, match="--height=470 is not a multiple of 16 .VAE x8 times patch 2.*464 or 480"
+    ):
         check_clip_size(470, 832, 81, 16)
-    with pytest.raises(ValueError, match="--num-frames 80 must be 4k \\+ 1.*use 77 or 81"):
+    with pytest.raises(ValueError, match="--num-frames=80 must be 1 \\+ a multiple of 4.*77 or 81"):
         check_clip_size(480, 832, 80, 16)
     with pytest.raises(ValueError, match="--fps"):
         check_clip_size(480, 832, 81, 0)
@@ -361,7 +363,7 @@ def test_cli_preprocess_with_tiny_wan(video_set, tiny_wan, tmp_path, capsys):
     assert _cli(argv()) == 0
     assert "0 rows written (3 in" in capsys.readouterr().out
     # bad sizes are refused before any work
-    with pytest.raises(ValueError, match="--num-frames 10 must be 4k \\+ 1"):
+    with pytest.raises(ValueError, match="--num-frames=10 must be 1 \\+ a multiple of 4"):
         _cli(argv(out=tmp_path / "x", num_frames=10))
     assert not (tmp_path / "x").exists()
 

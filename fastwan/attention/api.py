@@ -18,8 +18,7 @@ from fastwan.attention.tiling import (
     slots_for,
     tile_counts_per_dim,
 )
-
-BACKENDS = ("auto", "reference", "torch", "triton", "flex")
+from fastwan.choices import ATTENTION_BACKENDS, check_choice
 
 
 def _triple(name: str, value) -> tuple[int, int, int]:
@@ -50,8 +49,7 @@ def triton_usable(device: torch.device) -> bool:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """``auto`` -> ``triton`` on CUDA when Triton is installed (float64 excepted), else
     ``torch``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, ATTENTION_BACKENDS, "backend")
     if backend == "auto":
         gpu = device.type == "cuda" and dtype != torch.float64 and triton_usable(device)
         return "triton" if gpu else "torch"

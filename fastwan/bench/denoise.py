@@ -25,10 +25,10 @@ import time
 import torch
 
 from fastwan.bench.timing import synchronize
+from fastwan.choices import ATTENTION_BACKENDS, DTYPES, parse_dtype
 from fastwan.commands.generate import add_compile_argument
 
 GOAL_SPEEDUP = 50.0  # issue #3: >= 50x at the Wan2.1 1.3B 480P shape
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,16 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="transformer blocks to build (default: all on CUDA, 1 on CPU)",
     )
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
-    parser.add_argument("--backend", default="auto", help="VSA backend (auto, torch, triton, flex)")
+    parser.add_argument("--backend", default="auto", choices=ATTENTION_BACKENDS, help="VSA backend")
     parser.add_argument(
         "--tile-size", type=int, nargs=3, default=[4, 4, 4], metavar=("T", "H", "W")
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPES,
         default=None,
-        help="default: float32 on CPU, bfloat16 on CUDA",
+        help="default: fp32 on CPU, bf16 on CUDA",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed forwards (default: 5 CUDA, 1 CPU)"
@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
     on_cuda = device.type == "cuda"
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    dtype = (
+        parse_dtype(args.dtype, field="--dtype")
+        if args.dtype
+        else (torch.bfloat16 if on_cuda else torch.float32)
+    )
     layers = _positive(
         "--layers",
         args.layers if args.layers is not None else (preset.num_layers if on_cuda else 1),

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from fastwan.choices import DTYPES
+
 
 def dist_env() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) without it."""
@@ -35,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("fp32", "bf16", "fp16"),
+        choices=DTYPES,
         help="text encoder dtype (default bf16 on CUDA, fp32 on CPU); stored embeddings are fp32",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -66,9 +68,7 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--num-frames", type=int, default=81, help="4k + 1 frames (default 81)")
     p.add_argument("--fps", type=float, default=16.0, help="frame rate of the clips (default 16)")
-    p.add_argument(
-        "--vae-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="default fp32"
-    )
+    p.add_argument("--vae-dtype", default="fp32", choices=DTYPES, help="default fp32")
     p.add_argument("--vae-tiling", action="store_true", help="tiled VAE encoding (less memory)")
     _common(p)
     p.set_defaults(func=run_preprocess)
@@ -128,13 +128,13 @@ def run_preprocess(args: argparse.Namespace) -> int:
         model, device=device, dtype=resolve_dtype(args.vae_dtype, device), tiling=args.vae_tiling
     )
     # Wan patchifies latents 2x2: pixel sizes must be multiples of 2 x the VAE stride.
+    s = video_encoder.spatial_stride
     check_clip_size(
         args.height,
         args.width,
         args.num_frames,
         args.fps,
-        spatial=2 * video_encoder.spatial_stride,
-        temporal=video_encoder.temporal_stride,
+        vae_stride=(video_encoder.temporal_stride, s, s),
     )
     text_encoder = WanTextEncoder.from_pretrained(
         model,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastwan.choices import DTYPES, VALIDATION_SAMPLERS
 from fastwan.commands.preprocess import _report, dist_env
 
 
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--sampler",
         default="scheduler",
-        choices=("scheduler", "unipc", "euler"),
+        choices=VALIDATION_SAMPLERS,
         help="scheduler: the teacher's own (UniPC for Wan)",
     )
     p.add_argument("--samples-per-prompt", type=int, default=1)
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("fp32", "bf16", "fp16"),
+        choices=DTYPES,
         help="teacher dtype (default bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

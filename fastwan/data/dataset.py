@@ -41,7 +41,7 @@ from __future__ import annotations
 import bisect
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,13 @@ import torch
 from torch.utils.data import Dataset
 
 from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, list_parquet_files
-from fastwan.data.schema import SchemaError, decode_tensor, validate_schema
+from fastwan.data.schema import (
+    I2V_TENSORS,
+    SchemaError,
+    decode_tensor,
+    is_absent,
+    validate_schema,
+)
 
 __all__ = ["SKIP_REASONS", "LatentDataset", "collate_samples", "pad_text"]
 
@@ -102,6 +108,9 @@ def _split_key(key: Any) -> tuple[int, int]:
     raise TypeError(f"dataset keys are an index or (index, epoch), got {key!r}")
 
 
+_PARTS = ("bytes", "shape", "dtype")
+
+
 class LatentDataset(Dataset):
     """Parquet shards under ``path`` as training samples (see the module docstring).
 
@@ -126,6 +135,11 @@ class LatentDataset(Dataset):
             bad row (``non_finite``); None: only NaN / inf are.
         temporal_crop: ``"random"`` (a start drawn per (seed, epoch, index)) or
             ``"first"`` (the first ``T`` latent frames).
+        image_condition: read the image condition of ``i2v`` shards (FastVideo's
+            ``pyarrow_schema_i2v``): ``first_frame_latent`` ``[C, T, H, W]`` (stored
+            normalised, cut to the trained latent frames), ``clip_feature`` ``[N, D]`` and
+            ``pil_image`` ``[H, W, 3]`` uint8 when the rows have them. The image is the
+            clip's first frame, so latents are then always cut from their first frame.
     """
 
     def __init__(
@@ -144,6 +158,7 @@ class LatentDataset(Dataset):
         latent_shape: Sequence[int] | None = None,
         max_abs_latent: float | None = 1000.0,
         temporal_crop: Literal["random", "first"] = "random",
+        image_condition: bool = False,
     ) -> None:
         if isinstance(text_length, bool) or not isinstance(text_length, int) or text_length < 1:
             raise ValueError(f"text_length must be a positive int, got {text_length!r}")
@@ -169,7 +184,13 @@ class LatentDataset(Dataset):
             latent_shape = tuple(int(d) for d in latent_shape)
         self.latent_shape: tuple[int, int, int, int] | None = latent_shape
         self.max_abs_latent = None if max_abs_latent is None else float(max_abs_latent)
-        self.temporal_crop = temporal_crop
+        self.image_condition = bool(image_condition)
+        if self.image_condition and text_only:
+            raise ValueError(
+                "image_condition needs i2v shards with latents; text_only reads text only"
+            )
+        # the condition image is the clip's first frame: a crop must start there
+        self.temporal_crop = "first" if self.image_condition else temporal_crop
         self.path = Path(path)
         self.text_length = text_length
         self.text_only = bool(text_only)
@@ -180,7 +201,7 @@ class LatentDataset(Dataset):
         self.files: list[Path] = []
         self.row_groups: list[list[int]] = []  # per file: first row of each row group
         lengths: list[int] = []
-        kind = "text" if self.text_only else "video"
+        kind = "text" if self.text_only else "i2v" if self.image_condition else "video"
         for file in list_parquet_files(self.path):
             try:
                 meta = pq.read_metadata(file)
@@ -222,6 +243,8 @@ class LatentDataset(Dataset):
             "text_embedding_shape",
             "text_embedding_dtype",
         ]
+        if self.image_condition:
+            self.columns += [f"{t}_{part}" for t in I2V_TENSORS for part in _PARTS]
         if not self.text_only:
             self.columns += ["vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype"]
             if normalize:
@@ -423,7 +446,31 @@ class LatentDataset(Dataset):
                 latents = latents[:, start : start + frames].contiguous()  # [C, T, H, W]
             sample["latents"] = latents
             sample["crop_start"] = start
+            if self.image_condition:
+                sample.update(self._image_condition(row, where, latents.shape))
         return sample
+
+    def _image_condition(
+        self, row: Mapping[str, Any], where: str, latent_shape: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """The row's image condition, checked against its (cut) latents ``[C, T, H, W]``."""
+        if is_absent(row, "first_frame_latent"):
+            raise SchemaError(f"{where}: column 'first_frame_latent_bytes' is empty")
+        first = decode_tensor(row, "first_frame_latent", where, ndim=4)  # [C, T', H, W]
+        c, t, h, w = latent_shape
+        if first.shape[0] != c or tuple(first.shape[2:]) != (h, w) or first.shape[1] < t:
+            raise SchemaError(
+                f"{where}: column 'first_frame_latent_shape' is {list(first.shape)}, which does "
+                f"not match the clip's latents {list(latent_shape)} [C, T, H, W]; re-encode "
+                "the clip with `fastwan preprocess --task i2v`",
+                reason="shape_mismatch",
+            )
+        out = {"first_frame_latent": first[:, :t].contiguous()}  # [C, T, H, W]
+        if not is_absent(row, "clip_feature"):
+            out["clip_feature"] = decode_tensor(row, "clip_feature", where, ndim=2)  # [N, D]
+        if not is_absent(row, "pil_image"):
+            out["pil_image"] = decode_tensor(row, "pil_image", where, ndim=3)  # [H, W, 3]
+        return out
 
     def _crop_start(self, slack: int, index: int, epoch: int) -> int:
         """First latent frame of a temporal crop with ``slack`` frames to spare."""
@@ -498,9 +545,15 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not samples:
         raise ValueError("cannot collate an empty batch")
     batch: dict[str, Any] = {}
-    for name in ("latents", "text_embedding"):
+    for name in ("latents", "text_embedding", "first_frame_latent", "clip_feature", "pil_image"):
         if name not in samples[0]:
             continue
+        if not all(name in s for s in samples):
+            lacking = ", ".join(s["source"] for s in samples if name not in s)
+            raise ValueError(
+                f"{name} is missing from some rows of one batch ({lacking}); every row of an "
+                "image-to-video dataset needs the same image condition"
+            )
         shapes: dict[tuple, list[str]] = {}
         for s in samples:
             shapes.setdefault(tuple(s[name].shape), []).append(f"{s['source']} (id {s['id']!r})")

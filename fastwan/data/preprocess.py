@@ -30,6 +30,7 @@ from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, ResumableOutput
 from fastwan.data.schema import text_row, video_row
 from fastwan.data.sources import PromptItem, VideoItem
 from fastwan.data.video_decode import VideoDecodeError, decode_clip
+from fastwan.shapes import latent_grid
 
 __all__ = [
     "DEFAULT_ROWS_PER_SHARD",
@@ -50,28 +51,23 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
 
 
 def check_clip_size(
-    height: int, width: int, num_frames: int, fps: float, spatial: int = 16, temporal: int = 4
+    height: int,
+    width: int,
+    num_frames: int,
+    fps: float,
+    vae_stride: tuple[int, int, int] = (4, 8, 8),
+    patch_size: tuple[int, int, int] = (1, 2, 2),
 ) -> None:
-    """Clip sizes the Wan VAE and patching accept: height/width multiples of ``spatial``
-    (VAE stride x patch size), ``num_frames = temporal * k + 1``; a ValueError naming the
-    option and the nearest valid values otherwise."""
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < spatial:
-            raise ValueError(f"--{name} must be an int >= {spatial}, got {value!r}")
-        if value % spatial:
-            lo = value // spatial * spatial
-            raise ValueError(
-                f"--{name} {value} must be a multiple of {spatial} (VAE stride x patch); "
-                f"use {lo} or {lo + spatial}"
-            )
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"--num-frames must be a positive int, got {num_frames!r}")
-    if (num_frames - 1) % temporal:
-        lo = (num_frames - 1) // temporal * temporal + 1
-        raise ValueError(
-            f"--num-frames {num_frames} must be {temporal}k + 1 (the VAE compresses time "
-            f"{temporal}x); use {lo} or {lo + temporal}"
-        )
+    """Clip sizes the Wan VAE and patching accept (:func:`fastwan.shapes.latent_grid`); a
+    ValueError naming the option and the nearest valid values otherwise."""
+    latent_grid(
+        num_frames,
+        height,
+        width,
+        vae_stride,
+        patch_size,
+        name=lambda field: "--" + field.replace("_", "-"),
+    )
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ValueError(f"--fps must be a positive number, got {fps!r}")
 
@@ -130,7 +126,7 @@ def preprocess_videos(
     ``settings``: extra values recorded in ``dataset.json`` (e.g. the model) that a resumed
     run must repeat. Under ``world_size`` > 1, this rank takes every ``world_size``-th video.
     """
-    check_clip_size(height, width, num_frames, fps, spatial=1, temporal=1)
+    check_clip_size(height, width, num_frames, fps, vae_stride=(1, 1, 1), patch_size=(1, 1, 1))
     all_settings = dict(height=height, width=width, num_frames=num_frames, fps=float(fps))
     all_settings.update(settings or {})
     job = ResumableOutput(

@@ -5,7 +5,7 @@ Every row is one training sample. Tensors are stored as three columns
 ``<name>_dtype`` (``"float32"``, ``"bfloat16"``, ...), as in FastVideo's
 ``pyarrow_schema_t2v`` (e.g. ``FastVideo/Wan-Syn_77x448x832_600k``).
 
-Two kinds of shard:
+Three kinds of shard:
 
 * ``video``: ``id``, ``vae_latent_*`` (the VAE posterior mean, *unnormalised*, float32
   ``[C, T, H, W]``), ``text_embedding_*`` (the valid tokens only, ``[L, dim]``),
@@ -13,6 +13,14 @@ Two kinds of shard:
   ``duration_sec``, ``fps``.
 * ``text``: ``id``, ``text_embedding_*``, ``caption``, ``media_type`` (data-free
   distillation). FastVideo's text-only shards lack ``media_type``; readers accept that.
+* ``i2v``: the ``video`` columns plus FastVideo's ``pyarrow_schema_i2v`` image condition,
+  in its column order after the text embedding: ``clip_feature_*`` (the CLIP vision
+  encoder's last hidden state ``[N, D]``, e.g. ``[257, 1280]`` for Wan2.1 I2V; absent for
+  Wan2.2 TI2V), ``first_frame_latent_*`` (the VAE mean of the first frame followed by
+  zero frames, ``[C, T, H, W]``, *normalised* as FastVideo writes it: ``(mean - latents_mean)
+  / latents_std``) and ``pil_image_*`` (the conditioning frame ``[H, W, 3]`` uint8, for
+  validation). A tensor that a row does not have is written as FastVideo does: empty bytes,
+  shape ``[]`` and dtype ``""``.
 
 Optional extra column: ``generation_settings`` (a JSON string: how a synthetic sample was
 generated). FastVideo's readers ignore columns they do not know.
@@ -39,6 +47,9 @@ __all__ = [
     "TENSOR_DTYPES",
     "TEXT_COLUMNS",
     "VIDEO_COLUMNS",
+    "I2V_COLUMNS",
+    "i2v_row",
+    "is_absent",
     "arrow_schema",
     "columns_for",
     "decode_tensor",
@@ -50,7 +61,7 @@ __all__ = [
     "video_row",
 ]
 
-DatasetKind = Literal["video", "text"]
+DatasetKind = Literal["video", "text", "i2v"]
 
 # Column type families a reader accepts for each logical type (writers use the first).
 _FAMILIES = {
@@ -127,6 +138,17 @@ TEXT_COLUMNS: tuple[ColumnSpec, ...] = (
     ColumnSpec("media_type", "string", required=False),
 )
 
+# FastVideo's pyarrow_schema_i2v: the video columns with the image condition after the text.
+I2V_COLUMNS: tuple[ColumnSpec, ...] = (
+    *VIDEO_COLUMNS[:7],
+    *_tensor_columns("clip_feature"),
+    *_tensor_columns("first_frame_latent"),
+    *_tensor_columns("pil_image"),
+    *VIDEO_COLUMNS[7:],
+)
+# The tensors of an i2v row that may be absent (empty bytes, shape [], dtype "").
+I2V_TENSORS = ("clip_feature", "first_frame_latent", "pil_image")
+
 # Optional extras: type-checked when present, never required.
 EXTRA_COLUMNS: tuple[ColumnSpec, ...] = (
     ColumnSpec("generation_settings", "string", required=False),
@@ -138,6 +160,7 @@ TENSOR_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "uint8": torch.uint8,  # pil_image
 }
 
 
@@ -162,7 +185,9 @@ def columns_for(kind: DatasetKind) -> tuple[ColumnSpec, ...]:
         return VIDEO_COLUMNS
     if kind == "text":
         return TEXT_COLUMNS
-    raise ValueError(f"dataset kind must be 'video' or 'text', got {kind!r}")
+    if kind == "i2v":
+        return I2V_COLUMNS
+    raise ValueError(f"dataset kind must be 'video', 'text' or 'i2v', got {kind!r}")
 
 
 def arrow_schema(kind: DatasetKind, extra: Sequence[str] = ()) -> pa.Schema:
@@ -177,10 +202,11 @@ def arrow_schema(kind: DatasetKind, extra: Sequence[str] = ()) -> pa.Schema:
 
 
 def detect_kind(schema: pa.Schema) -> DatasetKind:
-    """``video`` when the file has VAE latents, ``text`` when it has only text embeddings."""
+    """``i2v`` when the file has VAE latents and an image condition, ``video`` when it has
+    VAE latents, ``text`` when it has only text embeddings."""
     names = set(schema.names)
     if "vae_latent_bytes" in names:
-        return "video"
+        return "i2v" if "first_frame_latent_bytes" in names else "video"
     if "text_embedding_bytes" in names:
         return "text"
     raise SchemaError(
@@ -193,19 +219,26 @@ def detect_kind(schema: pa.Schema) -> DatasetKind:
 def validate_schema(schema: pa.Schema, where: str, kind: DatasetKind | None = None) -> DatasetKind:
     """Check a file's schema; return its kind.
 
-    ``kind``: the kind the caller needs (``text`` is satisfied by video shards too: their
-    text columns are read, the latents ignored); ``None`` accepts either. Raises
+    ``kind``: the kind the caller needs (``text`` is satisfied by video and i2v shards too:
+    their text columns are read, the latents ignored; ``video`` by i2v shards, the image
+    condition ignored); ``None`` accepts any. Raises
     :class:`SchemaError` naming ``where`` (the file) and the missing / mistyped column.
     """
     try:
         found = detect_kind(schema)
     except SchemaError as err:
         raise SchemaError(f"{where}: {err}") from None
-    if kind == "video" and found == "text":
+    if kind in ("video", "i2v") and found == "text":
         raise SchemaError(
             f"{where}: missing column 'vae_latent_bytes' (a text-only shard: it holds text "
             "embeddings but no video latents); use a dataset with latents, or set "
             "data.text_only: true for data-free distillation"
+        )
+    if kind == "i2v" and found == "video":
+        raise SchemaError(
+            f"{where}: missing column 'first_frame_latent_bytes' (a text-to-video shard: it "
+            "has no image condition); write image-to-video shards with `fastwan preprocess "
+            "--task i2v` (FastVideo's pyarrow_schema_i2v)"
         )
     specs = columns_for("text" if kind == "text" else found) + EXTRA_COLUMNS
     for spec in specs:
@@ -228,13 +261,32 @@ def validate_schema(schema: pa.Schema, where: str, kind: DatasetKind | None = No
     return "text" if kind == "text" else found
 
 
+def is_absent(row: Mapping[str, Any], prefix: str) -> bool:
+    """Whether a row leaves tensor ``prefix`` out, as FastVideo writes a missing one (empty
+    bytes, shape ``[]``, dtype ``""``) or as a null."""
+    data = row.get(f"{prefix}_bytes")
+    return data is None or (len(data) == 0 and not row.get(f"{prefix}_shape"))
+
+
 # ------------------------------------------------------------------------------ tensors
 
 
-def encode_tensor(prefix: str, value: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    """``{prefix}_bytes / _shape / _dtype`` of a tensor, stored as float32 little-endian."""
+def encode_tensor(prefix: str, value: torch.Tensor | np.ndarray | None) -> dict[str, Any]:
+    """``{prefix}_bytes / _shape / _dtype`` of a tensor, stored as float32 little-endian
+    (uint8 images stay uint8); ``None``: absent, as FastVideo writes it (``b""``, ``[]``,
+    ``""``)."""
+    if value is None:
+        return {f"{prefix}_bytes": b"", f"{prefix}_shape": [], f"{prefix}_dtype": ""}
     if isinstance(value, torch.Tensor):
-        value = value.detach().to("cpu", torch.float32).numpy()
+        value = value.detach().cpu()
+        value = value.numpy() if value.dtype == torch.uint8 else value.float().numpy()
+    if np.asarray(value).dtype == np.uint8:
+        arr = np.ascontiguousarray(value)
+        return {
+            f"{prefix}_bytes": arr.tobytes(),
+            f"{prefix}_shape": [int(d) for d in arr.shape],
+            f"{prefix}_dtype": "uint8",
+        }
     arr = np.ascontiguousarray(np.asarray(value), dtype="<f4")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{prefix} holds NaN or inf values; refusing to write a corrupt row")
@@ -291,8 +343,15 @@ def decode_tensor(
     if dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret 16-bit words
         tensor = torch.from_numpy(raw.view("<u2").astype(np.int16)).view(torch.bfloat16)
     else:
-        np_dtype = {torch.float32: "<f4", torch.float16: "<f2", torch.float64: "<f8"}[dtype]
+        np_dtype = {
+            torch.float32: "<f4",
+            torch.float16: "<f2",
+            torch.float64: "<f8",
+            torch.uint8: "u1",
+        }[dtype]
         tensor = torch.from_numpy(raw.view(np_dtype).copy())
+    if dtype == torch.uint8:  # an image: kept as uint8, always finite
+        return tensor.reshape(shape)
     tensor = tensor.to(torch.float32).reshape(shape)
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
@@ -367,6 +426,34 @@ def text_row(*, id: str, text_embedding: torch.Tensor | np.ndarray, caption: str
     return row
 
 
+def i2v_row(
+    *,
+    clip_feature: torch.Tensor | np.ndarray | None,
+    first_frame_latent: torch.Tensor | np.ndarray,
+    pil_image: torch.Tensor | np.ndarray | None = None,
+    **video: Any,
+) -> dict[str, Any]:
+    """One ``i2v`` row: a :func:`video_row` (same arguments) plus the image condition.
+    ``clip_feature``: ``[N, D]`` (None for models without an image encoder, e.g. Wan2.2
+    TI2V); ``first_frame_latent``: ``[C, T, H, W]`` normalised; ``pil_image``: ``[H, W, 3]``
+    uint8 (optional)."""
+    if clip_feature is not None and len(clip_feature.shape) != 2:
+        raise ValueError(f"clip_feature must be [N, D], got shape {tuple(clip_feature.shape)}")
+    if len(first_frame_latent.shape) != 4:
+        raise ValueError(
+            f"first_frame_latent must be [C, T, H, W], got shape {tuple(first_frame_latent.shape)}"
+        )
+    if pil_image is not None and (len(pil_image.shape) != 3 or pil_image.shape[-1] != 3):
+        raise ValueError(f"pil_image must be [H, W, 3] uint8, got {tuple(pil_image.shape)}")
+    base = video_row(**video)
+    row = {k: base[k] for k in list(base)[:7]}  # id, vae_latent_*, text_embedding_*
+    row.update(encode_tensor("clip_feature", clip_feature))
+    row.update(encode_tensor("first_frame_latent", first_frame_latent))
+    row.update(encode_tensor("pil_image", pil_image))
+    row.update({k: v for k, v in base.items() if k not in row})
+    return row
+
+
 def validate_row(row: Mapping[str, Any], schema: pa.Schema, where: str) -> None:
     """A row about to be written has exactly the schema's columns and decodable tensors."""
     missing = [n for n in schema.names if n not in row]
@@ -375,6 +462,14 @@ def validate_row(row: Mapping[str, Any], schema: pa.Schema, where: str) -> None:
         raise SchemaError(
             f"{where}: row columns do not match the schema (missing {missing}, extra {extra})"
         )
-    for prefix, ndim in (("vae_latent", 4), ("text_embedding", 2)):
-        if f"{prefix}_bytes" in schema.names:
+    for prefix, ndim in (
+        ("vae_latent", 4),
+        ("text_embedding", 2),
+        ("clip_feature", 2),
+        ("first_frame_latent", 4),
+        ("pil_image", 3),
+    ):
+        if f"{prefix}_bytes" in schema.names and not (
+            prefix in I2V_TENSORS and prefix != "first_frame_latent" and is_absent(row, prefix)
+        ):
             decode_tensor(row, prefix, where, ndim)

@@ -55,7 +55,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastwan.models.vsa import WanVSAAttnProcessor, _blocks, _state, set_attention
+from fastwan.models.vsa import (
+    WanVSAAttnProcessor,
+    set_attention,
+    set_sequence_parallel,
+    transformer_blocks,
+)
 
 __all__ = [
     "SequenceParallel",
@@ -315,7 +320,7 @@ def enable_sequence_parallel(transformer: nn.Module, group: Any) -> None:
 
     Raises ``ValueError`` when the head count does not divide by the group size.
     """
-    blocks = _blocks(transformer)
+    blocks = transformer_blocks(transformer)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "sequence parallelism needs torch.distributed: call "
@@ -340,7 +345,7 @@ def enable_sequence_parallel(transformer: nn.Module, group: Any) -> None:
         module = getattr(transformer, name)
         setattr(module, _SP_ATTR, sp)
         module.register_forward_hook(hook)
-    _state(transformer).sp = sp  # the self-attention processors read it
+    set_sequence_parallel(transformer, sp)  # the self-attention processors read it
 
 
 def disable_sequence_parallel(transformer: nn.Module) -> None:
@@ -354,7 +359,7 @@ def disable_sequence_parallel(transformer: nn.Module) -> None:
         _remove_hooks(module._forward_hooks, hook)
         if hasattr(module, _SP_ATTR):
             delattr(module, _SP_ATTR)
-    _state(transformer).sp = None
+    set_sequence_parallel(transformer, None)
 
 
 def _remove_hooks(hooks: dict, fn: Any) -> None:

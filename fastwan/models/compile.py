@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+from fastwan.choices import COMPILE_BACKENDS
 
 
 def parse_compile(value: bool | str | None) -> str | None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fastwan.models.presets import FASTWAN_TIMESTEPS, PRESETS, WanPreset, get_preset
+from fastwan.shapes import latent_grid
 
 logger = logging.getLogger("fastwan")
 
@@ -353,32 +354,18 @@ def identify(
 MAX_LATENT_TOKENS = 1 << 22
 
 
-def check_video_size(identity: ModelIdentity, height: Any, width: Any, num_frames: Any) -> None:
+def check_video_size(
+    identity: ModelIdentity, height: Any, width: Any, num_frames: Any
+) -> tuple[int, int, int]:
     """Refuse a size the model cannot take, before anything loads: positive ints, multiples
-    of the VAE stride x patch, within the rotary position table and a sane token count."""
-    for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    of the VAE stride x patch, within the rotary position table and a sane token count.
+    Returns the latent grid ``(T, H, W)`` (:func:`fastwan.shapes.latent_grid`)."""
     p = identity.preset
     st, sh, sw = p.vae_stride
     pt, ph, pw = identity.patch_size
-    for name, value, multiple in (("height", height, sh * ph), ("width", width, sw * pw)):
-        if value % multiple:
-            lo = max(multiple, value // multiple * multiple)
-            hi = -(-value // multiple) * multiple
-            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            raise ValueError(
-                f"{name}={value} is not a multiple of {multiple} (VAE x{multiple // ph} times "
-                f"patch {ph}); the nearest valid {name}: {near}"
-            )
-    if (num_frames - 1) % st:
-        lo = (num_frames - 1) // st * st + 1
-        raise ValueError(
-            f"num_frames={num_frames} must be 1 + a multiple of {st} (the VAE's temporal "
-            f"factor); the nearest valid num_frames: {lo} or {lo + st}"
-        )
+    latent = latent_grid(num_frames, height, width, p.vae_stride, identity.patch_size)
     limit = identity.rope_max_seq_len
-    grid = ((num_frames - 1) // st + 1) // pt, height // (sh * ph), width // (sw * pw)
+    grid = latent[0] // pt, latent[1] // ph, latent[2] // pw  # tokens per axis
     largest = {  # the largest value of each size whose token count fits the rotary table
         "num_frames": (limit * pt - 1) * st + 1,
         "height": limit * sh * ph,
@@ -398,3 +385,4 @@ def check_video_size(identity: ModelIdentity, height: Any, width: Any, num_frame
             f"{height}x{width} at {num_frames} frames is {total} latent tokens, past the "
             f"sanity bound of {MAX_LATENT_TOKENS}; pass a smaller height, width or num_frames"
         )
+    return latent

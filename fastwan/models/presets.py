@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fastwan.shapes import latent_grid
+
 # Wan's default negative prompt (English rendering, as in the diffusers Wan docs).
 WAN_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
@@ -48,6 +50,7 @@ class WanPreset:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per latent token
     vae_stride: tuple[int, int, int] = (4, 8, 8)  # VAE downsampling (t, h, w)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # transformer patchify (t, h, w)
     tile_size: tuple[int, int, int] = (4, 4, 4)  # VSA tile in latent tokens (t, h, w)
     text_length: int = 512  # text tokens the model was trained with (padding included)
     bundled: bool = False  # weights ship inside fastwan (the toy world), no hub download
@@ -64,15 +67,8 @@ class WanPreset:
         height = self.height if height is None else height
         width = self.width if width is None else width
         num_frames = self.num_frames if num_frames is None else num_frames
-        st, sh, sw = self.vae_stride
-        for name, value, multiple in (("height", height, 2 * sh), ("width", width, 2 * sw)):
-            if value <= 0 or value % multiple:
-                raise ValueError(
-                    f"{name}={value} must be a positive multiple of {multiple} for {self.name}"
-                )
-        if num_frames <= 0 or (num_frames - 1) % st:
-            raise ValueError(f"num_frames={num_frames} must be 1 + a multiple of {st}")
-        return (self.in_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
+        grid = latent_grid(num_frames, height, width, self.vae_stride, self.patch_size)
+        return (self.in_channels, *grid)
 
     def replace(self, **changes) -> WanPreset:
         """A copy with some fields changed (validated like a new preset)."""
@@ -232,7 +228,7 @@ def transformer_config(preset: WanPreset, num_layers: int | None = None) -> dict
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     return dict(
-        patch_size=(1, 2, 2),
+        patch_size=preset.patch_size,
         num_attention_heads=preset.num_heads,
         attention_head_dim=preset.dim // preset.num_heads,
         in_channels=preset.in_channels,

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastwan.attention import BACKENDS, video_sparse_attention
+from fastwan.attention import video_sparse_attention
+from fastwan.choices import ATTENTION_BACKENDS, check_choice
 
 GATE_NAME = "to_gate_compress"
 ATTENTION_MODES = ("vsa", "dense")
@@ -45,7 +46,8 @@ class _GridState:
     sp: Any = None
 
 
-def _blocks(transformer: nn.Module) -> nn.ModuleList:
+def transformer_blocks(transformer: nn.Module) -> nn.ModuleList:
+    """The ``blocks`` of a diffusers ``WanTransformer3DModel`` (a ValueError otherwise)."""
     blocks = getattr(transformer, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or not all(hasattr(b, "attn1") for b in blocks):
         raise ValueError(
@@ -59,7 +61,7 @@ def add_vsa_gates(transformer: nn.Module) -> list[nn.Linear]:
     """Give every block a zero-initialised ``to_gate_compress`` if it has none; return the
     gates in block order."""
     gates = []
-    for block in _blocks(transformer):
+    for block in transformer_blocks(transformer):
         gate = getattr(block, GATE_NAME, None)
         if gate is None:
             ref = block.attn1.to_q.weight  # the gate lives beside q, k, v: same device, dtype
@@ -74,7 +76,7 @@ def add_vsa_gates(transformer: nn.Module) -> list[nn.Linear]:
 
 
 def has_vsa_gates(transformer: nn.Module) -> bool:
-    return all(getattr(b, GATE_NAME, None) is not None for b in _blocks(transformer))
+    return all(getattr(b, GATE_NAME, None) is not None for b in transformer_blocks(transformer))
 
 
 def _state(transformer: nn.Module) -> _GridState:
@@ -88,6 +90,13 @@ def _state(transformer: nn.Module) -> _GridState:
         transformer.register_forward_pre_hook(_record_grid, with_kwargs=True)
         state.hooked = True
     return state
+
+
+def set_sequence_parallel(transformer: nn.Module, sp: Any) -> None:
+    """Hand the self-attention processors a Ulysses context
+    (:class:`fastwan.distributed.sequence_parallel.SequenceParallel`), or ``None`` to end
+    sequence parallelism."""
+    _state(transformer).sp = sp
 
 
 def _record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -240,12 +249,11 @@ def set_attention(
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, ATTENTION_BACKENDS, "backend")
     tile = _check_tile(tile_size)
     gates = add_vsa_gates(transformer)
     state = _state(transformer)
-    for block, gate in zip(_blocks(transformer), gates):
+    for block, gate in zip(transformer_blocks(transformer), gates):
         block.attn1.set_processor(
             WanVSAAttnProcessor(
                 gate,
@@ -261,7 +269,7 @@ def set_attention(
 def get_attention(transformer: nn.Module) -> dict:
     """The current self-attention setting: ``{"mode", "sparsity", "tile_size", "backend"}``
     (``mode="dense"`` for a transformer fastwan has not configured)."""
-    proc = _blocks(transformer)[0].attn1.processor
+    proc = transformer_blocks(transformer)[0].attn1.processor
     if not isinstance(proc, WanVSAAttnProcessor):
         return {"mode": "dense", "sparsity": 0.0, "tile_size": None, "backend": None}
     return {

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from fastwan.config import Recipe, torch_dtype
+from fastwan.shapes import latent_grid
 from fastwan.train.trainer import RECIPE_FILE, Trainer, check_resume, resolve_resume
 
 __all__ = [
@@ -85,17 +86,9 @@ def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, in
     st = int(vae.get("scale_factor_temporal", 4))
     ss = int(vae.get("scale_factor_spatial", 8))
     d = recipe.data
-    for name, value in (("height", d.height), ("width", d.width)):
-        if value % ss:
-            raise ValueError(f"data.{name} {value} must be a multiple of the VAE stride {ss}")
-    if (d.num_frames - 1) % st:
-        lo = (d.num_frames - 1) // st * st + 1
-        raise ValueError(
-            f"data.num_frames {d.num_frames} must be 1 + a multiple of the VAE's temporal "
-            f"factor {st}; e.g. {lo} or {lo + st}"
-        )
+    grid = latent_grid(d.num_frames, d.height, d.width, (st, ss, ss), name=lambda f: f"data.{f}")
     channels = int(transformer.get("in_channels", vae.get("z_dim", 16)))
-    return channels, (d.num_frames - 1) // st + 1, d.height // ss, d.width // ss
+    return (channels, *grid)
 
 
 def expand_timesteps_of(model_path: Path) -> bool:
