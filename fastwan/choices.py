@@ -10,6 +10,10 @@ from typing import Any
 
 # VSA kernels: auto = Triton on CUDA, else torch; reference = the dense float32 oracle.
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "flex")
+# What a model generates from: text (t2v), text + a first image through CLIP and condition
+# channels (i2v: Wan2.1 I2V, WanImageToVideoPipeline), or text with an optional first image
+# as the clean first latent frame (ti2v: Wan2.2 TI2V, expand_timesteps).
+TASKS = ("t2v", "i2v", "ti2v")
 # What a transformer's self-attention runs.
 ATTENTION_KINDS = ("vsa", "dense")
 # torch.compile backends that fastwan's regional compile is tested with.

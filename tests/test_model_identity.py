@@ -420,3 +420,20 @@ def test_partial_gates_warn_through_the_generator_and_strict_refuses(gated, tmp_
     _rewrite_weights(folder, lambda s: s.pop("blocks.0.to_gate_compress.weight"))
     with pytest.raises(ValueError, match="block 0 lacks to_gate_compress.weight"):
         VideoGenerator.from_pretrained(folder, device="cpu", strict=True)
+
+
+def test_task_of_a_folder_and_the_i2v_presets():
+    from fastwan.models.identity import task_of
+    from fastwan.models.presets import get_preset
+
+    assert task_of({"_class_name": "WanPipeline"}, {}) == "t2v"
+    assert task_of({"_class_name": "WanImageToVideoPipeline"}, {}) == "i2v"
+    assert task_of({"image_encoder": ["transformers", "CLIPVisionModel"]}, {}) == "i2v"
+    assert task_of({}, {"image_dim": 1280}) == "i2v"
+    assert task_of({"expand_timesteps": True}, {}) == "ti2v"
+    p480, p720 = get_preset("wan2.1-i2v-14b-480p"), get_preset("wan2.1-i2v-14b-720p")
+    assert p480.task == p720.task == "i2v" and p480.in_channels == 36
+    assert (p480.height, p480.width, p720.height, p720.width) == (480, 832, 720, 1280)
+    assert p480.num_inference_steps == p720.num_inference_steps == 40
+    assert get_preset("wan2.2-ti2v-5b").task == "ti2v"
+    assert get_preset("wan2.1-t2v-1.3b").task == "t2v"

@@ -63,6 +63,8 @@ def test_presets_cover_the_supported_models_with_their_defaults():
     assert set(PRESETS) == {
         "wan2.1-t2v-1.3b",
         "wan2.1-t2v-14b",
+        "wan2.1-i2v-14b-480p",
+        "wan2.1-i2v-14b-720p",
         "wan2.2-ti2v-5b",
         "fastwan2.1-t2v-1.3b",
         "fastwan2.1-t2v-14b-480p",

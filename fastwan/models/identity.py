@@ -42,6 +42,8 @@ SIDECAR_VERSION = 1
 DMD_PIPELINE_CLASSES = ("WanDMDPipeline",)
 # The pipeline class diffusers loads Wan folders with; exports write it.
 DIFFUSERS_PIPELINE_CLASS = "WanPipeline"
+# diffusers' Wan2.1 image-to-video pipeline (CLIP image encoder, 36 input channels).
+I2V_PIPELINE_CLASS = "WanImageToVideoPipeline"
 # A gated checkpoint whose sparsity nothing records runs at FastWan2.1-1.3B's VSA sparsity.
 FALLBACK_VSA_SPARSITY = 0.8
 # diffusers WanPipeline.__call__ defaults (height, width, num_frames, steps, CFG, text
@@ -98,6 +100,7 @@ class ModelIdentity:
     rope_max_seq_len: int  # positions per axis of the transformer's rotary table
     patch_size: tuple[int, int, int]
     pipeline_class: str
+    task: str = "t2v"  # fastwan.choices.TASKS: what the model generates from
 
     def describe(self) -> str:
         """One line per sampling setting: ``field = value  (source)``."""
@@ -199,6 +202,19 @@ def read_sidecar(path: Path) -> dict[str, Any]:
         if out.get(key) is not None:
             out[key] = tuple(out[key])
     return out
+
+
+def task_of(model_index: dict[str, Any], transformer_config: dict[str, Any]) -> str:
+    """``i2v`` for a Wan2.1 image-to-video folder (its pipeline class, an image encoder, or
+    a transformer with image cross-attention), ``ti2v`` for Wan2.2's per-token timesteps,
+    else ``t2v``."""
+    if (
+        model_index.get("_class_name") == I2V_PIPELINE_CLASS
+        or model_index.get("image_encoder") not in (None, [None, None])
+        or transformer_config.get("image_dim") is not None
+    ):
+        return "i2v"
+    return "ti2v" if model_index.get("expand_timesteps") else "t2v"
 
 
 def scheduler_shift(scheduler_config: dict[str, Any]) -> float | None:
@@ -339,6 +355,7 @@ def identify(
         rope_max_seq_len=int(tconfig.get("rope_max_seq_len", 1024)),
         patch_size=patch,  # type: ignore[arg-type]
         pipeline_class=pipeline_class,
+        task=task_of(index, tconfig),
     )
     logger.info(
         "%s: %s; sampling settings and their sources:\n%s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fastwan.choices import TASKS
 from fastwan.shapes import latent_grid
 
 # Wan's default negative prompt (English rendering, as in the diffusers Wan docs).
@@ -49,6 +50,7 @@ class WanPreset:
     sparsity: float = 0.0  # VSA sparsity when attention == "vsa"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     expand_timesteps: bool = False  # Wan2.2 TI2V: one timestep per latent token
+    task: str = "t2v"  # fastwan.choices.TASKS
     vae_stride: tuple[int, int, int] = (4, 8, 8)  # VAE downsampling (t, h, w)
     patch_size: tuple[int, int, int] = (1, 2, 2)  # transformer patchify (t, h, w)
     tile_size: tuple[int, int, int] = (4, 4, 4)  # VSA tile in latent tokens (t, h, w)
@@ -92,6 +94,8 @@ class WanPreset:
                 raise ValueError(
                     f"preset {self.name!r}: {name} must be a positive int, got {value!r}"
                 )
+        if self.task not in TASKS:
+            raise ValueError(f"preset {self.name!r}: task must be one of {TASKS}")
         if self.attention not in ("vsa", "dense"):
             raise ValueError(f"preset {self.name!r}: attention must be 'vsa' or 'dense'")
         if not 0.0 <= self.sparsity < 1.0:
@@ -112,6 +116,17 @@ _WAN21_13B = dict(
 _WAN21_14B = dict(
     dim=5120, num_layers=40, in_channels=16, num_heads=40, ffn_dim=13824, flow_shift=3.0
 )
+# Wan2.1 I2V 14B: the T2V 14B with CLIP image cross-attention (image_dim 1280) and 36
+# input channels (16 noise + 4 mask + 16 condition latents).
+_WAN21_I2V_14B = dict(
+    dim=5120,
+    num_layers=40,
+    in_channels=36,
+    num_heads=40,
+    ffn_dim=13824,
+    flow_shift=3.0,
+    task="i2v",
+)
 _WAN22_5B = dict(
     dim=3072,
     num_layers=30,
@@ -121,6 +136,7 @@ _WAN22_5B = dict(
     vae_stride=(4, 16, 16),
     flow_shift=5.0,
     expand_timesteps=True,
+    task="ti2v",
 )
 # Wan2.2's own negative prompt (FastVideo's Wan2_2_Base_SamplingParam, the Wan2.2 repo).
 WAN22_NEGATIVE_PROMPT = (
@@ -172,6 +188,22 @@ PRESETS: dict[str, WanPreset] = {
         ),
         # WanT2V_14B_SamplingParam: 720P, 50 steps, guidance 5.0.
         WanPreset("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", **_WAN21_14B, **_720P),
+        # WanI2V_14B_480P_SamplingParam: 480 x 832 x 81, 40 steps, guidance 5.0 (shift 3).
+        WanPreset(
+            "wan2.1-i2v-14b-480p",
+            "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+            **_WAN21_I2V_14B,
+            **_480P,
+            num_inference_steps=40,
+        ),
+        # WanI2V_14B_720P_SamplingParam: 720 x 1280 x 81, 40 steps, guidance 5.0 (shift 5).
+        WanPreset(
+            "wan2.1-i2v-14b-720p",
+            "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+            **{**_WAN21_I2V_14B, "flow_shift": 5.0},
+            **_720P,
+            num_inference_steps=40,
+        ),
         # Wan2_2_TI2V_5B_SamplingParam: 50 steps, guidance 5.0, Wan2.2's negative prompt.
         WanPreset(
             "wan2.2-ti2v-5b",
