@@ -144,6 +144,67 @@ def build_tiny_wan(
     return path
 
 
+CLIP_DIM = 24  # the tiny CLIP vision encoder's hidden size (Wan2.1 I2V: 1280)
+
+
+def tiny_image_encoder():
+    """A tiny ``CLIPVisionModel`` (32 x 32 images, 8 x 8 patches: 17 tokens) and its
+    ``CLIPImageProcessor``, as Wan2.1 I2V folders ship them in image_encoder/ and
+    image_processor/."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=CLIP_DIM,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=CLIP_DIM,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return CLIPVisionModel(config).eval(), processor
+
+
+def build_tiny_wan_i2v(
+    path: str | Path, *, variant: str = "wan2.1", num_layers: int = 2, seed: int = 0
+) -> Path:
+    """A tiny image-to-video Wan pipeline saved by diffusers under ``path``: ``wan2.1`` is a
+    ``WanImageToVideoPipeline`` (CLIP image encoder, transformer with image cross-attention
+    and 16 + 4 + 16 = 36 input channels); ``wan2.2`` a TI2V folder (``expand_timesteps``,
+    no image encoder). Returns ``path``."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    if variant == "wan2.2":
+        return build_tiny_wan(path, variant="wan2.2", num_layers=num_layers, seed=seed)
+    if variant != "wan2.1":
+        raise ValueError(f"variant must be 'wan2.1' or 'wan2.2', got {variant!r}")
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        encoder, processor = tiny_image_encoder()
+        config = dict(
+            tiny_transformer_config("wan2.1", num_layers),
+            in_channels=36,
+            image_dim=CLIP_DIM,
+            added_kv_proj_dim=32,  # the transformer's dim
+        )
+        pipe = WanImageToVideoPipeline(
+            tokenizer=tokenizer,
+            text_encoder=tiny_text_encoder(len(tokenizer)),
+            vae=tiny_vae("wan2.1"),
+            scheduler=tiny_scheduler("unipc"),
+            image_processor=processor,
+            image_encoder=encoder,
+            transformer=WanTransformer3DModel(**config).eval(),
+        )
+    pipe.save_pretrained(path)
+    return path
+
+
 def add_fastvideo_gates(transformer_dir: str | Path, seed: int = 1) -> dict[str, torch.Tensor]:
     """Add random ``blocks.N.to_gate_compress.{weight,bias}`` to a saved transformer (the
     FastVideo layout) and return the added tensors."""

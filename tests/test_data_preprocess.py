@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_wan import build_tiny_wan
+from _tiny_wan import build_tiny_wan, build_tiny_wan_i2v
 
 from fastwan.data.dataset import LatentDataset
 from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, list_parquet_files, read_ids
@@ -394,3 +394,41 @@ def test_cli_preprocess_text_with_tiny_wan(tiny_wan, tmp_path):
     assert set(rows) == {"one", "long", load_prompts(tmp_path / "p.jsonl")[1].id}
     assert rows["one"]["caption"] == "a red cat" and 1 < rows["one"]["text_mask"].sum() < 16
     assert rows["long"]["text_mask"].all() and rows["long"]["caption"] == long
+
+
+def test_cli_preprocess_i2v_writes_fastvideos_i2v_rows(video_set, tmp_path):
+    """--task i2v: the first frame's condition latent (the VAE mean of [frame, 0, ...],
+    normalised), its CLIP penultimate hidden states and the frame itself, per row."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    model = build_tiny_wan_i2v(tmp_path / "i2v")
+    out = tmp_path / "out"
+    argv = [
+        "preprocess", "--videos", str(video_set / "videos"), "--captions",
+        str(video_set / "captions.json"), "--model", str(model), "--out", str(out),
+        "--height", "64", "--width", "64", "--num-frames", "9", "--fps", "12",
+        "--max-sequence-length", "16", "--no-progress", "--device", "cpu", "--task", "i2v",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="truncated"):
+        assert _cli(argv) == 0
+    ds = LatentDataset(out, text_length=16, normalize=False, image_condition=True)
+    i = [ds[k]["id"] for k in range(len(ds))].index("big.mp4")
+    s = ds[i]
+    frame = decode_clip(video_set / "videos" / "big.mp4", **CLIP).frames[0]  # [64, 64, 3]
+    assert (s["pil_image"].numpy() == frame).all()
+    vae = AutoencoderKLWan.from_pretrained(str(model / "vae")).eval()
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+    video = torch.cat([x, torch.zeros(1, 3, 8, 64, 64)], dim=2)  # [1, 3, 9, 64, 64]
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        want = (vae.encode(video).latent_dist.mode() - mean) / std
+        enc = CLIPVisionModel.from_pretrained(str(model / "image_encoder")).eval()
+        proc = CLIPImageProcessor.from_pretrained(str(model / "image_processor"))
+        pixels = proc(images=[frame], return_tensors="pt")["pixel_values"]
+        clip = enc(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0]
+    torch.testing.assert_close(s["first_frame_latent"], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s["clip_feature"], clip, rtol=1e-4, atol=1e-5)
+    assert s["latents"].shape == s["first_frame_latent"].shape == (16, 3, 8, 8)
+    assert json.loads((out / "dataset.json").read_text())["kind"] == "i2v"

@@ -70,6 +70,14 @@ def register(subparsers) -> None:
     p.add_argument("--fps", type=float, default=16.0, help="frame rate of the clips (default 16)")
     p.add_argument("--vae-dtype", default="fp32", choices=DTYPES, help="default fp32")
     p.add_argument("--vae-tiling", action="store_true", help="tiled VAE encoding (less memory)")
+    p.add_argument(
+        "--task",
+        choices=("t2v", "i2v"),
+        default="t2v",
+        help="i2v: also write the image condition of each clip's first frame (FastVideo's "
+        "i2v schema: first_frame_latent_*, clip_feature_* when the folder has image_encoder/, "
+        "pil_image_*)",
+    )
     _common(p)
     p.set_defaults(func=run_preprocess)
 
@@ -111,6 +119,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     import torch
 
     from fastwan.data.encoders import (
+        WanImageConditionEncoder,
         WanTextEncoder,
         WanVideoEncoder,
         default_device,
@@ -142,6 +151,11 @@ def run_preprocess(args: argparse.Namespace) -> int:
         dtype=resolve_dtype(args.dtype, device),
         max_length=args.max_sequence_length,
     )
+    image_encoder = None
+    if args.task == "i2v":
+        image_encoder = WanImageConditionEncoder.from_pretrained(
+            model, vae=video_encoder.vae, device=device, dtype=resolve_dtype(args.dtype, device)
+        )
     uncaptioned = _uncaptioned(args.videos, {item.file_name for item in items})
     if uncaptioned:
         print(f"note: {len(uncaptioned)} videos in {args.videos} have no caption; not used")
@@ -162,6 +176,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
                 "text_dtype": str(text_encoder.text_encoder.dtype).removeprefix("torch."),
                 "vae_dtype": args.vae_dtype,
             },
+            encode_image=image_encoder,
             rank=rank,
             world_size=world,
             progress=not args.no_progress,

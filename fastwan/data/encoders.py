@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "TeacherSampler",
+    "WanImageConditionEncoder",
     "WanTextEncoder",
     "WanVideoEncoder",
     "default_device",
@@ -279,3 +280,49 @@ class TeacherSampler:
         )
         z = out.latents[0].float()  # [C, T, h, w], normalised
         return z / self._inv_std + self._mean  # unnormalised, as VideoGenerator.decode does
+
+
+class WanImageConditionEncoder:
+    """The image condition of an image-to-video row, as FastVideo's i2v preprocessing
+    writes it: ``__call__(first_frame [H, W, 3] uint8, num_frames) -> {"first_frame_latent":
+    [C, T, h, w] (the VAE mean of [frame, 0, ..., 0], normalised), "clip_feature": [N, D] or
+    None}``. CLIP features (the penultimate hidden states, what Wan2.1 I2V's image
+    cross-attention takes) come only from folders with ``image_encoder/``; Wan2.2 TI2V has
+    none."""
+
+    def __init__(self, vae: torch.nn.Module, image_encoder: Any = None, processor: Any = None):
+        self.vae = vae.eval()
+        self.image_encoder = image_encoder
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        vae: torch.nn.Module,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> WanImageConditionEncoder:
+        from fastwan.models.image_encoder import load_image_encoder
+        from fastwan.models.loading import resolve_model_path
+
+        root = resolve_model_path(path)
+        encoder = processor = None
+        if (root / "image_encoder").is_dir():
+            dev = default_device(str(device) if device is not None else None)
+            encoder, processor = load_image_encoder(root, dev, dtype)
+        return cls(vae, encoder, processor)
+
+    @torch.no_grad()
+    def __call__(self, frame: np.ndarray, num_frames: int) -> dict[str, torch.Tensor | None]:
+        from fastwan.models.image_encoder import clip_image_embeds, vae_condition_latents
+
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3:
+            raise ValueError("frame must be a uint8 array [H, W, 3]")
+        x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W]
+        latent = vae_condition_latents(self.vae, x, num_frames, expand_timesteps=False)
+        clip = None
+        if self.image_encoder is not None:
+            clip = clip_image_embeds(self.image_encoder, self.processor, [frame])[0].float().cpu()
+        return {"first_frame_latent": latent[0].cpu(), "clip_feature": clip}

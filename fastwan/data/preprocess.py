@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fastwan.data.parquet_io import EMPTY_PROMPT_FILE, ResumableOutput
-from fastwan.data.schema import text_row, video_row
+from fastwan.data.schema import i2v_row, text_row, video_row
 from fastwan.data.sources import PromptItem, VideoItem
 from fastwan.data.video_decode import VideoDecodeError, decode_clip
 from fastwan.shapes import latent_grid
@@ -45,6 +45,8 @@ __all__ = [
 
 EncodeVideo = Callable[[np.ndarray], torch.Tensor]  # [T, H, W, 3] uint8 -> [C, T', H', W']
 EncodeText = Callable[[list[str]], Sequence[torch.Tensor]]  # prompts -> [L_i, dim] each
+# first frame [H, W, 3] uint8, num_frames -> {"first_frame_latent", "clip_feature"}
+EncodeImage = Callable[[np.ndarray, int], Mapping[str, Any]]
 
 DEFAULT_ROWS_PER_SHARD = 256
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
@@ -118,10 +120,15 @@ def preprocess_videos(
     world_size: int = 1,
     progress: bool = True,
     summary_extra: Mapping[str, Any] | None = None,
+    encode_image: EncodeImage | None = None,
 ) -> dict[str, Any]:
     """Decode, resample to ``fps``, resize + centre-crop to ``height x width``, cut to
     ``num_frames``, encode; write one row per (video, caption). Returns the summary
     (also written to ``out_dir/summary.json``).
+
+    ``encode_image`` (e.g. :class:`fastwan.data.encoders.WanImageConditionEncoder`):
+    write image-to-video rows (FastVideo's ``pyarrow_schema_i2v``) whose condition is the
+    clip's first frame.
 
     ``settings``: extra values recorded in ``dataset.json`` (e.g. the model) that a resumed
     run must repeat. Under ``world_size`` > 1, this rank takes every ``world_size``-th video.
@@ -129,9 +136,11 @@ def preprocess_videos(
     check_clip_size(height, width, num_frames, fps, vae_stride=(1, 1, 1), patch_size=(1, 1, 1))
     all_settings = dict(height=height, width=width, num_frames=num_frames, fps=float(fps))
     all_settings.update(settings or {})
+    if encode_image is not None:
+        all_settings["task"] = "i2v"
     job = ResumableOutput(
         out_dir,
-        "video",
+        "i2v" if encode_image is not None else "video",
         all_settings,
         rows_per_shard=rows_per_shard,
         rank=rank,
@@ -144,7 +153,7 @@ def preprocess_videos(
         save_empty_prompt(job, encode_text)
         bar = tqdm(pending, desc="preprocess", unit="video", disable=not progress, file=sys.stderr)
         for item in bar:
-            _preprocess_one(job, item, encode_video, encode_text, all_settings)
+            _preprocess_one(job, item, encode_video, encode_text, all_settings, encode_image)
             bar.set_postfix(
                 rows=job.writer.rows_written + job.writer.pending,
                 skipped=len(job.skipped),
@@ -167,6 +176,7 @@ def _preprocess_one(
     encode_video: EncodeVideo,
     encode_text: EncodeText,
     s: Mapping[str, Any],
+    encode_image: EncodeImage | None = None,
 ) -> None:
     todo = [(i, c) for i, c in zip(item.ids, item.captions) if not job.is_done(i)]
     for row_id, caption in todo:
@@ -191,20 +201,23 @@ def _preprocess_one(
         return
     latent = _as_latent(encode_video(clip.frames), item.file_name)  # [C, T', H', W']
     embeds = _as_embeddings(encode_text([c for _, c in todo]), len(todo), item.file_name)
+    condition = None
+    if encode_image is not None:
+        first = clip.frames[0]  # [H, W, 3] uint8: the condition is the clip's first frame
+        condition = dict(encode_image(first, s["num_frames"]), pil_image=first)
     for (row_id, caption), emb in zip(todo, embeds):
-        job.add(
-            video_row(
-                id=row_id,
-                latent=latent,
-                text_embedding=emb,  # [L, dim]
-                caption=caption,
-                file_name=item.file_name,
-                width=s["width"],
-                height=s["height"],
-                num_frames=s["num_frames"],
-                fps=s["fps"],
-            )
+        fields = dict(
+            id=row_id,
+            latent=latent,
+            text_embedding=emb,  # [L, dim]
+            caption=caption,
+            file_name=item.file_name,
+            width=s["width"],
+            height=s["height"],
+            num_frames=s["num_frames"],
+            fps=s["fps"],
         )
+        job.add(video_row(**fields) if condition is None else i2v_row(**condition, **fields))
 
 
 def preprocess_prompts(
