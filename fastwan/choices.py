@@ -30,6 +30,9 @@ METHOD_OF_COMMAND = {"distill": "dmd", "finetune": "flow"}
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # Video writers of fastwan.video_io.
 VIDEO_BACKENDS = ("auto", "imageio-ffmpeg", "pyav")
+# Jobs of ``fastwan serve``: waiting, generating, and the finished states (expired: a
+# finished job past the server's --ttl, its video deleted).
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 # torch generators take 64-bit seeds.
 MAX_SEED = 2**63 - 1
 

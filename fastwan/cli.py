@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "fastwan.commands.plan",
     "fastwan.commands.bench",
     "fastwan.commands.ui",
+    "fastwan.commands.serve",
 ]
 
 
@@ -36,11 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # A command may explain arguments no option took (``unknown_args``: raises ValueError,
+    # e.g. a misspelt recipe field with the valid ones); others get argparse's error.
+    unknown_args = getattr(args, "unknown_args", None)
+    if extra and unknown_args is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        if extra:
+            unknown_args(extra)
         return int(args.func(args) or 0)
     except ValueError as err:  # bad input: a clear message, no traceback
         print(f"fastwan {args.command}: error: {err}", file=sys.stderr)

@@ -16,11 +16,15 @@ says how to fix it. :class:`Recipe` adds the checks that span sections (global b
 micro batch x accumulation x data-parallel size, ...).
 
 ``load_recipe(path, overrides)`` reads YAML and applies dotted overrides such as
-``--optim.generator.lr=2e-5`` or ``train.max_steps=10``; override values are parsed by the
-field's type (ints, floats, bools, lists, ``null``), YAML values must have it already (a
-quoted ``max_steps: "600"`` is refused naming the field; ``1e-5`` without a dot is read as
-a float, as YAML 1.2 does). ``dump_recipe`` writes a recipe back to YAML; loading the dump
-gives an equal recipe.
+``--optim.generator.lr=2e-5`` or ``train.max_steps=10``. Decoding, type checks and dumping
+are pydantic's (v2, strict JSON mode, on these stdlib dataclasses): YAML values must have
+the field's type already (a quoted ``max_steps: "600"`` is refused naming the field; ints
+are accepted as floats; lists become the annotated tuples; unknown keys are refused with a
+did-you-mean). An override's value is YAML, as it would be written after ``key:`` in the
+recipe (``2e-5``, ``[2, 4, 4]``, ``null``, ``false``), except that text fields take it
+verbatim; ``1e-5`` without a dot is read as a float, as YAML 1.2 does. ``dump_recipe``
+writes a recipe back to YAML; loading the dump gives an equal recipe. The field
+docstrings are the help text of ``fastwan distill --help`` (:func:`recipe_options`).
 
 Resuming with a changed recipe: :func:`resume_changes` compares a checkpoint's saved recipe
 with the new one field by field; the fields of :data:`RESUME_SAFE_FIELDS` may change
@@ -37,30 +41,41 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import math
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
+
+from fastwan.choices import (
+    ATTENTION_BACKENDS,
+    COMPILE_BACKENDS,
+    METHODS,
+    TRAIN_DTYPES,
+    VALIDATION_SAMPLERS,
+    parse_dtype,
+)
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "ConfigError",
     "DMDConfig",
+    "check_override_key",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "OptimConfigs",
     "ParallelConfig",
     "Recipe",
+    "RecipeOption",
     "TRACKERS",
     "TrainConfig",
-    "VALIDATION_SAMPLERS",
     "VSAConfig",
     "WAN_NEGATIVE_PROMPT",
     "dump_recipe",
@@ -70,16 +85,12 @@ __all__ = [
     "load_recipe_dict",
     "recipe_changes",
     "recipe_from_dict",
+    "recipe_fields",
+    "recipe_options",
     "recipe_to_dict",
     "resume_changes",
     "torch_dtype",
 ]
-
-# Mirrors fastwan.attention.api.BACKENDS (not imported: configs must not pull in torch);
-# a test keeps the two equal.
-ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "flex")
-
-DTYPES = ("fp32", "bf16")
 
 # Mirrors fastwan.models.presets.WAN_NEGATIVE_PROMPT (not imported: that package pulls in
 # torch); a test keeps the two equal.
@@ -93,7 +104,20 @@ WAN_NEGATIVE_PROMPT = (
 
 # Where training metrics go besides the console (train.report_to).
 TRACKERS = ("tensorboard", "wandb")
-VALIDATION_SAMPLERS = ("scheduler", "unipc", "euler")
+
+# pydantic's settings for every config dataclass: unknown keys are errors; the attribute
+# docstrings are the fields' descriptions (the CLI's help).
+_PYDANTIC_CONFIG = {"extra": "forbid", "use_attribute_docstrings": True}
+
+_T = TypeVar("_T")
+
+
+def _one_item_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# A list field that also takes one string for a one-item list (report_to: tensorboard).
+_OneOrList = Annotated[list[_T], BeforeValidator(_one_item_list)]
 
 
 class ConfigError(ValueError):
@@ -167,12 +191,7 @@ def _check_path(obj: Any, name: str, optional: bool, fix: str) -> None:
 
 def torch_dtype(name: str) -> Any:
     """``"fp32"`` / ``"bf16"`` -> ``torch.float32`` / ``torch.bfloat16`` (imports torch lazily)."""
-    import torch
-
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {', '.join(map(repr, table))}, got {name!r}")
-    return table[name]
+    return parse_dtype(name, TRAIN_DTYPES)
 
 
 # ------------------------------------------------------------------------------ sections
@@ -182,26 +201,29 @@ def torch_dtype(name: str) -> Any:
 class ModelConfig:
     """Which weights to load. Paths are Diffusers folders or Hugging Face Hub ids.
 
-    ``teacher`` is the frozen "real score" network. The generator (student) and the
-    critic ("fake score") start from ``student`` / ``critic``, or from the teacher when
-    those are ``None`` (the FastWan recipes start all three from the same weights).
+    The FastWan recipes start teacher, generator and critic from the same weights.
     """
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     teacher: str
+    """The frozen teacher ("real score" network): a Diffusers folder or Hub id."""
     student: str | None = None
+    """Weights the generator (student) starts from; null: the teacher's."""
     critic: str | None = None
-    # Dtype of the trainable networks' master weights (optimizer states follow them).
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    # Dtype the frozen teacher is stored in (it has no optimizer state).
-    teacher_dtype: Literal["fp32", "bf16"] = "bf16"
+    """Weights the critic ("fake score") starts from; null: the teacher's."""
+    dtype: Literal[TRAIN_DTYPES] = "fp32"
+    """Dtype of the trainable networks' master weights (optimizer states follow them)."""
+    teacher_dtype: Literal[TRAIN_DTYPES] = "bf16"
+    """Dtype the frozen teacher is stored in (it has no optimizer state)."""
 
     def __post_init__(self) -> None:
         fix = "give a Diffusers folder or Hub id such as 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
         _check_path(self, "teacher", optional=False, fix=fix)
         _check_path(self, "student", optional=True, fix=fix + " (or null: the teacher)")
         _check_path(self, "critic", optional=True, fix=fix + " (or null: the teacher)")
-        _check_choice(self, "dtype", DTYPES)
-        _check_choice(self, "teacher_dtype", DTYPES)
+        _check_choice(self, "dtype", TRAIN_DTYPES)
+        _check_choice(self, "teacher_dtype", TRAIN_DTYPES)
 
     @property
     def student_path(self) -> str:
@@ -216,20 +238,28 @@ class ModelConfig:
 class VSAConfig:
     """Video Sparse Attention in the generator's self-attention.
 
-    ``sparsity`` is the fraction of key/value tiles each query tile skips
-    (``k = clamp(ceil((1 - sparsity) * num_kv_tiles), 1, num_kv_tiles)``). The sparsity
-    schedule (used by ``flow`` fine-tuning, where a dense model learns to attend
-    sparsely) ramps from 0 to ``sparsity`` by ``decay_rate`` every ``decay_interval``
-    steps: ``min(sparsity, decay_rate * (step // decay_interval))``; ``decay_rate = 0``
-    means no ramp (``sparsity`` from step 0, as in sparse distillation).
+    The sparsity schedule (used by ``flow`` fine-tuning, where a dense model learns to
+    attend sparsely) ramps from 0 to ``sparsity``:
+    ``min(sparsity, decay_rate * (step // decay_interval))``.
     """
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     enabled: bool = True
+    """Sparse attention in the generator (false: dense attention)."""
     sparsity: float = 0.9
+    """Fraction of key/value tiles each query tile skips:
+    k = clamp(ceil((1 - sparsity) * num_kv_tiles), 1, num_kv_tiles)."""
     tile_size: tuple[int, int, int] = (4, 4, 4)
-    backend: Literal["auto", "reference", "torch", "triton", "flex"] = "auto"
+    """Tile of the token grid [t, h, w] (VSA uses [4, 4, 4])."""
+    backend: Literal[ATTENTION_BACKENDS] = "auto"
+    """VSA kernel: auto = Triton on CUDA, else torch; reference = the dense float32
+    oracle."""
     decay_rate: float = 0.0
+    """Sparsity added every decay_interval steps, up to sparsity; 0: no ramp (sparsity
+    from step 0, as in sparse distillation)."""
     decay_interval: int = 1
+    """Steps between the ramp's increases (see decay_rate)."""
 
     def __post_init__(self) -> None:
         _check_range(
@@ -255,35 +285,34 @@ class VSAConfig:
 
 @dataclass
 class DMDConfig:
-    """Distribution Matching Distillation (DMD2) settings.
+    """Distribution Matching Distillation (DMD2) settings."""
 
-    * ``denoising_timesteps``: the student's few-step schedule (timesteps in (0, 1000],
-      strictly decreasing); inference uses the same steps.
-    * ``generator_update_interval``: the generator is updated once every this many
-      training steps; the critic every step (DMD2's two-time-scale update rule).
-    * ``min_timestep_ratio`` / ``max_timestep_ratio``: the clamp range of the noise level
-      ``s`` at which teacher and critic are queried.
-    * ``guidance_scale``: the teacher's CFG scale in the *standard* convention
-      ``uncond + w (cond - uncond)`` (1 = none). FastVideo's ``real_score_guidance_scale``
-      3.5 equals 4.5 here (``w = w' + 1``).
-    * ``rollout``: how the student's input at a training step is made. ``data``: a
-      dataset latent noised to a random one of ``denoising_timesteps``. ``simulate``: the
-      student runs its own few-step sampler from pure noise down to that timestep
-      (no video latents needed: data-free distillation from text embeddings).
-    * ``flow_shift``: timestep shift of the scheduler (Wan: 8 for 1.3B, 3 for 14B, 5 for
-      5B); also shifts the sampled training noise levels.
-    * ``negative_prompt``: the teacher's CFG "uncond" text (encoded once at start; also
-      the negative of ``flow`` validation with CFG); default Wan's, ``""`` allowed.
-    """
+    __pydantic_config__ = _PYDANTIC_CONFIG
 
     denoising_timesteps: list[int] = field(default_factory=lambda: [1000, 757, 522])
+    """The student's few-step schedule: timesteps in (0, 1000], strictly decreasing;
+    inference uses the same steps."""
     generator_update_interval: int = 5
+    """The generator is updated once every this many steps, the critic every step
+    (DMD2's two-time-scale update rule)."""
     min_timestep_ratio: float = 0.02
+    """Lower clamp of the noise level s (x 1000) at which teacher and critic are
+    queried."""
     max_timestep_ratio: float = 0.98
+    """Upper clamp of that noise level."""
     guidance_scale: float = 4.5
+    """The teacher's CFG scale w in the standard convention uncond + w (cond - uncond)
+    (1 = none); FastVideo's real_score_guidance_scale 3.5 is 4.5 here (w = w' + 1)."""
     rollout: Literal["data", "simulate"] = "data"
+    """The student's input at a step. data: a dataset latent noised to one of
+    denoising_timesteps; simulate: the student's own few-step sampler from pure noise
+    down to that timestep (data-free distillation from text embeddings)."""
     flow_shift: float = 3.0
+    """Timestep shift of the scheduler (Wan: 8 for 1.3B, 3 for 14B, 5 for 5B); also
+    shifts the sampled training noise levels."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    """The teacher's CFG uncond text (encoded once at start; also the negative of flow
+    validation with CFG); default Wan's, "" for none."""
 
     def __post_init__(self) -> None:
         steps = self.denoising_timesteps
@@ -333,21 +362,27 @@ class DMDConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule, for one network.
+    """AdamW and its learning-rate schedule, for one network."""
 
-    ``schedule``: ``constant``; ``warmup`` (linear warmup over ``warmup_steps``, then
-    constant); ``cosine`` (linear warmup, then cosine decay to ``min_lr_ratio * lr`` at
-    the last step). ``grad_clip``: max global gradient norm, ``None`` = no clipping.
-    """
+    __pydantic_config__ = _PYDANTIC_CONFIG
 
     lr: float = 1e-5
+    """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas [beta1, beta2] (DMD2's generator: [0.0, 0.999])."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.01
+    """AdamW (decoupled) weight decay."""
     grad_clip: float | None = 1.0
+    """Max global gradient norm; null: no clipping."""
     schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    """LR schedule. constant; warmup: linear warmup over warmup_steps, then constant;
+    cosine: linear warmup, then cosine decay to min_lr_ratio x lr at the last step."""
     warmup_steps: int = 0
+    """Steps of linear LR warmup (warmup and cosine schedules)."""
     min_lr_ratio: float = 0.0
+    """The cosine schedule's final LR as a fraction of lr."""
 
     def __post_init__(self) -> None:
         _check_range(self, "lr", 0.0, None, lo_open=True, fix=" (e.g. 1e-5)")
@@ -389,8 +424,12 @@ class OptimConfig:
 class OptimConfigs:
     """One optimiser per trainable network; ``critic`` is unused by ``flow``."""
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     generator: OptimConfig = field(default_factory=OptimConfig)
+    """The generator's (student's) optimiser."""
     critic: OptimConfig = field(default_factory=OptimConfig)
+    """The critic's ("fake score") optimiser; unused by flow."""
 
     def __post_init__(self) -> None:
         for name in ("generator", "critic"):
@@ -406,57 +445,76 @@ class TrainConfig:
     update, plus a generator update every ``dmd.generator_update_interval`` steps; it
     consumes ``global_batch_size`` samples, each data-parallel rank running
     ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size``.
-    Intervals are in steps; 0 disables periodic validation / checkpoints.
 
     Validation (:mod:`fastwan.train.validation`): when ``validation_prompts`` is not empty,
     every ``validation_interval`` steps and at the end of training the student (its EMA when
-    ``ema_decay`` is set) generates one video per prompt and seed of ``validation_seeds``
-    at the ``data`` clip size: ``dmd`` with its few-step sampler on
-    ``dmd.denoising_timesteps``; ``flow`` with ``validation_sampler`` over
-    ``validation_steps`` steps and CFG ``validation_guidance_scale`` (standard convention,
-    1 = none) on ``dmd.negative_prompt``. Videos (MP4 + GIF at ``validation_fps``) and a
-    grid image (prompts x seeds, ``validation_grid_frames`` frames each) go to
+    ``ema_decay`` is set) generates one video per prompt and seed at the ``data`` clip
+    size: ``dmd`` with its few-step sampler on ``dmd.denoising_timesteps``; ``flow`` with
+    ``validation_sampler`` on ``dmd.negative_prompt``. Videos and a grid image go to
     ``<output_dir>/validation/step-<N>/``.
-
-    ``report_to``: metric sinks besides the console: ``tensorboard`` (event files under
-    ``<output_dir>/logs``) and/or ``wandb`` (project ``tracker_project``); ``[]`` for none.
     """
 
-    method: Literal["dmd", "flow"] = "dmd"
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
+    method: Literal[METHODS] = "dmd"
+    """dmd: DMD2 distillation (`fastwan distill`); flow: flow-matching fine-tuning
+    (`fastwan finetune`)."""
     max_steps: int = 1000
+    """Optimizer steps to train for."""
     global_batch_size: int = 1
+    """Samples per step: micro_batch_size x gradient_accumulation_steps x data-parallel
+    size."""
     micro_batch_size: int = 1
+    """Samples per forward pass on one rank."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per step on one rank."""
     seed: int = 1000
-    # Autocast dtype of the forward passes (fp16 is not supported: no loss scaling).
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"
-    # EMA of the generator's weights; None disables it.
+    """Seed of noise, timesteps, data order and crops (the same on resume)."""
+    mixed_precision: Literal[TRAIN_DTYPES] = "bf16"
+    """Autocast dtype of the forward passes (fp16 is not supported: no loss scaling)."""
     ema_decay: float | None = None
+    """EMA of the generator's weights, e.g. 0.999; null disables it."""
     ema_start_step: int = 0
+    """Before this step the EMA restarts at the live weights (tracks them exactly)."""
     log_interval: int = 10
+    """Steps between console / tracker log lines."""
     validation_interval: int = 200
+    """Steps between validation videos (0: only at the end)."""
     checkpoint_interval: int = 500
-    # Keep at most this many complete checkpoints (None: keep all).
+    """Steps between checkpoints (0: only at the end)."""
     checkpoints_total_limit: int | None = 3
+    """Keep at most this many complete checkpoints (null: keep all)."""
     output_dir: str = "outputs/run"
-    validation_prompts: list[str] = field(default_factory=list)
+    """Folder of checkpoints, logs, validation videos and the run's recipe.yaml."""
+    validation_prompts: _OneOrList[str] = field(default_factory=list)
+    """Prompts of the validation videos ([] disables validation)."""
     validation_seeds: list[int] = field(default_factory=lambda: [1000])
+    """Seeds of the validation videos (one video per prompt and seed)."""
     validation_steps: int = 50
+    """Sampler steps of flow validation."""
     validation_guidance_scale: float = 5.0
-    validation_sampler: Literal["scheduler", "unipc", "euler"] = "scheduler"
+    """CFG scale of flow validation (standard convention, 1 = none)."""
+    validation_sampler: Literal[VALIDATION_SAMPLERS] = "scheduler"
+    """Sampler of flow validation: scheduler = the folder's own diffusers scheduler,
+    unipc = UniPC multistep, euler = flow-matching Euler."""
     validation_fps: int = 16
+    """Frame rate of the validation MP4 / GIF files."""
     validation_grid_frames: int = 4
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Frames per video in the validation grid image (prompts x seeds)."""
+    report_to: _OneOrList[str] = field(default_factory=lambda: ["tensorboard"])
+    """Metric sinks besides the console: tensorboard (event files under
+    <output_dir>/logs) and/or wandb (project tracker_project); [] for none."""
     tracker_project: str = "fastwan"
+    """The wandb project."""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "method", ("dmd", "flow"))
+        _check_choice(self, "method", METHODS)
         _check_int(self, "max_steps", 1)
         _check_int(self, "global_batch_size", 1)
         _check_int(self, "micro_batch_size", 1)
         _check_int(self, "gradient_accumulation_steps", 1)
         _check_int(self, "seed", 0)
-        _check_choice(self, "mixed_precision", ("bf16", "fp32"))
+        _check_choice(self, "mixed_precision", TRAIN_DTYPES)
         if self.ema_decay is not None:
             _check_range(
                 self,
@@ -532,27 +590,34 @@ class TrainConfig:
 class ParallelConfig:
     """Device mesh ``[replicate, shard, sequence_parallel]`` over ``world_size`` ranks.
 
-    ``replicate x shard x sequence_parallel == world_size``. Parameters are sharded
-    (FSDP2) within a ``shard`` group (HSDP when ``replicate > 1``); a sequence-parallel
-    group (Ulysses) of ``sequence_parallel`` ranks splits one sample's tokens, so the
-    data-parallel size -- ranks that see different samples -- is ``replicate x shard``.
+    ``replicate x shard x sequence_parallel == world_size``; the data-parallel size --
+    ranks that see different samples -- is ``replicate x shard``.
     """
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     world_size: int = 1
+    """Processes (GPUs) of the run: torchrun --nproc_per_node x nodes."""
     replicate: int = 1
+    """Replicas of the sharded model (HSDP when > 1 and shard > 1)."""
     shard: int = 1
+    """Ranks a model's parameters are sharded over (FSDP2)."""
     sequence_parallel: int = 1
+    """Ranks that split one sample's tokens (Ulysses)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded states in host memory
-    # torch.compile each block of every network with this backend ("none": eager); after
-    # activation checkpointing and before FSDP2 (torchtitan's order)
-    compile: Literal["none", "inductor", "aot_eager", "eager"] = "none"
+    """Per block: none keeps every activation; full keeps only the block's inputs and
+    recomputes the rest in backward; selective is full but keeps the attention outputs."""
+    cpu_offload: bool = False
+    """FSDP2 CPUOffloadPolicy: sharded states in host memory (needs world_size > 1)."""
+    compile: Literal[("none", *COMPILE_BACKENDS)] = "none"
+    """torch.compile each block of every network with this backend (none: eager);
+    after activation checkpointing and before FSDP2 (torchtitan's order)."""
 
     def __post_init__(self) -> None:
         for name in ("world_size", "replicate", "shard", "sequence_parallel"):
             _check_int(self, name, 1)
         _check_choice(self, "activation_checkpointing", ("none", "full", "selective"))
-        _check_choice(self, "compile", ("none", "inductor", "aot_eager", "eager"))
+        _check_choice(self, "compile", ("none", *COMPILE_BACKENDS))
         if not isinstance(self.cpu_offload, bool):
             _fail(self, "cpu_offload", f"must be true or false, got {self.cpu_offload!r}")
         if self.cpu_offload and self.world_size == 1:
@@ -587,46 +652,47 @@ class ParallelConfig:
 class DataConfig:
     """Training data (parquet shards written by ``fastwan preprocess``) and clip size.
 
-    ``text_only``: the shards hold only text embeddings (data-free distillation; needs
-    ``dmd.rollout: simulate``). ``cfg_dropout``: probability of replacing a sample's
-    text condition by the empty/negative one (for ``flow``; 0 for distillation).
-    ``num_frames`` / ``height`` / ``width`` give the clip size in pixels (the latent
-    shape for simulated rollouts and validation videos). ``text_length``: tokens the text
-    embeddings are padded to (the model's text length; Wan: 512). ``on_error``: what a
-    corrupt shard or row does -- ``raise`` (an error naming the file and row) or ``skip``
-    (skipped and counted per reason in the console log, the trackers and the run's
-    ``summary.json``).
-
     In data mode (latents read from the shards) the clip size is also the *training* size:
     latents with more latent frames than the recipe's (``(num_frames - 1) //`` the VAE's
-    temporal stride ``+ 1``) are cropped in time to them -- ``temporal_crop: random``: at a
-    latent-aligned start drawn from ``train.seed`` per (epoch, sample), the same on resume;
-    ``first``: the first frames, as FastVideo does --, and latents with fewer frames or
-    another spatial size are skipped and counted (``too_short`` / ``shape_mismatch``), or
-    refused before training when no row fits (or, under ``on_error: raise``, when any row
-    does not).
-
-    ``max_skip_fraction``: a run that has skipped more than this fraction of the rows it
-    read stops with an error naming the files and rows (checked every step once enough
-    rows are read to tell, and at the last step; unreadable files and rows of another
-    size count when the dataset opens); 0: any skipped row stops it, 1: never.
-    ``max_abs_latent``: latents (after normalisation, ~N(0, 1) for real data) larger in
-    magnitude than this are a corrupt row (``non_finite``, like NaN / inf); null: only
-    NaN / inf are.
+    temporal stride ``+ 1``) are cropped in time to them (``temporal_crop``), and latents
+    with fewer frames or another spatial size are skipped and counted (``too_short`` /
+    ``shape_mismatch``), or refused before training when no row fits (or, under
+    ``on_error: raise``, when any row does not).
     """
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     path: str | None = None
+    """Folder of parquet shards (null: pass it later)."""
     text_only: bool = False
+    """The shards hold only text embeddings (data-free distillation; needs
+    dmd.rollout: simulate)."""
     cfg_dropout: float = 0.0
+    """Probability of replacing a sample's text condition by the empty / negative one
+    (for flow; 0 for distillation)."""
     num_workers: int = 4
+    """DataLoader worker processes (0: read in the training process)."""
     num_frames: int = 61
+    """Clip length in frames (the latent shape of simulated rollouts and validation
+    videos; the training size in data mode)."""
     height: int = 448
+    """Clip height in pixels (a multiple of 16)."""
     width: int = 832
+    """Clip width in pixels (a multiple of 16)."""
     text_length: int = 512
+    """Tokens the text embeddings are padded to (the model's text length; Wan: 512)."""
     on_error: Literal["raise", "skip"] = "raise"
+    """A corrupt shard or row: raise (an error naming the file and row) or skip
+    (skipped and counted per reason in the log, the trackers and summary.json)."""
     max_skip_fraction: float = 0.05
+    """A run that has skipped more than this fraction of the rows it read stops with an
+    error naming the files and rows; 0: any skipped row stops it, 1: never."""
     max_abs_latent: float | None = 1000.0
+    """Latents (normalised, ~N(0, 1)) larger in magnitude than this are a corrupt row
+    (non_finite, like NaN / inf); null: only NaN / inf are."""
     temporal_crop: Literal["random", "first"] = "random"
+    """Which latent frames of a longer clip train: random (a latent-aligned start drawn
+    from train.seed per epoch and sample, the same on resume) or first (as FastVideo)."""
 
     def __post_init__(self) -> None:
         _check_path(
@@ -673,13 +739,22 @@ class DataConfig:
 class Recipe:
     """A whole training configuration; checks that span sections run here."""
 
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
     model: ModelConfig
+    """Teacher / student / critic weights and dtypes."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Method, steps, batch sizes, seed, precision, EMA, intervals, validation."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """World size and the device mesh."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and clip size."""
     optim: OptimConfigs = field(default_factory=OptimConfigs)
+    """Generator and critic optimisers."""
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    """DMD2 distillation."""
     vsa: VSAConfig = field(default_factory=VSAConfig)
+    """Video Sparse Attention."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -749,137 +824,83 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-# ------------------------------------------------------------------- dict <-> dataclass
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null", "~"}
+# ------------------------------------------------------------- YAML <-> dataclasses (pydantic)
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent numbers without a dot (``1e-5``) as floats,
+    as YAML 1.2 does (PyYAML's YAML 1.1 rules make them strings)."""
 
 
-class _Text(str):
-    """An override's value (``--section.key=VALUE``): text to parse by the field's type.
-    A plain ``str`` in a number or bool field is a quoted YAML value, and is refused."""
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
-_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _refuse_string(value: str, tp: Any, path: str) -> typing.NoReturn:
-    raise ConfigError(
-        path,
-        f"must be {_KINDS[tp]}, got the string {value!r}; remove the quotes in the YAML "
-        f"({path.rsplit('.', 1)[-1]}: {value.strip()})",
-        "",
-    )
-
-
-def _coerce(value: Any, tp: Any, path: str, text: bool = False) -> Any:
-    """Convert a YAML value or an override string to the annotated type ``tp``.
-
-    Override strings (``text``: the value or a list it belongs to came from an override)
-    are parsed by the type; YAML values must already have it -- a quoted ``"600"`` in an
-    int field is refused, not read as 600."""
-    text = text or isinstance(value, _Text)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        if type(None) in args and (
-            value is None or (isinstance(value, str) and value.strip().lower() in _NONE)
-        ):
-            return None
-        if len(non_none) != 1:  # pragma: no cover - no such fields
-            raise TypeError(f"unsupported annotation {tp} for {path}")
-        return _coerce(value, non_none[0], path, text)
-    if value is None:
-        raise ConfigError(path, f"must be {_type_name(tp)}, got null", "")
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return str(value)
-        raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}; got {value!r}", "")
-    if origin in (list, tuple):
-        return _coerce_sequence(value, tp, origin, args, path, text)
-    if tp in _KINDS and isinstance(value, str) and not text:
-        _refuse_string(value, tp, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(path, f"must be true or false, got {value!r}", "")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(path, f"must be an integer, got {value!r}", "")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ConfigError(path, f"must be an integer, got {value!r}", "") from None
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(path, f"must be an integer, got {value!r}", "")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(path, f"must be a number, got {value!r}", "")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(path, f"must be a number, got {value!r}", "")
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise ConfigError(
-            path, f"must be a string, got {value!r} ({type(value).__name__}); quote it in YAML", ""
-        )
-    raise TypeError(f"unsupported annotation {tp} for {path}")  # pragma: no cover
-
-
-def _coerce_sequence(
-    value: Any, tp: Any, origin: Any, args: tuple, path: str, text: bool = False
-) -> Any:
-    numeric = bool(args) and args[0] in _KINDS
-    if isinstance(value, str):
-        if numeric and not text:  # a quoted YAML string where numbers belong
-            raise ConfigError(
-                path, f"must be a list, got the string {value!r}; write a YAML list [a, b]", ""
-            )
-        stripped = value.strip()
-        parsed = _load_yaml(stripped) if stripped else []
-        if isinstance(parsed, list):
-            value = parsed
-        elif "," in stripped and args and args[0] in (int, float):
-            value = [x.strip() for x in stripped.split(",") if x.strip()]
-        else:
-            value = [parsed if args and args[0] in (int, float) else value]
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(path, f"must be a list, got {value!r}", "")
-    if origin is list:
-        return [_coerce(v, args[0], f"{path}[{i}]", text) for i, v in enumerate(value)]
-    # tuple[X, ...] or fixed-length tuple[X, Y, Z]
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(v, args[0], f"{path}[{i}]", text) for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise ConfigError(path, f"must have {len(args)} items, got {len(value)}: {value!r}", "")
-    return tuple(_coerce(v, a, f"{path}[{i}]", text) for i, (v, a) in enumerate(zip(value, args)))
+@functools.cache
+def _adapter() -> TypeAdapter:
+    """pydantic's validator / serializer of :class:`Recipe` (built on first use)."""
+    return TypeAdapter(Recipe)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _without_none(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
+    args = typing.get_args(tp)
+    if type(None) in args and typing.get_origin(tp) is not Literal:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), True
+    return tp, False
+
+
+def _type_at(loc: Sequence[str | int]) -> Any:
+    """The annotation at a pydantic error location (``None`` where the schema has none)."""
+    tp: Any = Recipe
+    for part in loc:
+        tp = _without_none(tp)[0]
+        if isinstance(part, int):
+            args = typing.get_args(tp)
+            if typing.get_origin(tp) is tuple and len(args) > part and args[-1] is not Ellipsis:
+                tp = args[part]
+            else:
+                tp = args[0] if args else None
+        elif _is_dataclass_type(tp) and part in _hints(tp):
+            tp = _hints(tp)[part]
+        else:
+            return None
+    return tp
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return repr(value)
 
 
 def _unknown_key_error(path: str, key: str, valid: Sequence[str]) -> ConfigError:
@@ -890,55 +911,112 @@ def _unknown_key_error(path: str, key: str, valid: Sequence[str]) -> ConfigError
     return ConfigError(full, f"unknown key{hint}; valid keys in {where}: {', '.join(valid)}", "")
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    where = path or "the recipe"
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            path or "recipe", f"must be a mapping of keys to values, got {data!r}", ""
+# pydantic error types -> what the field must be
+_WANTS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+}
+
+
+def _config_error(error: ValidationError, overridden: Mapping[str, str]) -> ConfigError:
+    """pydantic's first error as a :class:`ConfigError` naming the dotted field and the fix.
+
+    ``overridden``: dotted fields set by overrides (their strings are no quoted YAML)."""
+    e = error.errors(include_url=False)[0]
+    loc, kind, value = tuple(e["loc"]), e["type"], e.get("input")
+    path = _dotted(loc)
+    tp = _type_at(loc)
+    ctx = e.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, ConfigError):  # a dataclass's own check (__post_init__)
+        if not cause.where or (tp is not None and cause.where == getattr(tp, "__name__", "")):
+            return cause.at(path)
+        return cause
+    if kind in ("missing", "missing_argument"):
+        if loc and isinstance(loc[-1], int):  # a fixed-length tuple given fewer items
+            want = len(typing.get_args(_without_none(_type_at(loc[:-1]))[0]))
+            return ConfigError(
+                _dotted(loc[:-1]), f"must have {want} items, got {len(value)}: {value!r}", ""
+            )
+        if _is_dataclass_type(tp):  # a missing section: name its first required key
+            required = [
+                f.name
+                for f in dataclasses.fields(tp)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            loc, path = (*loc, required[0]), f"{path}.{required[0]}"
+        where = _dotted(loc[:-1]) or "the recipe"
+        return ConfigError(path, f"is required; set it in {where} or with --{path}=VALUE", "")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        section = _type_at(loc[:-1])
+        return _unknown_key_error(_dotted(loc[:-1]), str(loc[-1]), list(_hints(section)))
+    if kind in ("too_long", "too_short") and isinstance(value, (list, tuple)):
+        want = len(typing.get_args(_without_none(tp)[0]))
+        return ConfigError(path, f"must have {want} items, got {len(value)}: {value!r}", "")
+    if kind in ("dataclass_type", "dataclass_exact_type", "model_type", "dict_type"):
+        return ConfigError(
+            path or "recipe", f"must be a mapping of keys to values, got {value!r}", ""
         )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key_error(path, str(key), list(fields))
-        sub = f"{path}.{key}" if path else key
-        tp = hints[key]
-        kwargs[key] = _build(tp, value, sub) if _is_dataclass_type(tp) else _coerce(value, tp, sub)
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in kwargs:
-            sub = f"{path}.{name}" if path else name
-            if _is_dataclass_type(hints[name]):  # a missing section: name its missing key
-                kwargs[name] = _build(hints[name], {}, sub)
-                continue
-            raise ConfigError(sub, f"is required; set it in {where} or with --{sub}=VALUE", "")
+    if kind == "literal_error":
+        choices = typing.get_args(_without_none(tp)[0]) if tp is not None else ()
+        listed = ", ".join(map(repr, choices)) if choices else ctx.get("expected", "")
+        return ConfigError(path, f"must be one of {listed}; got {value!r}", "")
+    if kind in ("list_type", "tuple_type"):
+        fix = "; write a YAML list [a, b]" if isinstance(value, str) else ""
+        return ConfigError(path, f"must be a list, got {_shown(value)}{fix}", "")
+    if kind in _WANTS:
+        field_path = re.sub(r"\[\d+\]", "", path)
+        if isinstance(value, str) and kind != "string_type" and field_path not in overridden:
+            example = "" if isinstance(loc[-1], int) else f" ({loc[-1]}: {value.strip()})"
+            return ConfigError(
+                path,
+                f"must be {_WANTS[kind]}, got the string {value!r}; remove the quotes in the "
+                f"YAML{example}",
+                "",
+            )
+        fix = "; quote it in YAML" if kind == "string_type" and value is not None else ""
+        return ConfigError(path, f"must be {_WANTS[kind]}, got {_shown(value)}{fix}", "")
+    return ConfigError(path or "recipe", f"{e['msg']} (got {_shown(value)})", "")
+
+
+def _empty_sections(data: Any, cls: type = Recipe) -> Any:
+    """A section with nothing under it (``train:``, YAML null) holds its defaults."""
+    if not isinstance(data, Mapping):
+        return data
+    out = dict(data)
+    for name, tp in _hints(cls).items():
+        if _is_dataclass_type(tp) and name in out:
+            out[name] = {} if out[name] is None else _empty_sections(out[name], tp)
+    return out
+
+
+def _validate(data: Any, overridden: Mapping[str, str] = {}) -> Recipe:  # noqa: B006
+    """YAML-like nested dicts -> a validated :class:`Recipe`, by pydantic in strict JSON
+    mode (YAML's data model is JSON's): no string is read as a number or bool."""
     try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        if err.where == cls.__name__ or not err.where:
-            raise err.at(path) from None
-        raise
+        text = json.dumps(_empty_sections(data), default=str, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("recipe", f"holds a key or value YAML recipes cannot: {err}", "") from err
+    try:
+        return _adapter().validate_json(text, strict=True)
+    except ValidationError as err:
+        raise _config_error(err, overridden) from None
 
 
 def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
     """Build and validate a :class:`Recipe` from nested dicts (YAML-like values)."""
-    return _build(Recipe, data, "")
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return _validate(data)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """Nested plain dicts / lists / scalars (tuples become lists), in field order."""
-    return _plain(recipe)
+    return _adapter().dump_python(recipe, mode="json")
 
 
 # -------------------------------------------------------------------------- overrides
@@ -959,67 +1037,79 @@ def _split_override(item: str) -> tuple[list[str], str]:
     return parts, value
 
 
-def parse_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to the nested dict ``data`` (in place).
-
-    Keys are checked against the recipe schema (unknown ones raise with the valid keys of
-    that section); values stay strings here and are parsed by the field's type when the
-    recipe is built.
-    """
-    for item in overrides:
-        try:
-            _apply_override(data, item)
-        except ConfigError as err:
-            raise ConfigError(
-                err.field_name, f"{err.message} [override {item!r}]", err.where
-            ) from None
-    return data
+_NULLS = ("null", "Null", "NULL", "~")
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """Set one ``section.key=value`` in ``data``, checking the path against the schema."""
-    parts, value = _split_override(item)
+def _override_value(text: str, tp: Any) -> Any:
+    """An override's text as the value YAML gives after ``key:`` in a recipe; text fields
+    (and choices) take it verbatim, though ``null`` still clears an optional one."""
+    base, optional = _without_none(tp)
+    if optional and text.strip() in _NULLS:
+        return None
+    if base is str or typing.get_origin(base) is Literal or not text.strip():
+        return text
+    try:
+        return _load_yaml(text)
+    except yaml.YAMLError:
+        return text  # refused by the field's type, naming it
+
+
+def _apply_override(data: dict[str, Any], item: str) -> str:
+    """Set one ``section.key=value`` in ``data``, checking the path against the schema;
+    returns the dotted field."""
+    parts, text = _split_override(item)
     cls: Any = Recipe
     node = data
     for depth, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
-        if part not in names:
-            raise _unknown_key_error(".".join(parts[:depth]), part, names)
-        tp = typing.get_type_hints(cls)[part]
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key_error(".".join(parts[:depth]), part, list(hints))
+        tp = hints[part]
         here = ".".join(parts[: depth + 1])
         if depth == len(parts) - 1:
             if _is_dataclass_type(tp):
-                keys = ", ".join(f.name for f in dataclasses.fields(tp))
+                keys = ", ".join(_hints(tp))
                 raise ConfigError(
                     here, f"is a section, not a value; override one of its keys: {keys}", ""
                 )
-            node[part] = _Text(value)
-            return
+            node[part] = _override_value(text, tp)
+            return here
         if not _is_dataclass_type(tp):
             raise ConfigError(here, f"is a value, not a section; write {here}=VALUE", "")
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
         cls = tp
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-# --------------------------------------------------------------------------------- YAML
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
+    applied: dict[str, str] = {}
+    for item in overrides:
+        try:
+            applied[_apply_override(data, item)] = item
+        except ConfigError as err:
+            raise ConfigError(
+                err.field_name, f"{err.message} [override {item!r}]", err.where
+            ) from None
+    return applied
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading exponent numbers without a dot (``1e-5``) as floats,
-    as YAML 1.2 does (PyYAML's YAML 1.1 rules make them strings)."""
+def check_override_key(key: str) -> None:
+    """A :class:`ConfigError` unless ``key`` (``section.key``, leading dashes allowed) names
+    a recipe field: an unknown key names the valid ones of its section (did you mean)."""
+    _apply_override({}, f"{key.split('=', 1)[0]}=")
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+def parse_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to the nested dict ``data`` (in place).
 
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    Keys are checked against the recipe schema (unknown ones raise with the valid keys of
+    that section); values are read as YAML by the field's type (text fields verbatim) and
+    checked when the recipe is built.
+    """
+    _apply_overrides(data, overrides)
+    return data
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -1039,11 +1129,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise ValueError(
             f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}"
         )
-    parse_overrides(data, overrides)
+    overridden = _apply_overrides(data, overrides)
     try:
-        return recipe_from_dict(data)
+        return _validate(data, overridden)
     except ConfigError as err:
-        raise ConfigError(err.field_name, f"{err.message} [in {path}]", err.where) from None
+        item = overridden.get(re.sub(r"\[\d+\]", "", err.path))
+        where = f"override {item!r}" if item is not None else f"in {path}"
+        raise ConfigError(err.field_name, f"{err.message} [{where}]", err.where) from None
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -1071,6 +1163,102 @@ def dump_recipe(recipe: Recipe, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+# ------------------------------------------------------------------ command-line options
+
+
+@dataclass(frozen=True)
+class RecipeOption:
+    """One recipe field as a command-line option ``--<name>=VALUE``."""
+
+    name: str
+    """The dotted field, e.g. ``optim.generator.lr``."""
+    section: str
+    """Its dotted section, e.g. ``optim.generator``."""
+    section_help: str
+    """The section's description (the first paragraph of its class docstring)."""
+    metavar: str
+    """What the value is: ``FLOAT``, ``INT``, ``{a,b}``, ``[INT,INT,INT]``, ``X|null``."""
+    help: str
+    """The field's docstring."""
+    default: str | None
+    """The default as override text (``None``: the field is required)."""
+
+
+_METAVARS = {"integer": "INT", "number": "FLOAT", "boolean": "{true,false}", "string": "TEXT"}
+
+
+def _metavar(prop: Mapping[str, Any]) -> str:
+    if "anyOf" in prop:
+        kinds = [_metavar(p) for p in prop["anyOf"] if p.get("type") != "null"]
+        null = any(p.get("type") == "null" for p in prop["anyOf"])
+        return "|".join(kinds) + ("|null" if null else "")
+    if "enum" in prop:
+        return "{" + ",".join(map(str, prop["enum"])) + "}"
+    if prop.get("type") == "array":
+        if "prefixItems" in prop:
+            return "[" + ",".join(_metavar(p) for p in prop["prefixItems"]) + "]"
+        return "[" + _metavar(prop.get("items", {})) + ",...]"
+    return _METAVARS.get(prop.get("type", ""), "VALUE")
+
+
+def _first_paragraph(doc: str | None) -> str:
+    text = (doc or "").strip().split("\n\n")[0]
+    return " ".join(text.replace("``", "").split())
+
+
+def recipe_fields() -> tuple[str, ...]:
+    """Every recipe field as its dotted name, in recipe order (cheap: no pydantic schema,
+    for registering command-line options; :func:`recipe_options` has their help)."""
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        out: list[str] = []
+        for name, tp in _hints(cls).items():
+            dotted = f"{prefix}.{name}" if prefix else name
+            out.extend(walk(tp, dotted) if _is_dataclass_type(tp) else [dotted])
+        return out
+
+    return tuple(walk(Recipe, ""))
+
+
+@functools.cache
+def recipe_options() -> tuple[RecipeOption, ...]:
+    """Every recipe field, in recipe order, with its help (its docstring, through pydantic's
+    JSON schema), the kind of value it takes and its default."""
+    schema = _adapter().json_schema()
+    defs = schema.get("$defs", {})
+    out: list[RecipeOption] = []
+
+    def walk(props: Mapping[str, Any], cls: type, prefix: str) -> None:
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
+        for name, prop in props.items():
+            dotted = f"{prefix}.{name}" if prefix else name
+            tp = _hints(cls)[name]
+            if _is_dataclass_type(tp):
+                ref = prop["$ref"].rsplit("/", 1)[-1]
+                walk(defs[ref]["properties"], tp, dotted)
+                continue
+            f = defaults[name]
+            if f.default is not dataclasses.MISSING:
+                default: str | None = _override_text(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = _override_text(f.default_factory())
+            else:
+                default = None
+            out.append(
+                RecipeOption(
+                    name=dotted,
+                    section=prefix,
+                    section_help=_first_paragraph(cls.__doc__),
+                    metavar=_metavar(prop),
+                    help=" ".join(prop.get("description", "").split()),
+                    default=default,
+                )
+            )
+
+    walk(schema["properties"], Recipe, "")
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------ resume

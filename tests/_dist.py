@@ -283,15 +283,41 @@ def train_worker(cfgs: list[dict]) -> None:
 
 class EmulatedRanks:
     """A DMD method whose micro-batch ``i`` (tagged ``"_rank"`` by
-    :func:`interleaved_loader`) is computed with data-parallel rank ``i``'s generator."""
+    :func:`interleaved_loader`) is computed with data-parallel rank ``i``'s generator.
+
+    Like the ranks of a process group, every rank draws its own rollout length but runs
+    rank 0's (``fastwan.methods.dmd`` broadcasts it): rank ``i``'s micro-batch takes the
+    values rank 0's micro-batch before it drew, in order."""
 
     name = "dmd"
+    roles = ("generator", "critic")
+    compute_device = None
 
     def __init__(self, method, seed: int, world: int):
         self.method = method
         self.generators = [
             torch.Generator().manual_seed(data_parallel_seed(seed, r)) for r in range(world)
         ]
+        self._rank0_draws: list[int] = []
+
+    def _as_rank(self, fn, batch):
+        import fastwan.methods.dmd as dmd
+
+        rank, real, used = batch["_rank"], dmd._same_on_all_ranks, iter(list(self._rank0_draws))
+        if rank == 0:
+            self._rank0_draws = []
+
+        def same_on_all_ranks(value: int, device: torch.device) -> int:
+            if rank == 0:
+                self._rank0_draws.append(value)
+                return value
+            return next(used)
+
+        dmd._same_on_all_ranks = same_on_all_ranks
+        try:
+            return fn(batch, self.generators[rank])
+        finally:
+            dmd._same_on_all_ranks = real
 
     @property
     def device(self) -> torch.device:
@@ -300,26 +326,29 @@ class EmulatedRanks:
     def networks(self):
         return self.method.networks()
 
+    def frozen_networks(self):
+        return self.method.frozen_networks()
+
     @property
     def sparsity(self):
-        return getattr(self.method, "sparsity", None)
+        return self.method.sparsity
 
     def set_step(self, step: int) -> None:
         self.method.set_step(step)
 
-    def critic_step(self, batch, generator):
-        del generator
-        return self.method.critic_step(batch, self.generators[batch["_rank"]])
+    def updates(self, step: int) -> tuple[str, ...]:
+        return self.method.updates(step)
 
-    def generator_step(self, batch, generator):
-        del generator
-        return self.method.generator_step(batch, self.generators[batch["_rank"]])
+    def loss(self, role, batch, rng):
+        del rng  # each emulated rank draws from its own
+        return self._as_rank(lambda b, r: self.method.loss(role, b, r), batch)
 
     def load_rank_generators(self, checkpoint: str | Path) -> None:
         """The saved per-rank generator states of a multi-process checkpoint."""
+        from fastwan.train.checkpoint import read_rank_rng
+
         for r, gen in enumerate(self.generators):
-            state = torch.load(Path(checkpoint) / f"rng_rank{r}.pt", weights_only=True)
-            gen.set_state(state["generators"]["train"])
+            gen.set_state(read_rank_rng(checkpoint, r)["generators"]["train"])
 
 
 class interleaved_loader:  # noqa: N801 - used like a function returning an iterable

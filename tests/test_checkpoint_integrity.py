@@ -335,11 +335,11 @@ def test_trainer_resume_latest_skips_a_damaged_checkpoint(wan_path, tmp_path):
     one = first.save_checkpoint()
     first.train(1)
     two = first.save_checkpoint()
-    rng = next(p for p in two.iterdir() if p.name.startswith("rng"))
-    _flip_byte(rng)  # the crash: OSError [Errno 22] reading this file
+    shard = two / "dcp" / "__0_0.distcp"  # DCP's file: networks, optimizers, RNG states ...
+    _flip_byte(shard)  # the crash: OSError [Errno 22] reading a damaged file
     resumed = _trainer(wan_path, tmp_path)
     with pytest.warns(
-        UserWarning, match=rf"skipping damaged checkpoint .*checkpoint-2.*{rng.name}"
+        UserWarning, match=r"skipping damaged checkpoint .*checkpoint-2.*dcp/__0_0.distcp fails"
     ):
         assert resumed.resume() == one
     assert resumed.step == 1
@@ -350,9 +350,8 @@ def test_trainer_resume_of_a_named_damaged_checkpoint_names_the_file(wan_path, t
     first = _trainer(wan_path, tmp_path)
     first.train(1)
     ckpt = first.save_checkpoint()
-    rng = next(p for p in ckpt.iterdir() if p.name.startswith("rng"))
-    _flip_byte(rng)
-    with pytest.raises(ValueError, match=rf"checkpoint-1.* is damaged: {rng.name} fails"):
+    _flip_byte(ckpt / "dcp" / ".metadata")
+    with pytest.raises(ValueError, match=r"checkpoint-1.* is damaged: dcp/.metadata fails"):
         _trainer(wan_path, tmp_path).resume(ckpt)
 
 
@@ -364,11 +363,18 @@ def test_trainer_checkpoint_on_a_full_disk_says_so(wan_path, tmp_path, monkeypat
     before = _snapshot(one)
     trainer.train(1)
     real_save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, _f, *a, **k: real_save(obj, "/dev/full"))
+
+    def full_save(obj, f, *args, **kwargs):  # DCP writing a tensor into its shard file
+        if isinstance(obj, torch.Tensor) and obj.numel() >= 1000:
+            f = "/dev/full"
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_save)
     _full_disk(monkeypatch)
     with pytest.raises(WriteError, match=r"checkpoint-2.*: disk full") as info:
         trainer.save_checkpoint()
     assert "enforce fail at inline_container.cc" in str(info.value)
+    assert "(on rank 0, in torch.distributed.checkpoint)" in str(info.value)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == one and _snapshot(one) == before
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]

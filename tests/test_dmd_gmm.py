@@ -70,21 +70,21 @@ def teacher_x0(x_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (resp[..., None] * mean_k).sum(1)
 
 
-def sample_mixture(n: int, gen: torch.Generator) -> torch.Tensor:
+def sample_mixture(n: int, rng: torch.Generator) -> torch.Tensor:
     """n samples [n, 2] of the mixture."""
-    k = torch.multinomial(WEIGHTS, n, replacement=True, generator=gen)
-    return MEANS[k] + STDS[k, None] * torch.randn(n, 2, generator=gen)
+    k = torch.multinomial(WEIGHTS, n, replacement=True, generator=rng)
+    return MEANS[k] + STDS[k, None] * torch.randn(n, 2, generator=rng)
 
 
 class MLP(torch.nn.Module):
-    """SiLU MLP whose parameters are drawn from an explicit generator."""
+    """SiLU MLP whose parameters are drawn from an explicit ``rng``."""
 
-    def __init__(self, sizes: list[int], gen: torch.Generator, out_scale: float = 1.0):
+    def __init__(self, sizes: list[int], rng: torch.Generator, out_scale: float = 1.0):
         super().__init__()
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            w = torch.randn(n_out, n_in, generator=gen) / math.sqrt(n_in)
+            w = torch.randn(n_out, n_in, generator=rng) / math.sqrt(n_in)
             if i == len(sizes) - 2:
                 w = w * out_scale
             self.weights.append(torch.nn.Parameter(w))
@@ -101,9 +101,9 @@ class MLP(torch.nn.Module):
 class Critic(torch.nn.Module):
     """Velocity predictor v(x_t, s): [B, 2], [B] -> [B, 2]."""
 
-    def __init__(self, gen: torch.Generator, hidden: int = 128):
+    def __init__(self, rng: torch.Generator, hidden: int = 128):
         super().__init__()
-        self.net = MLP([2 + 3, hidden, hidden, hidden, 2], gen, out_scale=0.5)
+        self.net = MLP([2 + 3, hidden, hidden, hidden, 2], rng, out_scale=0.5)
 
     def forward(self, x_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         s_ = s[:, None]  # [B, 1]

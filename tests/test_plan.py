@@ -1,36 +1,45 @@
 """``fastwan plan``: per-GPU memory estimates of the seed recipes, from configs only.
 
 Structural facts an estimate must satisfy (more sharding -> less memory per GPU,
-checkpointing -> less activation memory, SP splits tokens), the parameter counts against
-diffusers' own model (built on the meta device) and the published sizes, the activation
-count against what autograd really saves in a Wan block, and the command's exit status.
+checkpointing -> less activation memory, SP splits tokens), the parameter counts (of
+diffusers' model built on the meta device) against real tiny models materialised on the
+CPU and their saved safetensors, and against the published sizes, the activation count
+against what autograd really saves in a Wan block (text- and image-to-video), and the
+command's exit status.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from _tiny_wan import tiny_transformer_config
+from _tiny_wan import (
+    add_fastvideo_gates,
+    build_tiny_wan,
+    build_tiny_wan_i2v,
+    tiny_transformer_config,
+)
 
 from fastwan.cli import main
 from fastwan.config import load_recipe
-from fastwan.distributed.memory_plan import (
+from fastwan.models.presets import get_preset, transformer_config
+from fastwan.plan import (
     GIB,
+    I2V_IMAGE_TOKENS,
     Layout,
     NetworkSpec,
     WanArch,
     block_activation_bytes,
     estimate_memory,
-    latent_grid,
     plan_recipe,
     resolve_model,
     rope_bytes_per_token,
     smallest_fitting_shard,
 )
-from fastwan.models.presets import get_preset, transformer_config
+from fastwan.shapes import latent_grid
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 R13 = RECIPES / "wan2.1_t2v_1.3b_sparse_distill.yaml"
@@ -54,30 +63,93 @@ def _single_gpu(batch: int) -> list[str]:
     ]
 
 
+def _stored_sizes(transformer_dir: Path) -> tuple[int, int]:
+    """``(all, gate)`` parameter numbers of a saved transformer, summed from the shapes in
+    its safetensors headers (no model code involved)."""
+    from safetensors import safe_open
+
+    total = gates = 0
+    for file in sorted(transformer_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                n = math.prod(f.get_slice(key).get_shape())
+                total += n
+                gates += n if ".to_gate_compress." in key else 0
+    return total, gates
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_parameter_count_equals_a_real_tiny_model_and_its_saved_tensors(tmp_path, task):
+    """The plan's count (meta build of the folder's config) against the tensors of the
+    checkpoint on disk and the model fastwan's loader materialises from it on the CPU."""
+    from fastwan.models.loading import load_transformer
+
+    if task == "t2v":
+        folder = build_tiny_wan(tmp_path / "wan", num_layers=3, gates="fastvideo")
+    else:  # image cross-attention, CLIP image embedder, 36 input channels
+        folder = build_tiny_wan_i2v(tmp_path / "wan", num_layers=3)
+        add_fastvideo_gates(folder / "transformer")
+    arch, stride, _ = resolve_model(str(folder))
+    assert arch.image_attention == (task == "i2v") and stride == (4, 8, 8)
+    stored, stored_gates = _stored_sizes(folder / "transformer")
+    assert stored_gates > 0
+    assert (arch.params, arch.gate_params) == (stored, stored_gates)
+    model = load_transformer(folder)  # real CPU tensors, the gates as the loader adds them
+    assert arch.params == sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    assert arch.block_params == max(blocks)
+    assert arch.root_params == arch.params - sum(blocks) > 0
+
+
+def test_a_folder_without_gates_is_counted_with_the_gates_the_loader_adds(tmp_path):
+    from fastwan.models.loading import load_transformer
+
+    folder = build_tiny_wan_i2v(tmp_path / "wan", num_layers=2)
+    stored, stored_gates = _stored_sizes(folder / "transformer")
+    arch = resolve_model(str(folder))[0]
+    assert stored_gates == 0 and arch.params - arch.gate_params == stored
+    assert arch.params == sum(p.numel() for p in load_transformer(folder).parameters())
+
+
 @pytest.mark.parametrize(
     "preset, published",
-    [("wan2.1-t2v-1.3b", 1.42e9), ("wan2.1-t2v-14b", 14.29e9), ("wan2.2-ti2v-5b", 5.0e9)],
+    [
+        ("wan2.1-t2v-1.3b", 1.42e9),
+        ("wan2.1-t2v-14b", 14.29e9),
+        ("wan2.2-ti2v-5b", 5.0e9),
+        ("wan2.1-i2v-14b-480p", 16.4e9),
+        ("wan2.1-i2v-14b-720p", 16.4e9),
+    ],
 )
-def test_parameter_count_matches_diffusers_and_the_published_size(preset, published):
-    from diffusers import WanTransformer3DModel
+def test_preset_parameter_counts_match_the_published_sizes(preset, published):
+    """Wan2.1 "1.3B" has 1.42e9 parameters, "14B" T2V 14.29e9, I2V 16.4e9 (its image
+    cross-attention), Wan2.2 "5B" 5.00e9; fastwan's gates come on top."""
+    p = get_preset(preset)
+    arch, _, text_length = resolve_model(p.hub_id)
+    assert arch == WanArch.from_config(transformer_config(p)) and text_length == 512
+    assert abs(arch.params - arch.gate_params - published) / published < 0.02
+    assert arch.image_attention == (p.task == "i2v")
+    assert (arch.dim, arch.num_layers, arch.num_heads) == (p.dim, p.num_layers, p.num_heads)
 
-    from fastwan.models.vsa import add_vsa_gates
 
-    config = transformer_config(get_preset(preset))
-    arch = WanArch.from_config(config)
-    with torch.device("meta"):  # no memory, exact shapes
-        model = WanTransformer3DModel(**config)
-        base = sum(p.numel() for p in model.parameters())
-        add_vsa_gates(model)
-        gated = sum(p.numel() for p in model.parameters())
-    assert arch.param_count(gates=False) == base
-    assert arch.param_count(gates=True) == gated
-    # Wan2.1 "1.3B" has 1.42e9 parameters, "14B" 14.29e9, Wan2.2 "5B" 5.00e9.
-    assert abs(base - published) / published < 0.02
+def test_an_i2v_teacher_needs_more_memory_than_the_t2v_one():
+    t2v = _plan(R14)
+    i2v = _plan(R14, ["--model.teacher=Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"])
+    for a, b in zip(t2v.networks, i2v.networks):
+        assert b.params > 1.1 * a.params and b.state_bytes > a.state_bytes
+        assert b.activation_bytes["none"] >= a.activation_bytes["none"]
+    assert i2v.activation_bytes("none") > t2v.activation_bytes("none")
+    assert i2v.total_bytes() > t2v.total_bytes()
+
+
+def test_bad_configs_are_value_errors():
+    with pytest.raises(ValueError, match="not a Wan transformer config"):
+        WanArch.from_config({"num_attention_heads": "many"})
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-def test_activation_count_equals_what_autograd_saves_in_a_wan_block():
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_activation_count_equals_what_autograd_saves_in_a_wan_block(task):
     """Measure the tensors autograd saves in one diffusers Wan block (bf16 autocast and
     fp32) and compare with the per-token count the estimate uses."""
     from diffusers import WanTransformer3DModel
@@ -86,16 +158,21 @@ def test_activation_count_equals_what_autograd_saves_in_a_wan_block():
 
     config = tiny_transformer_config("wan2.1", num_layers=1)
     config.update(num_attention_heads=4, attention_head_dim=16, ffn_dim=160)
+    context = 16  # text tokens
+    if task == "i2v":  # diffusers' processor takes all but the last 512 tokens as image
+        config.update(in_channels=36, image_dim=24, added_kv_proj_dim=64)
+        context = 7 + 512
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = WanTransformer3DModel(**config)
     set_attention(model, "dense")
     arch = WanArch.from_config(config)
+    assert arch.image_attention == (task == "i2v")
     grid, S = (3, 6, 20), 360  # a token count no other dimension equals
     g = torch.Generator().manual_seed(0)
     rope = model.rope(torch.zeros(1, 16, grid[0], 2 * grid[1], 2 * grid[2]))
     x = torch.randn(1, S, arch.dim, generator=g).requires_grad_(True)  # [B, S, dim]
-    text = torch.randn(1, 16, arch.dim, generator=g)  # [B, L, dim]
+    text = torch.randn(1, context, arch.dim, generator=g)  # [B, L (+ image), dim]
     temb = torch.randn(1, 6, arch.dim, generator=g)  # [B, 6, dim]
     for autocast, cbytes in ((True, 2), (False, 4)):
         saved: dict[int, int] = {}
@@ -280,7 +357,7 @@ def test_bad_estimate_inputs_are_value_errors():
         estimate_memory(specs, layout, checkpointing="some", **kw)
     with pytest.raises(ValueError, match="parallel.shard"):
         Layout(replicate=1, shard=0, sequence_parallel=1)
-    with pytest.raises(ValueError, match="data.num_frames"):
-        latent_grid(60, 448, 832, (4, 8, 8))
+    with pytest.raises(ValueError, match=r"data\.num_frames=60 .*nearest valid data\.num_frames"):
+        _plan(R14, ["--data.num_frames=60"])
     with pytest.raises(ValueError, match="neither a local folder nor a known preset"):
         resolve_model("nobody/no-such-model")

@@ -33,7 +33,7 @@ def _oracle_fn(x0: torch.Tensor, calls: list):
     return fn
 
 
-def test_dmd_uses_exactly_the_listed_timesteps_and_the_callers_generator():
+def test_dmd_uses_exactly_the_listed_timesteps_and_the_callers_rng():
     x0 = _target()
     calls = []
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def test_dmd_uses_exactly_the_listed_timesteps_and_the_callers_generator():
 
     # exact: integer timesteps are exact in float32
     assert [c[1].tolist() for c in calls] == [[1000.0] * 2, [757.0] * 2, [522.0] * 2]
-    # Replay the caller's generator: initial noise, then one fresh draw per re-noising.
+    # Replay the caller's rng: initial noise, then one fresh draw per re-noising.
     g2 = torch.Generator().manual_seed(0)
     # exact: the model's first input is the caller's noise itself, the same seeded draw
     assert torch.equal(torch.randn(SHAPE, generator=g2), calls[0][0])
@@ -72,7 +72,7 @@ def test_dmd_callback_and_validation():
         lambda x, t: x, torch.zeros(SHAPE), [1000, 500], g, callback=lambda i: seen.append(i)
     )
     assert [(i["i"], i["total"], i["t"]) for i in seen] == [(0, 2, 1000.0), (1, 2, 500.0)]
-    with pytest.raises(ValueError, match="pass generator="):
+    with pytest.raises(ValueError, match="pass rng="):
         sample_dmd(lambda x, t: x, torch.zeros(SHAPE), [1000, 500], None)
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample_dmd(lambda x, t: x, torch.zeros(SHAPE), [522, 757], g)
@@ -82,7 +82,7 @@ def test_dmd_callback_and_validation():
         sample_dmd(lambda x, t: x, torch.zeros(SHAPE), [], g)
     with pytest.raises(ValueError, match="noise must be a floating-point tensor"):
         sample_dmd(lambda x, t: x, torch.zeros(SHAPE, dtype=torch.long), [1000], g)
-    # One step needs no fresh noise, so no generator.
+    # One step needs no fresh noise, so no rng.
     x0 = _target()
     out = sample_dmd(_oracle_fn(x0, []), torch.zeros(SHAPE), [1000], None)
     torch.testing.assert_close(out, x0)

@@ -14,6 +14,8 @@ import torch
 from _tiny_wan import build_tiny_wan, write_random_video_shard
 from safetensors.torch import load_file
 
+from fastwan.train.checkpoint import read_marker, read_trainer_state
+
 LATENT = (16, 2, 8, 8)
 
 
@@ -69,9 +71,9 @@ def test_distill_resume_export_generate(tmp_path, wan_dir, data_dir, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     ckpt = tmp_path / "run" / "checkpoint-2"
-    assert (ckpt / "generator.safetensors").is_file() and (ckpt / "critic.safetensors").is_file()
+    assert read_marker(ckpt)["networks"] == ["critic", "generator"]
     assert (tmp_path / "run" / "recipe.yaml").is_file()
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    state = read_trainer_state(ckpt)
     assert state["step"] == 2 and len(state["history"]) == 2
     for record in state["history"]:
         for key in ("generator_loss", "critic_loss"):
@@ -96,7 +98,7 @@ def test_distill_resume_export_generate(tmp_path, wan_dir, data_dir, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "at step 2" in out.out and "done: 1 steps" in out.out
-    state3 = torch.load(tmp_path / "run" / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    state3 = read_trainer_state(tmp_path / "run" / "checkpoint-3")
     assert state3["step"] == 3 and [r["step"] for r in state3["history"]] == [1, 2, 3]
     assert state3["history"][:2] == state["history"]
 
@@ -105,10 +107,14 @@ def test_distill_resume_export_generate(tmp_path, wan_dir, data_dir, capsys):
     ckpt3 = tmp_path / "run" / "checkpoint-3"
     assert _main(["export", str(ckpt3), "--out", str(export), "--ema"]) == 0
     saved = load_file(str(export / "transformer" / "diffusion_pytorch_model.safetensors"))
-    for name, value in state3["ema"]["shadow"].items():
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt3 / "dcp", tmp_path / "ckpt3.pt")  # DCP's own reader, all pieces
+    pieces = torch.load(tmp_path / "ckpt3.pt", weights_only=False)
+    shadow, live = pieces["ema.generator"]["shadow"], pieces["model.generator"]
+    for name, value in shadow.items():
         assert torch.equal(saved[name], value), name
-    live = load_file(str(ckpt3 / "generator.safetensors"))
-    assert any(not torch.equal(saved[k], live[k]) for k in state3["ema"]["shadow"])
+    assert any(not torch.equal(saved[k], live[k]) for k in shadow)
     assert (export / "vae").is_dir() and (export / "model_index.json").is_file()
     capsys.readouterr()
 
@@ -134,9 +140,8 @@ def test_finetune_runs_flow(tmp_path, wan_dir, data_dir, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     ckpt = tmp_path / "run" / "checkpoint-2"
-    assert (ckpt / "generator.safetensors").is_file()
-    assert not (ckpt / "critic.safetensors").exists()
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert read_marker(ckpt)["networks"] == ["generator"]  # no critic
+    state = read_trainer_state(ckpt)
     assert state["method"] == "flow"
     assert [r["sparsity"] for r in state["history"]] == [0.0, 0.25]
     assert all(math.isfinite(r["generator_loss"]) for r in state["history"])
@@ -160,7 +165,7 @@ def test_bad_inputs_fail_clearly(tmp_path, wan_dir, data_dir, capsys):
     assert _main(["distill", recipe, "train.max_steps", "--no-progress"]) == 2
     assert "overrides look like --section.key=VALUE" in capsys.readouterr().err
     assert _main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "has no generator.safetensors" in capsys.readouterr().err
+    assert "is not a trainer checkpoint" in capsys.readouterr().err
 
 
 # ------------------------------------------- checks before any model loads (issue 15)
@@ -242,8 +247,8 @@ def test_77_frame_latents_train_at_the_recipes_frames_exactly_on_resume(tmp_path
     assert _main(common + [half, "--train.max_steps=2"]) == 0
     assert _main(common + [half, "--train.max_steps=3", "--resume", "latest"]) == 0
     capsys.readouterr()
-    a = torch.load(tmp_path / "full" / "checkpoint-3" / "trainer_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "half" / "checkpoint-3" / "trainer_state.pt", weights_only=True)
+    a = read_trainer_state(tmp_path / "full" / "checkpoint-3")
+    b = read_trainer_state(tmp_path / "half" / "checkpoint-3")
     losses = [[r["generator_loss"] for r in s["history"]] for s in (a, b)]
     assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])
     # the recipe's 61 frames are 16 latent frames: 20-frame latents of other sizes do not fit

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from fastwan.config import (
-    ATTENTION_BACKENDS,
     ConfigError,
     DataConfig,
     DMDConfig,
@@ -130,14 +129,15 @@ def test_overrides_are_typed():
             "train.max_steps=10",
             "--train.ema_decay=0.999",
             "vsa.tile_size=[2, 4, 4]",
-            "dmd.denoising_timesteps=1000,750,500",
+            "dmd.denoising_timesteps=[1000, 750, 500]",
             "--optim.critic.betas=[0.0, 0.999]",
             "vsa.enabled=false",
             "model.student=null",
             "model.critic=/ckpt/critic",
-            "optim.generator.grad_clip=none",
+            "optim.generator.grad_clip=null",
             "train.validation_seeds=[1, 2]",
-            "train.log_interval=1e1",
+            "train.log_interval=1",
+            "train.output_dir=2024",
         ],
     )
     assert r.optim.generator.lr == 2e-5 and isinstance(r.optim.generator.lr, float)
@@ -150,7 +150,8 @@ def test_overrides_are_typed():
     assert r.model.student is None and r.model.critic == "/ckpt/critic"
     assert r.optim.generator.grad_clip is None
     assert r.train.validation_seeds == [1, 2]
-    assert r.train.log_interval == 10
+    assert r.train.log_interval == 1
+    assert r.train.output_dir == "2024"  # text fields take the text verbatim
     # Untouched fields keep the file's values.
     assert r.optim.critic.lr == 1e-5 and r.train.global_batch_size == 64
 
@@ -237,7 +238,7 @@ def test_malformed_overrides():
         ("vsa.decay_interval=0", "vsa.decay_interval", ">= 1"),
         ("vsa.enabled=maybe", "vsa.enabled", "true or false"),
         ("train.ema_decay=1.0", "train.ema_decay", "null disables EMA"),
-        ("train.mixed_precision=fp16", "train.mixed_precision", "'bf16', 'fp32'"),
+        ("train.mixed_precision=fp16", "train.mixed_precision", "'fp32', 'bf16'"),
         ("train.validation_seeds=[]", "train.validation_seeds", "non-empty"),
         ("parallel.shard=3", "parallel.replicate", "must equal world_size"),
         ("parallel.activation_checkpointing=some", "parallel.activation_checkpointing", "full"),
@@ -337,10 +338,23 @@ def test_recipe_from_dict_minimal():
         recipe_from_dict(_minimal(train={"max_steps": "7"}))
 
 
-def test_backends_mirror_attention_library():
-    from fastwan.attention import BACKENDS
+def test_choice_fields_take_their_lists_from_fastwan_choices():
+    import typing
 
-    assert tuple(ATTENTION_BACKENDS) == tuple(BACKENDS)
+    from fastwan import choices
+
+    def literal(cls, name):
+        return typing.get_args(typing.get_type_hints(cls)[name])
+
+    assert literal(VSAConfig, "backend") == choices.ATTENTION_BACKENDS
+    assert literal(TrainConfig, "validation_sampler") == choices.VALIDATION_SAMPLERS
+    assert literal(TrainConfig, "method") == choices.METHODS
+    assert literal(TrainConfig, "mixed_precision") == choices.TRAIN_DTYPES
+    assert literal(ModelConfig, "dtype") == literal(ModelConfig, "teacher_dtype")
+    assert literal(ModelConfig, "dtype") == choices.TRAIN_DTYPES
+    assert literal(ParallelConfig, "compile") == ("none", *choices.COMPILE_BACKENDS)
+    with pytest.raises(ConfigError, match=r"vsa\.backend: must be one of 'auto', 'reference'"):
+        load_recipe(R13, ["vsa.backend=cuda"])
 
 
 def test_torch_dtype():
@@ -404,7 +418,7 @@ def test_unquoted_yaml_and_override_text_still_parse(tmp_path):
     r = load_recipe(path)
     assert r.train.max_steps == 600 and r.optim.generator.lr == 1e-5
     # overrides are text by nature: parsed by the field's type
-    r = load_recipe(path, ["--train.max_steps=700", "vsa.enabled=false", "vsa.tile_size=2,2,2"])
+    r = load_recipe(path, ["--train.max_steps=700", "vsa.enabled=false", "vsa.tile_size=[2, 2, 2]"])
     assert r.train.max_steps == 700 and r.vsa.enabled is False and r.vsa.tile_size == (2, 2, 2)
     # report_to / validation_prompts accept one string for a one-item list, as before
     path.write_text("model: {teacher: t}\ntrain: {report_to: tensorboard}\n")

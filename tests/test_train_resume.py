@@ -179,6 +179,27 @@ def test_unchanged_resume_records_nothing_and_stays_exact(tmp_path):
     assert not (tmp_path / "half" / RECIPE_CHANGES_FILE).exists()
 
 
+def test_a_checkpoint_before_the_first_step_changes_nothing_and_resumes_exactly(tmp_path):
+    # saving at step 0 (no optimizer state yet) leaves the run as it was, and resuming it
+    # gives the uninterrupted run: no optimizer state appears that the run did not have
+    full = _trainer(_recipe(tmp_path / "full"))
+    full.train()
+    early = _trainer(_recipe(tmp_path / "early"))
+    ckpt = early.save_checkpoint()
+    assert ckpt.name == "checkpoint-0" and not early.optimizers["generator"].state
+    early.train()
+    resumed = _trainer(_recipe(tmp_path / "early"))
+    assert resumed.resume(ckpt) == ckpt and resumed.step == 0
+    assert not resumed.optimizers["generator"].state
+    resumed.train()
+    for run in (early, resumed):
+        assert [r["generator_loss"] for r in run.history] == [
+            r["generator_loss"] for r in full.history
+        ]
+        for name, value in full.networks["generator"].state_dict().items():
+            assert torch.equal(run.networks["generator"].state_dict()[name], value), name
+
+
 def test_checkpoint_without_its_recipe_uses_the_runs_with_its_changes(tmp_path):
     ckpt = _first_half(tmp_path)
     # as written by an older fastwan: no recipe.yaml, and no checksums either

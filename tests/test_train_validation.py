@@ -152,11 +152,11 @@ def test_dmd_validation_files_grid_ema_and_seeds(tmp_path, wan_dir, data_dir):
 
     # The validator uses the EMA weights and leaves the live weights and the RNG alone.
     net, validator = trainer.networks["generator"], trainer.validator
-    live, rng = _params(net), trainer.generator.get_state()
+    live, rng = _params(net), trainer.rng.get_state()
     result = trainer.validate()
     # exact: untouched weights and RNG state (the EMA swap copies the live weights back)
     assert all(torch.equal(v, live[k]) for k, v in _params(net).items())
-    assert torch.equal(trainer.generator.get_state(), rng)
+    assert torch.equal(trainer.rng.get_state(), rng)
     assert net.training  # back in training mode
     live_latents, _ = validator.generate(net)
     with trainer.ema.swapped_in(net):
@@ -365,11 +365,11 @@ def test_wan22_methods_pass_per_token_timesteps():
     flow = FlowMethod(per_token.critic, VSAConfig(enabled=False), expand_timesteps=True)
     ts = []
     hook = _record_timesteps(flow.model, ts)
-    loss, info = flow.loss(batch, torch.Generator().manual_seed(2))
+    loss, info = flow.loss("generator", batch, torch.Generator().manual_seed(2))
     hook.remove()
     assert ts[0].shape == (2, 8) and float(ts[0].mean()) == pytest.approx(info["timestep"])
     ref, _ = FlowMethod(flow.model, VSAConfig(enabled=False)).loss(
-        batch, torch.Generator().manual_seed(2)
+        "generator", batch, torch.Generator().manual_seed(2)
     )
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
 

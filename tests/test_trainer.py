@@ -26,6 +26,7 @@ from fastwan.data.sampler import DistributedSampler, ResumableLoader
 from fastwan.methods.dmd import DMDMethod
 from fastwan.methods.flow import FlowMethod
 from fastwan.models import get_attention, load_transformer
+from fastwan.train.checkpoint import read_marker
 from fastwan.train.trainer import Trainer
 
 LATENT = (16, 2, 8, 8)  # C, T, H, W: token grid (2, 4, 4)
@@ -148,6 +149,7 @@ def test_dmd_update_pattern(wan_path, tmp_path):
         gen_changed = not _same(_snapshot(method.student), gen_before)
         assert gen_changed == (i % interval == 0), f"generator update pattern wrong at {i}"
         assert record["generator_updated"] == (i % interval == 0)
+        assert record["critic_updated"]
         assert ("generator_loss" in record) == (i % interval == 0)
         for key in ("critic_loss", "critic_grad_norm", "generator_loss", "generator_grad_norm"):
             if key in record:
@@ -223,7 +225,7 @@ def test_flow_reduces_loss_on_fixed_batch(wan_path, tmp_path):
     def eval_loss() -> float:
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            return sum(float(method.loss(batch, g)[0]) for _ in range(8)) / 8
+            return sum(float(method.loss("generator", batch, g)[0]) for _ in range(8)) / 8
 
     before = eval_loss()
     Trainer(method, recipe, [batch], log_fn=lambda _line: None).train()
@@ -286,7 +288,7 @@ def test_generator_step_grads_only_the_student(wan_path, tmp_path):
     assert any(p.grad is not None for p in method.critic.parameters())
 
 
-def test_same_generator_seed_same_loss(wan_path, tmp_path):
+def test_same_rng_seed_same_loss(wan_path, tmp_path):
     method = _dmd(wan_path, _recipe("dmd", tmp_path, steps=1))
     batch = _collate([_RandomSamples(2)[i] for i in range(2)])
     a = method.generator_step(batch, torch.Generator().manual_seed(4))[0]
@@ -303,8 +305,10 @@ def test_bad_inputs_raise_value_errors(wan_path, tmp_path):
     with pytest.raises(ValueError, match="negative_embedding"):
         DMDMethod(_teacher(wan_path), recipe.dmd, recipe.vsa, torch.zeros(2, 3, 4, 5))
     batch = _collate([_RandomSamples(1)[0]])
-    with pytest.raises(ValueError, match="generator"):
+    with pytest.raises(ValueError, match="rng must be a torch.Generator"):
         method.critic_step(batch, 0)
+    with pytest.raises(ValueError, match="roles"):
+        method.loss("teacher", batch, torch.Generator())
     with pytest.raises(ValueError, match="latents"):
         method.critic_step({k: v for k, v in batch.items() if k != "latents"}, torch.Generator())
     with pytest.raises(ValueError, match="text_embedding"):
@@ -348,7 +352,8 @@ def test_periodic_checkpoints_are_pruned(wan_path, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
     assert (tmp_path / "loss_curves.png").is_file()  # plotted after the last step
     files = {p.name for p in (tmp_path / "checkpoint-6").iterdir()}
-    assert {"generator.safetensors", "critic.safetensors", "trainer_state.pt"} <= files
+    assert files == {"dcp", "recipe.yaml", "checksums.json", "COMPLETE"}  # DCP holds it all
+    assert read_marker(tmp_path / "checkpoint-6")["networks"] == ["critic", "generator"]
     # the generator's cosine LR (warmup 1, 3 updates) steps with its own updates only
     lrs = [r["generator_lr"] for r in trainer.history if r["generator_updated"]]
     assert lrs == [pytest.approx(1e-3), pytest.approx(1e-3), pytest.approx(5e-4)]

@@ -24,9 +24,9 @@ import time
 
 import torch
 
+from fastwan.arguments import add_compile_argument
 from fastwan.bench.timing import synchronize
 from fastwan.choices import ATTENTION_BACKENDS, DTYPES, parse_dtype
-from fastwan.commands.generate import add_compile_argument
 
 GOAL_SPEEDUP = 50.0  # issue #3: >= 50x at the Wan2.1 1.3B 480P shape
 

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from fastwan.arguments import add_compile_argument
+
 
 def finite_float(text: str) -> float:
     """An argparse type: a finite number (``inf`` / ``nan`` are refused at the boundary)."""
@@ -30,18 +32,6 @@ def seed_int(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text}")
     return value
-
-
-def add_compile_argument(p: argparse.ArgumentParser, help: str) -> None:
-    """``--compile [BACKEND]``: None when absent, ``inductor`` when given bare."""
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        default=None,
-        choices=("inductor", "aot_eager", "eager"),  # fastwan.models.compile.COMPILE_BACKENDS
-        help=help,
-    )
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, cpu_offload_help: str) -> None:

@@ -68,7 +68,7 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_plan(args: argparse.Namespace) -> int:
     from fastwan.config import load_recipe
-    from fastwan.distributed.memory_plan import plan_recipe, smallest_fitting_shard
+    from fastwan.plan import plan_recipe, smallest_fitting_shard
 
     overrides = _split_overrides(args)
     missing = [

@@ -9,11 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-_METHODS = {"distill": "dmd", "finetune": "flow"}
+from fastwan.choices import METHOD_OF_COMMAND
+
+# Namespace attributes of the recipe options: "recipe:optim.generator.lr" etc.
+_RECIPE_DEST = "recipe:"
 
 
 def register(subparsers) -> None:
-    for command, method in _METHODS.items():
+    for command, method in METHOD_OF_COMMAND.items():
         what = (
             "sparse distillation (DMD2 + VSA) of a Wan teacher into a few-step student"
             if method == "dmd"
@@ -23,18 +26,21 @@ def register(subparsers) -> None:
             command,
             help=what,
             description=(
-                f"{what[0].upper()}{what[1:]} (train.method: {method}). Any recipe field can "
-                "be overridden with --section.key=VALUE, e.g. --train.max_steps=10."
+                f"{what[0].upper()}{what[1:]} (train.method: {method}). Every recipe field "
+                "below can be overridden with --section.key=VALUE after the recipe, VALUE "
+                "written as in the YAML (e.g. --train.max_steps=10, --vsa.tile_size=[4,4,4], "
+                "--train.ema_decay=null). `fastwan "
+                f"{command} RECIPE --help` also shows the recipe's values."
             ),
+            usage="%(prog)s [-h] RECIPE [options] [--section.key=VALUE ...]",
+            add_help=False,
+            allow_abbrev=False,
         )
-        p.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
+        p.add_argument("-h", "--help", action=_RecipeHelp, help="show this help and exit")
+        p.add_argument("recipe", type=Path, metavar="RECIPE", help="YAML recipe (see recipes/)")
         _add_train_options(p, method)
-        p.add_argument(
-            "overrides",
-            nargs=argparse.REMAINDER,
-            help="recipe overrides --section.key=VALUE (e.g. --train.max_steps=10)",
-        )
-        p.set_defaults(func=run_training, method=method)
+        add_recipe_arguments(p)
+        p.set_defaults(func=run_training, method=method, unknown_args=refuse_unknown_args)
 
     e = subparsers.add_parser(
         "export",
@@ -78,12 +84,129 @@ def _add_train_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _help_text(option, recipe_value: str | None = None) -> str:
+    """An option's help: its docstring, the recipe's value (when a recipe is given) and the
+    default; ``%`` escaped for argparse."""
+    default = "required" if option.default is None else f"default: {_short(option.default)}"
+    if recipe_value is not None:
+        default = f"recipe: {_short(recipe_value)}; {default}"
+    return f"{option.help} ({default})".replace("%", "%%")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """One ``--section.key VALUE`` option per recipe field, grouped by section;
+    :func:`recipe_overrides` gives the ones set, as ``load_recipe`` overrides. Their help
+    (the fields' docstrings, :func:`fastwan.config.recipe_options`) is filled in when
+    ``--help`` asks for it (pydantic reads the docstrings in about 0.4 s)."""
+    from fastwan.config import recipe_fields
+
+    groups: dict = {}
+    actions: dict = {}
+    for name in recipe_fields():
+        section = name.rsplit(".", 1)[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"recipe {section}")
+        actions[name] = groups[section].add_argument(
+            f"--{name}", dest=_RECIPE_DEST + name, metavar="VALUE", default=argparse.SUPPRESS
+        )
+    p.recipe_groups, p.recipe_actions = groups, actions
+
+
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe options given on the command line as ``section.key=VALUE`` overrides."""
+    return [
+        f"{key[len(_RECIPE_DEST) :]}={value}"
+        for key, value in vars(args).items()
+        if key.startswith(_RECIPE_DEST)
+    ]
+
+
+def refuse_unknown_args(extra: list[str]) -> None:
+    """Arguments no option took: an unknown recipe key names the valid ones (did you mean),
+    anything else says what overrides look like."""
+    from fastwan.config import check_override_key
+
+    for item in extra:
+        if item.startswith("--"):
+            check_override_key(item)  # raises naming the key and the valid ones
+    raise ValueError(
+        f"unrecognised arguments {extra}; recipe overrides look like --section.key=VALUE "
+        "(e.g. --train.max_steps=10)"
+    )
+
+
+class _RecipeHelp(argparse.Action):
+    """``-h`` / ``--help`` with every recipe field's help; after a recipe path it also
+    shows the values that recipe sets."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):  # fmt: skip
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _fill_recipe_help(parser, getattr(namespace, "recipe", None))
+        parser.print_help()
+        parser.exit()
+
+
+def _fill_recipe_help(parser: argparse.ArgumentParser, recipe: Path | None) -> None:
+    from fastwan.config import load_recipe_dict, recipe_options
+
+    values: dict = {}
+    if recipe is not None:
+        try:
+            values = _flatten(load_recipe_dict(recipe))
+            parser.description += f" 'recipe:' below: the values of {recipe}."
+        except ValueError as err:
+            parser.description += f" ({err})"
+    groups, actions = getattr(parser, "recipe_groups", {}), getattr(parser, "recipe_actions", {})
+    for option in recipe_options():
+        action = actions.get(option.name)
+        if action is None:
+            continue
+        given = values.get(option.name, _MISSING)
+        action.metavar = option.metavar
+        action.help = _help_text(option, None if given is _MISSING else _yaml_text(given))
+        if option.section in groups:
+            groups[option.section].description = option.section_help.replace("%", "%%")
+
+
+_MISSING = object()
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _yaml_text(value) -> str:
+    import yaml
+
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        .strip()
+        .removesuffix("\n...")
+        .strip()
+    )
+
+
 def parse_trailing_overrides(
     options: argparse.ArgumentParser, args: argparse.Namespace, example: str
 ) -> list[str]:
     """Options given after the recipe land in ``args.overrides`` with the recipe
     overrides: parse those ``options`` knows into ``args`` and return the rest, which must
-    be ``--section.key=VALUE`` (``example`` shows one in the error)."""
+    be ``--section.key=VALUE`` (``example`` shows one in the error). Used by ``fastwan
+    plan``; ``distill`` / ``finetune`` take the recipe fields as options
+    (:func:`add_recipe_arguments`)."""
     _, extra = options.parse_known_args(list(args.overrides), namespace=args)
     bad = [x for x in extra if "=" not in x or not x.startswith("--")]
     if bad:
@@ -92,12 +215,6 @@ def parse_trailing_overrides(
             f"(e.g. {example})"
         )
     return extra
-
-
-def _split_overrides(args: argparse.Namespace) -> list[str]:
-    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    _add_train_options(options, args.method)
-    return parse_trailing_overrides(options, args, "--train.max_steps=10")
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -111,8 +228,7 @@ def run_training(args: argparse.Namespace) -> int:
     from fastwan.train.checkpoint_io import checkpoint_dir, is_complete
     from fastwan.train.trainer import SkippedRowsError
 
-    overrides = _split_overrides(args)
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, recipe_overrides(args))
     if recipe.train.method != args.method:
         raise ValueError(
             f"train.method is {recipe.train.method!r} but `fastwan {args.command}` runs "
@@ -228,23 +344,19 @@ def run_training(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import load_file
 
     from fastwan.config import load_recipe
-    from fastwan.distributed.checkpoint import is_sharded_checkpoint, load_network_weights
     from fastwan.models.export import export_pipeline
     from fastwan.models.loading import load_transformer, resolve_model_path
     from fastwan.train.build import RECIPE_FILE
+    from fastwan.train.checkpoint import check_checkpoint, load_network_weights
 
     ckpt = args.checkpoint
-    weights = ckpt / "generator.safetensors"
-    sharded = is_sharded_checkpoint(ckpt)  # written by a multi-process run (DCP shards)
-    if not weights.is_file() and not sharded:
-        raise ValueError(
-            f"{str(ckpt)!r} has no generator.safetensors (nor sharded dcp/ files); pass a "
-            "checkpoint-<step> folder written by `fastwan distill` / `fastwan finetune`"
-        )
-    recipe_file = ckpt.parent / RECIPE_FILE
+    check_checkpoint(ckpt)  # a training checkpoint of this format version (any process count)
+    # the recipe that trained up to this checkpoint (its own), else the run's
+    recipe_file = ckpt / RECIPE_FILE
+    if not recipe_file.is_file():
+        recipe_file = ckpt.parent / RECIPE_FILE
     recipe = load_recipe(recipe_file) if recipe_file.is_file() else None
     if args.model is not None:
         teacher, student = args.model, args.model
@@ -256,31 +368,10 @@ def run_export(args: argparse.Namespace) -> int:
             "--model DIR (the pipeline folder the run trained from)"
         )
     transformer = load_transformer(resolve_model_path(student), dtype=torch.float32)
-    if sharded:  # consolidate the shards (any number of saving ranks) into one model
-        load_network_weights(ckpt, "generator", transformer)
-        if args.ema:
-            load_network_weights(ckpt, "generator", transformer, ema=True)
-    state = {} if sharded else load_file(str(weights), device="cpu")  # sharded: loaded above
-    missing, unexpected = transformer.load_state_dict(state, strict=False)
-    if (missing or unexpected) and not sharded:
-        raise ValueError(
-            f"{weights} does not match the transformer of {student!r}: missing "
-            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; pass --model with "
-            "the folder the run trained from"
-        )
-    if args.ema and not sharded:
-        trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        ema = trainer_state.get("ema")
-        if ema is None:
-            raise ValueError(
-                f"{str(ckpt)!r} has no EMA (train.ema_decay was null); export without --ema"
-            )
-        params = dict(transformer.named_parameters())
-        with torch.no_grad():
-            for name, value in ema["shadow"].items():
-                if name not in params:
-                    raise ValueError(f"EMA weight {name!r} is not a parameter of the model")
-                params[name].copy_(value.to(params[name].dtype))
+    # consolidate the generator's shards (any number of saving ranks) into one model
+    load_network_weights(ckpt, "generator", transformer)
+    if args.ema:
+        load_network_weights(ckpt, "generator", transformer, ema=True)
     out = export_pipeline(
         resolve_model_path(teacher),
         transformer,

@@ -15,14 +15,18 @@ Two kinds of model:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "ImageCondition",
     "default_size_for_image",
     "first_frame_mask",
     "i2v_condition",
     "merge_first_frame",
+    "per_token_timesteps",
     "per_token_timesteps_with_mask",
 ]
 
@@ -102,3 +106,56 @@ def per_token_timesteps_with_mask(
     patch)."""
     _, ph, pw = patch_size
     return (mask[0, 0][:, ::ph, ::pw] * t).flatten().unsqueeze(0).expand(batch, -1)
+
+
+def per_token_timesteps(t: torch.Tensor, latent_shape: Sequence[int], patch_size) -> torch.Tensor:
+    """Wan2.2 TI2V (diffusers' ``expand_timesteps``): the timesteps ``t`` ``[B]`` repeated
+    for every latent token, ``[B, S]`` float32 with ``S = (T/p_t)(h/p_h)(w/p_w)`` tokens of
+    latents ``[B, C, T, h, w]`` (text-to-video: every token shares its sample's timestep,
+    as diffusers' WanPipeline passes them)."""
+    if t.dim() != 1 or t.shape[0] != latent_shape[0]:
+        raise ValueError(f"timesteps must be [B] with B = {latent_shape[0]}, got {tuple(t.shape)}")
+    _, _, T, h, w = latent_shape
+    p_t, p_h, p_w = patch_size
+    tokens = (T // p_t) * (h // p_h) * (w // p_w)
+    return t.to(torch.float32)[:, None].expand(-1, tokens)  # [B, S]
+
+
+@dataclass
+class ImageCondition:
+    """The image side of one image-to-video batch, applied to every model call.
+
+    * ``task == "ti2v"`` (Wan2.2 TI2V): ``latent`` ``[B, C, 1, h, w]`` is the clean first
+      latent frame and ``mask`` (:func:`first_frame_mask`) marks the frames to generate;
+      the model sees the merged latents and timestep 0 on the first frame's tokens.
+    * ``task == "i2v"`` (Wan2.1 I2V): ``latent`` ``[B, 4 + C, T, h, w]`` (:func:`i2v_condition`)
+      is concatenated to the model input; ``image_embeds`` ``[B, N, D]`` (CLIP) go to the
+      image cross-attention (``None`` for a transformer without one).
+    """
+
+    task: str
+    latent: torch.Tensor
+    mask: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in ("ti2v", "i2v"):
+            raise ValueError(f"task must be 'ti2v' or 'i2v', got {self.task!r}")
+        if self.task == "ti2v" and self.mask is None:
+            raise ValueError("a ti2v condition needs its first-frame mask")
+
+    def model_inputs(
+        self, x: torch.Tensor, t: torch.Tensor, patch_size: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states, timestep) of the transformer call at latents ``x``
+        ``[B, C, T, h, w]`` and timesteps ``t`` ``[B]`` (one value)."""
+        if self.task == "ti2v":
+            hidden = merge_first_frame(x, self.latent.to(x.dtype), self.mask.to(x.dtype))
+            return hidden, per_token_timesteps_with_mask(t[0], self.mask, patch_size, x.shape[0])
+        return torch.cat([x, self.latent.to(x.dtype)], dim=1), t
+
+    def finalize(self, x0: torch.Tensor) -> torch.Tensor:
+        """The result latents: TI2V's first frame is the given one."""
+        if self.task == "ti2v":
+            return merge_first_frame(x0, self.latent.to(x0.dtype), self.mask.to(x0.dtype))
+        return x0

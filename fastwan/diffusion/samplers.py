@@ -1,14 +1,15 @@
 """Samplers: pure functions with one signature, k-diffusion style.
 
-    sampler(model_fn, noise, timesteps, generator, **options) -> x0
+    sampler(model_fn, noise, timesteps, rng, **options) -> x0
 
 ``model_fn(x_t, t)`` takes latents ``x_t`` ``[B, ...]`` (float32) and timesteps ``t``
 ``[B]`` in [0, 1000] and returns the predicted velocity ``v = eps - x0`` (see
 ``fastwan.diffusion.flow``). Guidance belongs to the model function (:func:`cfg`), so
-every sampler serves teachers (CFG) and students (none) alike.
+every sampler serves teachers (CFG) and students (none) alike. ``rng`` is a
+``torch.Generator`` (or None for the deterministic samplers).
 
 * :func:`sample_dmd`: few-step DMD (predict x0 at each listed timestep, re-noise with fresh
-  noise from the caller's generator to the next, return the last x0).
+  noise from the caller's ``rng`` to the next, return the last x0).
 * :func:`sample_euler`: multi-step flow-matching Euler to t = 0.
 * :func:`sample_scheduler`: multi-step with a diffusers scheduler (UniPC for Wan).
 """
@@ -29,8 +30,10 @@ from fastwan.diffusion.flow import (
 )
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# Called after every step with {"i", "total", "t", "x"} (x: the latents after the step).
-Callback = Callable[[dict], None]
+# Called after every step with {"i", "total", "t", "x"} (x: the latents after the step);
+# a tensor it returns replaces x (anything else is ignored: progress bars return values;
+# diffusers' callback_on_step_end may edit the latents).
+Callback = Callable[[dict], "torch.Tensor | None"]
 
 
 def cfg(cond_fn: ModelFn, uncond_fn: ModelFn, guidance_scale: float) -> ModelFn:
@@ -93,7 +96,7 @@ def sample_dmd(
     model_fn: ModelFn,
     noise: torch.Tensor,
     timesteps: Sequence[float] | torch.Tensor,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
     *,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -101,14 +104,14 @@ def sample_dmd(
 
     At each timestep t_i (noise level s_i = t_i / 1000): x0 = x_t - s_i v; then, unless it
     is the last, x_{t_{i+1}} = (1 - s_{i+1}) x0 + s_{i+1} eps with eps fresh from
-    ``generator``. Returns the last x0 (float32). The first step's input is ``noise``
+    ``rng``. Returns the last x0 (float32). The first step's input is ``noise``
     itself (taken as x at t_0; exact when t_0 = 1000).
     """
     _check_noise(noise)
     ts = _as_timesteps(timesteps)
-    if len(ts) > 1 and not isinstance(generator, torch.Generator):
+    if len(ts) > 1 and not isinstance(rng, torch.Generator):
         raise ValueError(
-            "sample_dmd re-noises between steps: pass generator=torch.Generator()."
+            "sample_dmd re-noises between steps: pass rng=torch.Generator()."
             "manual_seed(seed) (the same one that drew the initial noise)"
         )
     x = noise.to(torch.float32)
@@ -117,12 +120,15 @@ def sample_dmd(
         v = model_fn(x, _timestep_batch(t, x)).to(torch.float32)
         x0 = x0_from_velocity(x, v, sigma_of(t))
         if i + 1 < len(ts):
-            eps = torch.randn(
-                x0.shape, generator=generator, device=generator.device, dtype=torch.float32
-            ).to(x0.device)
+            eps = torch.randn(x0.shape, generator=rng, device=rng.device, dtype=torch.float32).to(
+                x0.device
+            )
             x = add_noise(x0, eps, sigma_of(ts[i + 1]))
         if callback is not None:
-            callback({"i": i, "total": len(ts), "t": t, "x": x if i + 1 < len(ts) else x0})
+            last = i + 1 == len(ts)
+            out = callback({"i": i, "total": len(ts), "t": t, "x": x0 if last else x})
+            if isinstance(out, torch.Tensor):
+                x0, x = (out, x) if last else (x0, out)
     return x0
 
 
@@ -130,16 +136,16 @@ def sample_euler(
     model_fn: ModelFn,
     noise: torch.Tensor,
     timesteps: Sequence[float] | torch.Tensor,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     *,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler from ``timesteps[0]`` to t = 0: x <- x + (s_next - s) v.
 
     ``timesteps`` e.g. :func:`flow_timesteps` (num_steps, shift). Deterministic: the
-    generator is accepted for the common signature and unused. Returns float32 x0.
+    ``rng`` is accepted for the common signature and unused. Returns float32 x0.
     """
-    del generator  # deterministic ODE solver
+    del rng  # deterministic ODE solver
     _check_noise(noise)
     ts = _as_timesteps(timesteps)
     x = noise.to(torch.float32)
@@ -148,7 +154,8 @@ def sample_euler(
         v = model_fn(x, _timestep_batch(t, x)).to(torch.float32)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if callback is not None:
-            callback({"i": i, "total": len(ts), "t": t, "x": x})
+            out = callback({"i": i, "total": len(ts), "t": t, "x": x})
+            x = out if isinstance(out, torch.Tensor) else x
     return x
 
 
@@ -156,7 +163,7 @@ def sample_scheduler(
     model_fn: ModelFn,
     noise: torch.Tensor,
     timesteps: int,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     *,
     scheduler,
     callback: Callback | None = None,
@@ -165,7 +172,8 @@ def sample_scheduler(
 
     ``timesteps``: the number of steps; the scheduler lays them out (its flow shift
     included). The scheduler is stateful: pass a fresh one per call (``from_config``).
-    ``generator`` reaches ``scheduler.step`` when that takes one (stochastic schedulers).
+    ``rng`` reaches ``scheduler.step`` (as its ``generator``) when that takes one
+    (stochastic schedulers).
     """
     _check_noise(noise)
     _check_steps(timesteps)
@@ -176,14 +184,15 @@ def sample_scheduler(
         scheduler.set_begin_index(0)  # as diffusers' pipelines do: no timestep lookup
     step_kwargs = {"return_dict": False}
     if "generator" in inspect.signature(scheduler.step).parameters:
-        step_kwargs["generator"] = generator
+        step_kwargs["generator"] = rng
     x = noise.to(torch.float32)
     steps = scheduler.timesteps
     for i, t in enumerate(steps):
         v = model_fn(x, t.expand(x.shape[0]))  # [B], in the scheduler's timestep dtype
         x = scheduler.step(v, t, x, **step_kwargs)[0]
         if callback is not None:
-            callback({"i": i, "total": len(steps), "t": float(t), "x": x})
+            out = callback({"i": i, "total": len(steps), "t": float(t), "x": x})
+            x = out if isinstance(out, torch.Tensor) else x
     return x.to(torch.float32)
 
 

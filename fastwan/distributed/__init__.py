@@ -5,9 +5,14 @@
 * :mod:`.parallelize` -- FSDP2 ``fully_shard`` per Wan block and root (HSDP when
   ``replicate > 1``), mixed precision on GPU, gradient sync control, global clipping;
 * :mod:`.sequence_parallel` -- Ulysses sequence parallelism for dense and VSA attention;
-* :mod:`.activation_checkpoint` -- ``full`` / ``selective`` checkpointing per block;
-* :mod:`.checkpoint` -- sharded DCP checkpoints: atomic save, resume on any mesh, export;
-* :mod:`.memory_plan` -- per-GPU memory estimates behind ``fastwan plan``.
+* :mod:`.activation_checkpoint` -- ``full`` / ``selective`` checkpointing per block.
+
+The per-GPU memory estimate behind ``fastwan plan`` is a tool, not distributed code:
+:mod:`fastwan.plan`.
+
+Checkpoints (DCP, one path for one and many processes) are the trainer's:
+:mod:`fastwan.train.checkpoint`. Nothing here imports :mod:`fastwan.methods` or
+:mod:`fastwan.train` (``parallelize`` names ``Method`` for type checkers only).
 
 Nothing is imported here: ``import fastwan.distributed.mesh`` (etc.) loads what it needs.
 """

@@ -22,7 +22,7 @@ and returns a :class:`ParallelState`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,6 @@ __all__ = [
     "broadcast_from_main",
     "data_parallel_seed",
     "destroy_parallel",
-    "in_turns",
     "init_parallel",
     "launch_env",
     "validate_layout",
@@ -217,22 +216,6 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def in_turns(fn: Callable[[], Any], state: ParallelState) -> Any:
-    """``fn()`` on every rank, the ranks of a node one after another (local rank 0 first,
-    a barrier between turns): building the three networks in full before ``fully_shard``
-    keeps only this rank's shards, so a node holds one rank's full copies at a time instead
-    of one per GPU. Returns this rank's result. ``fn`` must not use collectives."""
-    if not state.distributed:
-        return fn()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(state.world_size)))
-    result = None
-    for turn in range(local_world):
-        if state.local_rank == turn:
-            result = fn()
-        dist.barrier()
-    return result
 
 
 def destroy_parallel(state: ParallelState | None = None) -> None:

@@ -14,14 +14,16 @@ their device from their parameters, which offloading keeps on the CPU).
 the trainable ones first (so FSDP wraps the checkpointed blocks), per-block
 ``torch.compile`` when ``parallel.compile`` asks for it, then FSDP2 for the
 student, the critic and the frozen teacher (sharded too; it has no gradients and no
-optimizer). The optimizers must be built after this (the parameters become DTensors).
+optimizer), and last :func:`materialize` for networks built on the meta device
+(``load_transformer(..., device="meta")``): each rank allocates and reads only its own
+shards. The optimizers must be built after this (the parameters become DTensors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,10 @@ from torch.distributed.tensor import DTensor
 from fastwan.distributed.activation_checkpoint import apply_activation_checkpointing
 from fastwan.distributed.mesh import ParallelState
 from fastwan.models.compile import compile_blocks
+from fastwan.models.loading import load_pending_weights, pending_weights
+
+if TYPE_CHECKING:  # the annotation only: distributed never imports methods at run time
+    from fastwan.methods.base import Method
 
 __all__ = [
     "DistributedValidator",
@@ -45,6 +51,7 @@ __all__ = [
     "all_reduce_mean",
     "clip_grad_norm",
     "is_sharded",
+    "materialize",
     "parallelize_method",
     "reshard",
     "set_gradient_sync",
@@ -105,10 +112,11 @@ def shard_transformer(
     return net
 
 
-def parallelize_method(method: object, state: ParallelState, recipe: object) -> None:
+def parallelize_method(method: Method, state: ParallelState, recipe: object) -> None:
     """Activation checkpointing (``parallel.activation_checkpointing``) on the trainable
     networks, Ulysses sequence parallelism (``parallel.sequence_parallel > 1``), per-block
-    ``torch.compile`` (``parallel.compile``) and FSDP2 on every network of ``method`` (DMD:
+    ``torch.compile`` (``parallel.compile``) and FSDP2 on every network of ``method`` (a
+    :class:`fastwan.methods.base.Method`: its ``networks()`` and ``frozen_networks()``; DMD:
     student, critic, teacher; flow: the trained network). A one-process state gets
     activation checkpointing and compilation only.
 
@@ -117,13 +125,11 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
     reduction (over ``replicate x shard x sp`` ranks) divides by the data-parallel size
     ``replicate x shard`` instead of by the number of ranks."""
     parallel = recipe.parallel  # type: ignore[attr-defined]
-    trainable: Mapping[str, nn.Module] = method.networks()  # type: ignore[attr-defined]
+    trainable: Mapping[str, nn.Module] = method.networks()
     for net in trainable.values():
         apply_activation_checkpointing(net, parallel.activation_checkpointing)
     nets = [(net, True) for net in trainable.values()]
-    teacher = getattr(method, "teacher", None)
-    if teacher is not None:
-        nets.append((teacher, False))
+    nets += [(net, False) for net in method.frozen_networks().values()]
     mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
     for net, is_trainable in nets:
         if state.sp_size > 1:  # > 1 only in a distributed run
@@ -147,9 +153,39 @@ def parallelize_method(method: object, state: ParallelState, recipe: object) -> 
                     module.set_gradient_divide_factor(float(state.dp_size))
                     if state.device.type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
                         module.set_force_sum_reduction_for_comms(True)
+    # Meta-built networks (and their copies) get their memory and weights now: each rank
+    # only its own shards. Offloaded shards live on the CPU.
+    for net, _ in nets:
+        materialize(net, torch.device("cpu") if parallel.cpu_offload else state.device)
     if parallel.cpu_offload:
         # Offloaded shards live on the CPU; the method must still compute on the device.
-        method.compute_device = state.device  # type: ignore[attr-defined]
+        method.compute_device = state.device
+
+
+def materialize(net: nn.Module, device: torch.device | str) -> bool:
+    """Give a network built on the meta device (``load_transformer(..., device="meta")``,
+    or a copy of one) its memory on ``device`` and its weights from its checkpoint
+    (:func:`fastwan.models.loading.load_pending_weights`), after any wrapping: sharded by
+    ``fully_shard``, each rank allocates and reads only its own shards. Buffers (the rotary
+    tables, computed when the module was built) keep their values, on the mesh's device
+    (where ``fully_shard`` put them), else on ``device``. Returns whether there was
+    anything to do (False for a network that has its weights)."""
+    if pending_weights(net) is None:
+        return False
+    buffers = [
+        (module, name, buf)
+        for module in net.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None and not buf.is_meta
+    ]
+    device = torch.device(device)
+    net.to_empty(device=device)
+    for module, name, buf in buffers:  # to_empty left them uninitialised
+        # fully_shard moved them to the mesh's device already (where they stay under CPU
+        # offload); those of an unsharded network are still on the CPU
+        module._buffers[name] = buf.to(device) if buf.device.type == "cpu" else buf
+    load_pending_weights(net)
+    return True
 
 
 def reshard(net: nn.Module) -> None:

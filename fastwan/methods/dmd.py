@@ -19,7 +19,13 @@ The student's x0 at ``t_k`` is the sample.
   the teacher's x0 with CFG, the critic's x0 without; :func:`dmd_generator_loss`
   (DMD eq. 7-8).
 
-All noise comes from the ``torch.Generator`` passed to each call.
+The schedule (:meth:`DMDMethod.updates`, DMD2's two time-scale update rule): the critic
+steps on every training step, the generator on every ``dmd.generator_update_interval``-th
+(steps 0, k, 2k, ...), before the critic and on the same micro-batches, so the critic
+learns on the updated generator.
+
+All noise comes from the ``torch.Generator`` ``rng`` passed to each call (the
+"generator" of DMD is the student network).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from torch import nn
 from fastwan.config import DMDConfig, VSAConfig
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
 from fastwan.methods.flow import (
-    _check_generator,
+    _check_rng,
     _param_device,
     call_transformer,
     draw_noise,
@@ -87,6 +93,7 @@ class DMDMethod:
     """
 
     name = "dmd"
+    roles = ("generator", "critic")
 
     def __init__(
         self,
@@ -186,9 +193,30 @@ class DMDMethod:
         """The trainable networks by optimizer role."""
         return {"generator": self.student, "critic": self.critic}
 
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """The frozen real score."""
+        return {"teacher": self.teacher}
+
     def set_step(self, step: int) -> None:
         """Nothing changes with the step: the student keeps ``vsa.sparsity`` throughout."""
         del step
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        """The generator on every ``dmd.generator_update_interval``-th step (from step 0),
+        then the critic on every step."""
+        if step % self.dmd.generator_update_interval == 0:
+            return ("generator", "critic")
+        return ("critic",)
+
+    def loss(
+        self, role: str, batch: Mapping[str, Any], rng: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`generator_step` (role ``generator``) or :meth:`critic_step` (``critic``)."""
+        if role == "generator":
+            return self.generator_step(batch, rng)
+        if role == "critic":
+            return self.critic_step(batch, rng)
+        raise ValueError(f"DMDMethod has the roles {self.roles}, not {role!r}")
 
     @property
     def sparsity(self) -> float:
@@ -236,7 +264,7 @@ class DMDMethod:
     def student_sample(
         self,
         batch: Mapping[str, Any],
-        generator: torch.Generator,
+        rng: torch.Generator,
         cond: torch.Tensor,
         latents: torch.Tensor | None,
     ) -> tuple[torch.Tensor, float]:
@@ -245,32 +273,32 @@ class DMDMethod:
         steps = self.dmd.denoising_timesteps
         device = self.device
         k = _same_on_all_ranks(
-            int(torch.randint(len(steps), (1,), generator=generator, device=generator.device)),
+            int(torch.randint(len(steps), (1,), generator=rng, device=rng.device)),
             device,
         )
         b = cond.shape[0]
         if self.dmd.rollout == "data":
             assert latents is not None
             s_k = steps[k] / NUM_TRAIN_TIMESTEPS
-            eps = draw_noise(latents.shape, generator, device)  # [B, C, T, H, W]
+            eps = draw_noise(latents.shape, rng, device)  # [B, C, T, H, W]
             x = add_noise(latents, eps, s_k)  # [B, C, T, H, W]
         else:  # simulate: the student's own sampler from pure noise down to t_k
-            x = draw_noise(self._latent_shape(batch, b), generator, device)
+            x = draw_noise(self._latent_shape(batch, b), rng, device)
             with torch.no_grad():
                 for j in range(k):
                     s_j = steps[j] / NUM_TRAIN_TIMESTEPS
                     t_j = torch.full((b,), float(steps[j]), device=device)  # [B]
                     x0 = x0_from_velocity(x, self._call(self.student, x, t_j, cond), s_j)
-                    eps = draw_noise(x0.shape, generator, device)
+                    eps = draw_noise(x0.shape, rng, device)
                     x = add_noise(x0, eps, steps[j + 1] / NUM_TRAIN_TIMESTEPS)
         t_k = torch.full((b,), float(steps[k]), device=device)  # [B]
         v = self._call(self.student, x, t_k, cond)  # [B, C, T, H, W]
         return x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), float(steps[k])
 
-    def _dmd_noise(self, b: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dmd_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_dmd_timesteps(
             b,
-            generator,
+            rng,
             self.dmd.flow_shift,
             self.dmd.min_timestep_ratio,
             self.dmd.max_timestep_ratio,
@@ -279,29 +307,29 @@ class DMDMethod:
 
     # ------------------------------------------------------------------ losses
     def critic_step(
-        self, batch: Mapping[str, Any], generator: torch.Generator
+        self, batch: Mapping[str, Any], rng: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Critic (fake score) flow-matching loss on a fresh no-grad student sample."""
-        _check_generator(generator)
+        _check_rng(rng)
         cond, _neg, latents = self._inputs(batch)
         with torch.no_grad():
-            x0_gen, t_k = self.student_sample(batch, generator, cond, latents)  # [B, C, T, H, W]
-        s, t = self._dmd_noise(x0_gen.shape[0], generator)  # [B], [B]
-        eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
+            x0_gen, t_k = self.student_sample(batch, rng, cond, latents)  # [B, C, T, H, W]
+        s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
+        eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
         v = self._call(self.critic, x_t, t, cond)  # [B, C, T, H, W]
         loss = flow_matching_loss(v, x0_gen, eps)
         return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
 
     def generator_step(
-        self, batch: Mapping[str, Any], generator: torch.Generator
+        self, batch: Mapping[str, Any], rng: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Distribution-matching loss of the student (gradient only into the student)."""
-        _check_generator(generator)
+        _check_rng(rng)
         cond, neg, latents = self._inputs(batch)
-        x0_gen, t_k = self.student_sample(batch, generator, cond, latents)  # with grad
-        s, t = self._dmd_noise(x0_gen.shape[0], generator)  # [B], [B]
-        eps = draw_noise(x0_gen.shape, generator, self.device)  # [B, C, T, H, W]
+        x0_gen, t_k = self.student_sample(batch, rng, cond, latents)  # with grad
+        s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
+        eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         with torch.no_grad():
             x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W]
             x0_cond = x0_from_velocity(x_t, self._call(self.teacher, x_t, t, cond), s)

@@ -7,7 +7,8 @@ sparsity follows the schedule of :func:`fastwan.methods.schedules.vsa_sparsity_f
 (a dense model learns to attend sparsely as the sparsity ramps up).
 
 Also home of the helpers every method shares: reading the text condition from a batch,
-calling a Wan transformer on latents, drawing noise from an explicit generator.
+calling a Wan transformer on latents, drawing noise from an explicit ``rng``
+(``torch.Generator``).
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ from fastwan.models.vsa import set_attention
 __all__ = ["FlowMethod", "call_transformer", "draw_noise", "latents_of", "text_condition"]
 
 
-def _check_generator(generator: Any) -> None:
-    if not isinstance(generator, torch.Generator):
+def _check_rng(rng: Any) -> None:
+    if not isinstance(rng, torch.Generator):
         raise ValueError(
-            f"generator must be a torch.Generator, got {type(generator).__name__}; "
+            f"rng must be a torch.Generator, got {type(rng).__name__}; "
             "pass torch.Generator().manual_seed(seed)"
         )
 
 
 def draw_noise(
-    shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device
+    shape: torch.Size | tuple[int, ...], rng: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """Standard normal float32 noise of ``shape`` from ``generator`` (drawn on its device)."""
-    eps = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    """Standard normal float32 noise of ``shape`` from ``rng`` (drawn on its device)."""
+    eps = torch.randn(shape, generator=rng, device=rng.device, dtype=torch.float32)
     return eps.to(device)
 
 
@@ -137,6 +138,7 @@ class FlowMethod:
     """
 
     name = "flow"
+    roles = ("generator",)
 
     def __init__(
         self,
@@ -182,6 +184,15 @@ class FlowMethod:
         """The trainable networks by optimizer role."""
         return {"generator": self.model}
 
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """None: the trained network is the only one."""
+        return {}
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        """The trained network, every step."""
+        del step
+        return ("generator",)
+
     def set_step(self, step: int) -> None:
         """Apply the VSA sparsity of training step ``step`` (0-based) to the model."""
         if not self.vsa.enabled:
@@ -201,10 +212,13 @@ class FlowMethod:
             self.sparsity = sparsity
 
     def loss(
-        self, batch: Mapping[str, Any], generator: torch.Generator
+        self, role: str, batch: Mapping[str, Any], rng: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Flow-matching loss on ``batch`` (latents + text); noise from ``generator``."""
-        _check_generator(generator)
+        """Flow-matching loss of the trained network (role ``generator``) on ``batch``
+        (latents + text); noise from ``rng``."""
+        if role != "generator":
+            raise ValueError(f"FlowMethod has the one role 'generator', not {role!r}")
+        _check_rng(rng)
         device = self.device
         dtype = next(self.model.parameters()).dtype
         x0 = latents_of(batch, device)  # [B, C, T, H, W]
@@ -212,9 +226,9 @@ class FlowMethod:
         if cond.shape[0] != x0.shape[0]:
             raise ValueError(f"batch has {x0.shape[0]} latents but {cond.shape[0]} text embeddings")
         s, t = sample_dmd_timesteps(
-            x0.shape[0], generator, self.flow_shift, self.min_ratio, self.max_ratio, device
+            x0.shape[0], rng, self.flow_shift, self.min_ratio, self.max_ratio, device
         )  # [B], [B]
-        eps = draw_noise(x0.shape, generator, device)  # [B, C, T, H, W]
+        eps = draw_noise(x0.shape, rng, device)  # [B, C, T, H, W]
         x_t = add_noise(x0, eps, s)  # [B, C, T, H, W]
         v = call_transformer(
             self.model, x_t, t, cond, expand_timesteps=self.expand_timesteps

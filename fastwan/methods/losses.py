@@ -63,7 +63,7 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
 
 def sample_dmd_timesteps(
     batch: int,
-    generator: torch.Generator,
+    rng: torch.Generator,
     shift: float,
     min_ratio: float = 0.02,
     max_ratio: float = 0.98,
@@ -77,19 +77,19 @@ def sample_dmd_timesteps(
 
     Args:
         batch: number of samples ``B``.
-        generator: the only source of randomness; draws happen on ``generator.device``.
+        rng: the only source of randomness; draws happen on ``rng.device``.
         shift: timestep shift (> 0; 1 = none). Wan: 8 (1.3B), 3 (14B), 5 (5B).
         min_ratio, max_ratio: clamp range of ``s``, ``0 <= min_ratio <= max_ratio <= 1``.
-        device: where the results go (default: the generator's device).
+        device: where the results go (default: ``rng``'s device).
 
     Returns:
         ``(s, t)``: noise levels ``s`` [B] float32 and timesteps ``t = 1000 s`` [B] float32.
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if not isinstance(generator, torch.Generator):
+    if not isinstance(rng, torch.Generator):
         raise ValueError(
-            f"generator must be a torch.Generator, got {type(generator).__name__}; "
+            f"rng must be a torch.Generator, got {type(rng).__name__}; "
             "pass torch.Generator().manual_seed(seed)"
         )
     if not shift > 0:
@@ -99,9 +99,9 @@ def sample_dmd_timesteps(
             f"need 0 <= min_ratio <= max_ratio <= 1, got min_ratio={min_ratio!r}, "
             f"max_ratio={max_ratio!r}"
         )
-    u = torch.rand(batch, generator=generator, device=generator.device, dtype=torch.float64)
+    u = torch.rand(batch, generator=rng, device=rng.device, dtype=torch.float64)
     s = shift_sigma(u, float(shift)).clamp(min_ratio, max_ratio)  # [B] float64
-    s = s.to(device=device if device is not None else generator.device, dtype=torch.float32)
+    s = s.to(device=device if device is not None else rng.device, dtype=torch.float32)
     return s, s * NUM_TRAIN_TIMESTEPS
 
 

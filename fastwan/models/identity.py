@@ -366,6 +366,54 @@ def identify(
     return identity
 
 
+def identity_of_modules(
+    transformer_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    *,
+    name: str = "model",
+    expand_timesteps: bool = False,
+    **sampling: Any,
+) -> ModelIdentity:
+    """The identity of networks already in memory (training's validation): their sizes
+    from the transformer's and VAE's configs, diffusers' defaults for sampling, replaced by
+    ``sampling`` (any :class:`WanPreset` sampling field, e.g. ``flow_shift``)."""
+    fields = {f.name for f in dataclasses.fields(WanPreset)}
+    unknown = sorted(set(sampling) - fields)
+    if unknown:
+        raise ValueError(f"unknown sampling fields {unknown}; known: {sorted(fields)}")
+    tconfig, vconfig = dict(transformer_config), dict(vae_config)
+    dim, num_layers, in_channels = _architecture(tconfig)
+    st = int(vconfig.get("scale_factor_temporal", 4))
+    ss = int(vconfig.get("scale_factor_spatial", 8))
+    values: dict[str, Any] = dict(_DIFFUSERS_DEFAULTS, flow_shift=1.0)
+    values.update(sampling)
+    values["expand_timesteps"] = bool(expand_timesteps)
+    index = {"expand_timesteps": bool(expand_timesteps)}
+    task = task_of(index, tconfig)
+    preset = WanPreset(
+        name=name,
+        hub_id="",
+        dim=dim,
+        num_layers=num_layers,
+        in_channels=in_channels,
+        num_heads=int(tconfig.get("num_attention_heads", 0)),
+        ffn_dim=int(tconfig.get("ffn_dim", 0)),
+        vae_stride=(st, ss, ss),
+        task=task,
+        **{k: v for k, v in values.items() if k in fields},
+    )
+    return ModelIdentity(
+        preset=preset,
+        sources={k: "argument" for k in sampling},
+        matched=None,
+        has_gates=False,
+        rope_max_seq_len=int(tconfig.get("rope_max_seq_len", 1024)),
+        patch_size=tuple(int(x) for x in tconfig.get("patch_size", (1, 2, 2))),  # type: ignore[arg-type]
+        pipeline_class=DIFFUSERS_PIPELINE_CLASS,
+        task=task,
+    )
+
+
 # Bound on latent tokens per video: ~40x Wan2.2-5B's 720P x 121 frames (109k tokens); past
 # it a request is a typo (e.g. --num-frames 1000000), not a video any device can hold.
 MAX_LATENT_TOKENS = 1 << 22

@@ -5,12 +5,22 @@ A folder holds ``model_index.json`` and the components ``transformer/`` (diffuse
 ``UMT5EncoderModel``), ``tokenizer/`` and ``scheduler/``. The transformer may carry VSA gates
 (``blocks.N.to_gate_compress.*``, FastWan's layout); diffusers ignores those keys, fastwan
 loads them into the gates it adds.
+
+A transformer can also be built on the meta device (``load_transformer(...,
+device="meta")``: checked, no weight read) and filled after it is sharded
+(:func:`load_pending_weights`: each rank reads only its shards). Names of models that ship
+inside an installed package resolve through ``fastwan.BUNDLED_MODELS`` or a caller's
+resolver, VAE classes beside diffusers' through :func:`register_vae_class` or the
+pipeline's ``model_index.json``: nothing here imports the packages above it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,23 +39,33 @@ _GATE_KEY = re.compile(rf"^blocks\.(\d+)\.{GATE_NAME}\.(weight|bias)$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(path_or_id: str | Path) -> Path:
+ModelResolver = Callable[[str], "Path | None"]
+
+
+def resolve_model_path(path_or_id: str | Path, *, resolver: ModelResolver | None = None) -> Path:
     """A local Diffusers folder as is; a preset name or hub repo id downloaded through
-    ``huggingface_hub`` (a clear error when there is no network)."""
+    ``huggingface_hub`` (a clear error when there is no network).
+
+    resolver: tried first on a name that is not a local path: the folder of a name it
+    knows, else None (how a layer above this one resolves names of its own). Presets whose
+    weights ship inside an installed package (``bundled``: the toy world's) are found by
+    the locators the distribution declares in ``fastwan.BUNDLED_MODELS``."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model path {str(path)!r} is a file; pass the pipeline folder")
         return path
     name = str(path_or_id)
+    if resolver is not None:
+        found = resolver(name)
+        if found is not None:
+            return resolve_model_path(found)
     try:
         preset = get_preset(name)
     except ValueError:
         preset = None
-    if preset is not None and preset.bundled:  # the toy world's weights ship with fastwan
-        from fastwan.toy.assets import toy_model_path
-
-        return toy_model_path(preset.name)
+    if preset is not None and preset.bundled:  # weights inside an installed package
+        return _bundled_folder(preset.name)
     if preset is not None:
         repo_id = preset.hub_id
     else:
@@ -66,6 +86,29 @@ def resolve_model_path(path_or_id: str | Path) -> Path:
             f"network, fetch it elsewhere (e.g. `hf download {repo_id} --local-dir DIR`), copy "
             "DIR here and pass its local path instead (--model DIR)"
         ) from err
+
+
+def _bundled_folder(name: str) -> Path:
+    """The folder of a bundled preset, from the first locator of ``fastwan.BUNDLED_MODELS``
+    (``"module:function"``, imported now) whose module is installed."""
+    import fastwan
+
+    missing = []
+    for spec in getattr(fastwan, "BUNDLED_MODELS", ()):
+        module, _, attr = spec.partition(":")
+        try:
+            locate = getattr(importlib.import_module(module), attr)
+        except ImportError as err:
+            if not err.name or not (module == err.name or module.startswith(err.name + ".")):
+                raise  # the module is there but broken: say so
+            missing.append(module)
+            continue
+        return Path(locate(name))
+    raise ValueError(
+        f"preset {name!r} ships its weights inside fastwan ({', '.join(missing) or 'no package'}"
+        " declared in fastwan.BUNDLED_MODELS), which this install lacks; pass the model's "
+        "local folder instead"
+    )
 
 
 def read_model_index(path: str | Path) -> dict[str, Any]:
@@ -239,32 +282,14 @@ class _DropUnusedWeightsReport:
         return "were not used when initializing" not in record.getMessage()
 
 
-def load_transformer(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    attention: str = "dense",
-    sparsity: float | None = None,
-    tile_size: tuple[int, int, int] = (4, 4, 4),
-    backend: str = "auto",
-    strict: bool = False,
-) -> nn.Module:
-    """Load a ``WanTransformer3DModel`` with its VSA gates (zero when the checkpoint has
-    none) and set its self-attention (``"dense"``, or ``"vsa"`` with ``sparsity``).
-
-    ``path``: a pipeline folder or its ``transformer/`` subfolder. A weight the model needs
-    but the checkpoint lacks is a ValueError naming it; incomplete gates (some blocks, or a
-    weight without its bias) and unknown keys are warned about by name, and are errors
-    with ``strict=True``.
-    """
-    import logging
+def _check_weights(tdir: Path, config: dict[str, Any], strict: bool) -> tuple[dict, GateReport]:
+    """The checkpoint's tensor files and gate report, after the checks of
+    :func:`load_transformer` (missing weights: ValueError; the rest warned, or raised when
+    ``strict``)."""
     import warnings
 
     from diffusers import WanTransformer3DModel
 
-    tdir = _transformer_dir(Path(path))
-    config = json.loads((tdir / "config.json").read_text())
     files = _weight_files(tdir)
     stored = set(files)
     expected = expected_weight_keys(config)
@@ -296,20 +321,336 @@ def load_transformer(
     if problems and strict:
         raise ValueError("; ".join(problems) + " (strict load)")
     for problem in problems:
-        warnings.warn(problem, stacklevel=2)
-    # diffusers reports checkpoint keys it does not know; they were reported above.
-    hush = _DropUnusedWeightsReport()
-    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
-    diffusers_log.addFilter(hush)
-    try:
-        transformer = WanTransformer3DModel.from_pretrained(str(tdir), torch_dtype=dtype)
-    finally:
-        diffusers_log.removeFilter(hush)
-    if device is not None:
-        transformer = transformer.to(device)
-    load_gate_weights(transformer, read_gate_tensors(tdir))
+        warnings.warn(problem, stacklevel=3)  # the caller of load_transformer
+    return files, report
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attention: str = "dense",
+    sparsity: float | None = None,
+    tile_size: tuple[int, int, int] = (4, 4, 4),
+    backend: str = "auto",
+    strict: bool = False,
+) -> nn.Module:
+    """Load a ``WanTransformer3DModel`` with its VSA gates (zero when the checkpoint has
+    none) and set its self-attention (``"dense"``, or ``"vsa"`` with ``sparsity``).
+
+    ``path``: a pipeline folder or its ``transformer/`` subfolder. A weight the model needs
+    but the checkpoint lacks is a ValueError naming it; incomplete gates (some blocks, or a
+    weight without its bias) and unknown keys are warned about by name, and are errors
+    with ``strict=True``.
+
+    ``device="meta"``: the same checks (and the checkpoint's shapes), but no weight is
+    read: the parameters stay on the meta device with the dtypes a real load gives them,
+    the rotary tables (buffers) are real CPU tensors. Shard or wrap the module, move it
+    with ``to_empty`` and fill it with :func:`load_pending_weights`, which reads each
+    rank's own shards only (:func:`fastwan.distributed.parallelize.materialize` does all
+    three).
+    """
+    import logging
+
+    from diffusers import WanTransformer3DModel
+
+    tdir = _transformer_dir(Path(path))
+    config = json.loads((tdir / "config.json").read_text())
+    files, report = _check_weights(tdir, config, strict)
+    if device is not None and torch.device(device).type == "meta":
+        transformer = _empty_transformer(tdir, config, files, report, dtype)
+    else:
+        # diffusers reports checkpoint keys it does not know; they were reported above.
+        hush = _DropUnusedWeightsReport()
+        diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+        diffusers_log.addFilter(hush)
+        try:
+            transformer = WanTransformer3DModel.from_pretrained(str(tdir), torch_dtype=dtype)
+        finally:
+            diffusers_log.removeFilter(hush)
+        if device is not None:
+            transformer = transformer.to(device)
+        load_gate_weights(transformer, read_gate_tensors(tdir))
     set_attention(transformer, attention, sparsity=sparsity, tile_size=tile_size, backend=backend)
     return transformer.eval()
+
+
+# ----------------------------------------------------------- meta-device builds
+
+_PENDING_ATTR = "_fastwan_pending_weights"
+# Wrapper modules that prefix parameter names (activation checkpointing, torch.compile,
+# FSDP1): a checkpoint key is the name without them.
+_WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
+@dataclass(frozen=True)
+class PendingWeights:
+    """Where the weights of a transformer built on the meta device are: each checkpoint
+    key's safetensors file, and the blocks whose VSA gate the checkpoint holds (complete:
+    weight and bias); every other gate is zero, as in a real load. A copy of the module
+    (``copy.deepcopy``) reads the same weights."""
+
+    transformer_dir: str
+    files: dict[str, str]
+    gate_blocks: frozenset[int]
+
+
+def _init_contexts(dtype: torch.dtype | None) -> contextlib.ExitStack:
+    """What diffusers' ``from_pretrained`` builds a model under: the default dtype set to
+    ``dtype``, weight initialisers skipped, parameters (not buffers) on the meta device."""
+    from accelerate import init_empty_weights
+
+    stack = contextlib.ExitStack()
+    if dtype is not None and dtype.is_floating_point:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        stack.callback(torch.set_default_dtype, previous)
+    try:
+        from diffusers.models.modeling_utils import no_init_weights
+
+        stack.enter_context(no_init_weights())
+    except ImportError:  # initialisers on meta tensors draw nothing anyway
+        pass
+    stack.enter_context(init_empty_weights(include_buffers=False))
+    return stack
+
+
+def _empty_transformer(
+    tdir: Path,
+    config: dict[str, Any],
+    files: dict[str, Path],
+    report: GateReport,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    """A ``WanTransformer3DModel`` (with VSA gates) whose parameters are on the meta device
+    with the dtypes ``from_pretrained(torch_dtype=dtype)`` gives them (modules of
+    ``_keep_in_fp32_modules`` in float32), its buffers built as there; checked against the
+    checkpoint's shapes."""
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    with _init_contexts(dtype):
+        model = WanTransformer3DModel.from_config(config)
+    keep = list(getattr(WanTransformer3DModel, "_keep_in_fp32_modules", None) or [])
+    for module_name, module in model.named_modules():
+        for leaf, param in list(module._parameters.items()):
+            if param is None or not param.is_floating_point():
+                continue
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            fp32 = dtype is None or any(k in full.split(".") for k in keep)
+            want = torch.float32 if fp32 else dtype
+            if param.dtype != want:
+                module._parameters[leaf] = nn.Parameter(
+                    torch.empty_like(param, dtype=want), requires_grad=param.requires_grad
+                )
+    model.register_to_config(_name_or_path=str(tdir))
+    add_vsa_gates(model)  # on the meta device; zero unless the checkpoint has the gate
+    shapes = dict(_state_tensors(model))
+    by_file: dict[Path, list[str]] = {}
+    for key, file in files.items():
+        if key in shapes:
+            by_file.setdefault(file, []).append(key)
+    wrong = []
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                have = tuple(f.get_slice(key).get_shape())
+                if have != tuple(shapes[key].shape):
+                    wrong.append((key, have, tuple(shapes[key].shape)))
+    if wrong:
+        key, have, want = wrong[0]
+        gate = " the gate weights belong to a different model" if _GATE_KEY.match(key) else ""
+        raise ValueError(
+            f"{len(wrong)} transformer weights in {str(tdir)!r} have the wrong shape, e.g. "
+            f"{key} has shape {have}, the model expects {want};{gate or ' the checkpoint belongs'}"
+            f"{'' if gate else ' to a different model (check config.json)'}"
+        )
+    setattr(
+        model,
+        _PENDING_ATTR,
+        PendingWeights(
+            str(tdir), {k: str(f) for k, f in files.items()}, frozenset(report.complete)
+        ),
+    )
+    return model
+
+
+def pending_weights(net: nn.Module) -> PendingWeights | None:
+    """The weights a meta-built transformer still has to read (None: it has its weights)."""
+    return getattr(net, _PENDING_ATTR, None)
+
+
+def _state_tensors(net: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint key, tensor)`` of every parameter and persistent buffer of ``net``,
+    wrapper prefixes removed."""
+    seen = set()
+    for module_name, module in net.named_modules():
+        skip = module._non_persistent_buffers_set
+        tensors = list(module._parameters.items())
+        tensors += [(n, b) for n, b in module._buffers.items() if n not in skip]
+        for leaf, tensor in tensors:
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            parts = [p for p in f"{module_name}.{leaf}".split(".") if p and p not in _WRAPPER_NAMES]
+            yield ".".join(parts), tensor
+
+
+def _local_index(t: torch.Tensor) -> tuple[slice, ...]:
+    """The part of the full tensor that this rank's shard of DTensor ``t`` holds
+    (``torch.chunk`` along each ``Shard`` dimension of its mesh, as DTensor and FSDP2 cut)."""
+    start = [0] * t.dim()
+    size = list(t.shape)
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError("this rank is not in the DTensor's mesh")
+    for mesh_dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard():
+            raise ValueError(f"cannot load weights into a {placement} DTensor")
+        d = placement.dim % t.dim()
+        chunk = -(-size[d] // t.device_mesh.size(mesh_dim))  # ceil
+        offset = min(coordinate[mesh_dim] * chunk, size[d])
+        start[d] += offset
+        size[d] = max(0, min(chunk, size[d] - offset))
+    return tuple(slice(a, a + n) for a, n in zip(start, size))
+
+
+# safetensors dtype names (the format's little-endian encodings).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _RowReader:
+    """Reads leading-dimension row ranges of a safetensors file's tensors with plain file
+    reads straight into the destination (no memory map: only the bytes of the rows asked
+    for are read, and the process holds no pages of the file)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(size))
+        self.base = 8 + size
+
+    def close(self) -> None:
+        self.file.close()
+
+    def read_into(self, key: str, rows: slice | None, out: torch.Tensor) -> bool:
+        """Rows ``rows`` (all: None) of tensor ``key`` into ``out`` (cast to its dtype);
+        False when the tensor's dtype is not one this reader knows."""
+        import sys
+
+        info = self.header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None or sys.byteorder != "little":
+            return False
+        shape = list(info["shape"])
+        row = 1
+        for n in shape[1:]:
+            row *= n
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        first = rows.start if rows is not None else 0
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(out.shape, dtype=dtype)
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        self.file.seek(self.base + info["data_offsets"][0] + first * row * itemsize)
+        done = 0
+        while done < len(view):
+            n = self.file.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{self.file.name} ends inside tensor {key}: a truncated file")
+            done += n
+        if not direct:
+            out.copy_(buf)
+        return True
+
+
+def _read_into(rows: _RowReader, f: Any, key: str, target: torch.Tensor) -> None:
+    """Copy checkpoint tensor ``key`` into ``target`` (cast to its dtype): for a DTensor,
+    only its local shard is read. ``rows`` reads leading-dimension ranges (FSDP2's
+    ``Shard(0)``: contiguous bytes); ``f()`` is the file opened with safetensors, for any
+    other layout."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(target, DTensor):
+        local = target.to_local()
+        index = _local_index(target)
+        if tuple(s.stop - s.start for s in index) != tuple(local.shape):
+            raise RuntimeError(
+                f"{key}: local shard {tuple(local.shape)} is not the {index} fastwan expects "
+                f"of {tuple(target.shape)} placed {target.placements}"
+            )
+        if local.numel() == 0:
+            return
+        whole = all(s == slice(0, n) for s, n in zip(index[1:], target.shape[1:]))
+        if whole and rows.read_into(key, index[0] if index else None, local):
+            return
+        local.copy_(f().get_slice(key)[index] if index else f().get_tensor(key))
+    elif not rows.read_into(key, None, target):
+        target.copy_(f().get_tensor(key))
+
+
+def load_pending_weights(net: nn.Module) -> None:
+    """Fill a transformer built by ``load_transformer(..., device="meta")`` from its
+    checkpoint, once its parameters are real (``to_empty``), sharded or not: the values a
+    real load gives (the same casts; gates zero where the checkpoint has none), each
+    FSDP2 shard read from the file by its own rank (only its rows). No-op for a network
+    that has its weights."""
+    from safetensors import safe_open
+
+    pending = pending_weights(net)
+    if pending is None:
+        return
+    by_file: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    zero = []
+    missing = []
+    for key, tensor in _state_tensors(net):
+        if tensor.is_meta:
+            raise ValueError(
+                f"{key} is still on the meta device: move the network with to_empty(device=...) "
+                "before loading its weights"
+            )
+        match = _GATE_KEY.match(key)
+        if match and int(match.group(1)) not in pending.gate_blocks:
+            zero.append(tensor)
+        elif key in pending.files:
+            by_file.setdefault(pending.files[key], []).append((key, tensor))
+        else:
+            missing.append(key)
+    if missing:
+        raise ValueError(
+            f"the transformer weights in {pending.transformer_dir!r} lack {len(missing)} "
+            f"tensors the model needs: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
+    with torch.no_grad():
+        for tensor in zero:
+            tensor.zero_()
+        for file, items in by_file.items():
+            rows = _RowReader(file)
+            with contextlib.ExitStack() as stack:
+                stack.callback(rows.close)
+                opened: list = []
+
+                def f(file=file, opened=opened, stack=stack):  # safetensors, when needed
+                    if not opened:
+                        opened.append(stack.enter_context(safe_open(file, framework="pt")))
+                    return opened[0]
+
+                for key, tensor in items:
+                    _read_into(rows, f, key, tensor)
+    delattr(net, _PENDING_ATTR)
 
 
 def files_name(tdir: Path) -> str:
@@ -318,25 +659,60 @@ def files_name(tdir: Path) -> str:
     return index.name if index.is_file() else WEIGHTS_NAME
 
 
-# VAE classes fastwan provides itself (the toy world's pixel VAE), by config class name.
-_FASTWAN_VAES = {"ToyPixelVAE": ("fastwan.toy.pixel_vae", "ToyPixelVAE")}
+# VAE classes beside diffusers' (e.g. the toy world's pixel VAE), by config class name:
+# registered by the packages that define them (register_vae_class).
+_VAE_CLASSES: dict[str, type] = {}
 
 
-def load_vae(vae_dir: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+def register_vae_class(cls: type, name: str | None = None) -> type:
+    """Let :func:`load_vae` load folders whose ``config.json`` ``_class_name`` is ``name``
+    (default ``cls.__name__``) with ``cls`` (a diffusers ``ModelMixin`` with
+    ``from_pretrained``); returns ``cls`` (usable as a class decorator)."""
+    _VAE_CLASSES[name or cls.__name__] = cls
+    return cls
+
+
+def _vae_class(vae_dir: Path, name: str, classes: Mapping[str, type] | None) -> type:
+    """The class of a VAE folder: ``classes``, then the registered ones, then the class its
+    pipeline's ``model_index.json`` names (``"vae": [module, class]``, a module under
+    ``fastwan.``), else diffusers' ``AutoencoderKLWan``."""
+    if classes and name in classes:
+        return classes[name]
+    if name in _VAE_CLASSES:
+        return _VAE_CLASSES[name]
+    index_file = vae_dir.parent / "model_index.json"
+    if index_file.is_file():
+        entry = json.loads(index_file.read_text()).get(vae_dir.name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] == name:
+            module = str(entry[0])
+            if module.startswith("fastwan."):
+                cls = getattr(importlib.import_module(module), name, None)
+                if cls is None:
+                    raise ValueError(
+                        f"{str(index_file)!r} names VAE class {name} in {module}, which has none"
+                    )
+                return cls
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan
+
+
+def load_vae(
+    vae_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    classes: Mapping[str, type] | None = None,
+) -> nn.Module:
     """The VAE of ``vae_dir`` (a pipeline's ``vae/`` folder): diffusers' ``AutoencoderKLWan``,
-    or a fastwan VAE class named by ``_class_name`` in its config (eval mode, on the CPU)."""
-    import importlib
-
+    or the class named by ``_class_name`` in its config when ``classes`` maps it, it was
+    registered (:func:`register_vae_class`) or the pipeline's ``model_index.json`` names
+    its fastwan module (eval mode, on the CPU)."""
     vae_dir = Path(vae_dir)
     config_file = vae_dir / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{str(vae_dir)!r} has no config.json; pass a pipeline's vae/ folder")
     name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKLWan")
-    if name in _FASTWAN_VAES:
-        module, attr = _FASTWAN_VAES[name]
-        cls = getattr(importlib.import_module(module), attr)
-    else:
-        from diffusers import AutoencoderKLWan as cls
+    cls = _vae_class(vae_dir, str(name), classes)
     return cls.from_pretrained(str(vae_dir), torch_dtype=dtype).eval()
 
 
@@ -371,16 +747,20 @@ def with_flow_shift(scheduler, flow_shift: float):
 
 @dataclass
 class WanComponents:
-    """Everything a Wan text-to-video pipeline folder holds, loaded."""
+    """Everything a Wan pipeline folder holds, loaded. ``text_encoder`` / ``tokenizer`` may
+    be ``None`` when prompts come as embeddings (training's validation);
+    ``image_encoder`` / ``image_processor`` are Wan2.1 I2V's CLIP (``None`` otherwise)."""
 
     path: Path
     model_index: dict[str, Any]
     identity: ModelIdentity
     transformer: nn.Module
     vae: nn.Module
-    text_encoder: nn.Module
+    text_encoder: nn.Module | None
     tokenizer: Any
     scheduler: Any
+    image_encoder: nn.Module | None = None
+    image_processor: Any = None
 
     @property
     def preset(self) -> WanPreset:
@@ -398,11 +778,15 @@ class WanComponents:
 
 
 def identify_folder(
-    path_or_id: str | Path, *, preset: str | WanPreset | None = None
+    path_or_id: str | Path,
+    *,
+    preset: str | WanPreset | None = None,
+    resolver: ModelResolver | None = None,
 ) -> tuple[Path, ModelIdentity]:
-    """Resolve a model and read its identity from its JSON files and weight names only
-    (fast: sizes and settings can be checked before any weight loads)."""
-    path = resolve_model_path(path_or_id)
+    """Resolve a model (``resolver``: see :func:`resolve_model_path`) and read its identity
+    from its JSON files and weight names only (fast: sizes and settings can be checked
+    before any weight loads)."""
+    path = resolve_model_path(path_or_id, resolver=resolver)
     read_model_index(path)
     tdir = _transformer_dir(path)
     config = json.loads((tdir / "config.json").read_text())
@@ -422,13 +806,14 @@ def load_components(
     tile_size: tuple[int, int, int] = (4, 4, 4),
     backend: str = "auto",
     strict: bool = False,
+    resolver: ModelResolver | None = None,
 ) -> WanComponents:
     """Load all components on the CPU (the caller moves them). Sampling defaults come from
     the folder's own files, then a known preset (given, or matched by name or
     architecture), then diffusers' defaults (:func:`fastwan.models.identity.identify`)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    path, identity = identify_folder(path_or_id, preset=preset)
+    path, identity = identify_folder(path_or_id, preset=preset, resolver=resolver)
     transformer = load_transformer(
         path,
         dtype=dtype,
@@ -441,7 +826,14 @@ def load_components(
     vae = load_vae(path / "vae", dtype=vae_dtype)
     text_encoder = UMT5EncoderModel.from_pretrained(str(path / "text_encoder"), dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    image_encoder = image_processor = None
+    if transformer.config.get("image_dim") is not None:  # Wan2.1 I2V: CLIP image embeddings
+        from fastwan.models.image_encoder import load_image_encoder
+
+        image_encoder, image_processor = load_image_encoder(path, dtype=dtype)
     return WanComponents(
+        image_encoder=image_encoder,
+        image_processor=image_processor,
         path=path,
         model_index=read_model_index(path),
         identity=identity,

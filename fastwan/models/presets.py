@@ -53,6 +53,10 @@ class WanPreset:
     task: str = "t2v"  # fastwan.choices.TASKS
     vae_stride: tuple[int, int, int] = (4, 8, 8)  # VAE downsampling (t, h, w)
     patch_size: tuple[int, int, int] = (1, 2, 2)  # transformer patchify (t, h, w)
+    # Wan2.1 I2V: width of the CLIP image features its cross-attention also attends (None:
+    # no image cross-attention), and the latent channels it predicts (None: in_channels).
+    image_dim: int | None = None
+    out_channels: int | None = None
     tile_size: tuple[int, int, int] = (4, 4, 4)  # VSA tile in latent tokens (t, h, w)
     text_length: int = 512  # text tokens the model was trained with (padding included)
     bundled: bool = False  # weights ship inside fastwan (the toy world), no hub download
@@ -70,7 +74,8 @@ class WanPreset:
         width = self.width if width is None else width
         num_frames = self.num_frames if num_frames is None else num_frames
         grid = latent_grid(num_frames, height, width, self.vae_stride, self.patch_size)
-        return (self.in_channels, *grid)
+        # Wan2.1 I2V takes 36 channels but generates the VAE's 16
+        return (self.in_channels if self.out_channels is None else self.out_channels, *grid)
 
     def replace(self, **changes) -> WanPreset:
         """A copy with some fields changed (validated like a new preset)."""
@@ -124,6 +129,8 @@ _WAN21_I2V_14B = dict(
     in_channels=36,
     num_heads=40,
     ffn_dim=13824,
+    image_dim=1280,  # CLIP ViT-H/14
+    out_channels=16,
     flow_shift=3.0,
     task="i2v",
 )
@@ -264,7 +271,7 @@ def transformer_config(preset: WanPreset, num_layers: int | None = None) -> dict
         num_attention_heads=preset.num_heads,
         attention_head_dim=preset.dim // preset.num_heads,
         in_channels=preset.in_channels,
-        out_channels=preset.in_channels,
+        out_channels=preset.in_channels if preset.out_channels is None else preset.out_channels,
         text_dim=4096,
         freq_dim=256,
         ffn_dim=preset.ffn_dim,
@@ -273,6 +280,12 @@ def transformer_config(preset: WanPreset, num_layers: int | None = None) -> dict
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=1024,
+        # Wan2.1 I2V: image keys / values projected from the image embedder's output (dim)
+        **(
+            {"image_dim": preset.image_dim, "added_kv_proj_dim": preset.dim}
+            if preset.image_dim is not None
+            else {}
+        ),
     )
 
 

@@ -24,6 +24,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from fastwan.models.loading import register_vae_class
+
 __all__ = ["ToyPixelVAE"]
 
 
@@ -37,6 +39,8 @@ class _Posterior:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # diffusers' DiagonalGaussianDistribution.sample(generator=...): its public name
+        del generator  # deterministic
         return self.mean
 
 
@@ -50,6 +54,7 @@ class _DecoderOutput:
     sample: torch.Tensor
 
 
+@register_vae_class  # fastwan.models.loading.load_vae loads its folders
 class ToyPixelVAE(ModelMixin, ConfigMixin):
     """Pixel (un)shuffle by ``scale_factor_spatial`` in height and width; time unchanged."""
 

@@ -111,16 +111,16 @@ def load_probe(path: str | Path | None = None) -> ToyProbe:
     return probe.eval()
 
 
-def _augment(clips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(clips: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """Random blur and noise, per clip: generated clips are rarely as crisp as renders."""
     b = clips.shape[0]
     x = clips.permute(0, 1, 4, 2, 3).reshape(-1, 3, world.SIZE, world.SIZE)  # [B T, 3, H, W]
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(b, generator=gen).repeat_interleave(world.NUM_FRAMES)[:, None, None, None]
+    mix = torch.rand(b, generator=rng).repeat_interleave(world.NUM_FRAMES)[:, None, None, None]
     x = x + mix * (blurred - x)
     x = x.reshape(b, world.NUM_FRAMES, 3, world.SIZE, world.SIZE).permute(0, 1, 3, 4, 2)
-    sigma = 0.08 * torch.rand(b, 1, 1, 1, 1, generator=gen)
-    return (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    sigma = 0.08 * torch.rand(b, 1, 1, 1, 1, generator=rng)
+    return (x + sigma * torch.randn(x.shape, generator=rng)).clamp(0, 1)
 
 
 # The probe trains on twice the world's ranges of size, speed and place: generated clips

@@ -23,9 +23,12 @@ With ``parallel.world_size > 1`` (launched by ``torchrun``): the layout is check
 any model is loaded, the process group and mesh start
 (:func:`fastwan.distributed.mesh.init_parallel`), each rank reads its data-parallel rank's
 samples (sequence-parallel ranks share them), the prompts are encoded on rank 0 only,
-the networks are loaded on the CPU and sharded with FSDP2 / HSDP (activation checkpointing
-from ``parallel``) by the ranks of a node in turns, and only rank 0 logs to trackers and
-writes validation videos (every rank generates them with its shards).
+the networks are built on the meta device (no weights read), wrapped (activation
+checkpointing, sequence parallelism, compilation from ``parallel``) and sharded with FSDP2 /
+HSDP, then each rank materialises and reads from the checkpoint only its own shards
+(:func:`fastwan.distributed.parallelize.materialize`), and only rank 0 logs to trackers
+and writes validation videos (every rank generates them with its shards). One process
+loads the networks in full on its device.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def _encode_prompts(model_path: Path, prompts: list[str], max_length: int) -> li
 
 
 def _load(path: str, dtype_name: str, device: torch.device) -> nn.Module:
+    """A network of the recipe; ``device`` meta: built without its weights, which
+    :func:`fastwan.distributed.parallelize.parallelize_method` reads once it is sharded."""
     from fastwan.models.loading import load_transformer, resolve_model_path
 
     return load_transformer(resolve_model_path(path), dtype=torch_dtype(dtype_name), device=device)
@@ -148,7 +153,7 @@ def build_trainer(
     from fastwan.data.encoders import default_device, vae_latent_stats
     from fastwan.data.parquet_io import EMPTY_PROMPT_FILE
     from fastwan.data.sampler import build_train_loader
-    from fastwan.distributed.mesh import broadcast_from_main, in_turns, init_parallel
+    from fastwan.distributed.mesh import broadcast_from_main, init_parallel
     from fastwan.distributed.parallelize import DistributedValidator, parallelize_method
     from fastwan.fsutil import ensure_writable_dir
     from fastwan.methods.dmd import DMDMethod
@@ -178,8 +183,8 @@ def build_trainer(
     check_world_size(recipe, heads)  # the layout fails here, before any model is loaded
     parallel = init_parallel(recipe.parallel, dev, num_heads=heads)
     dev = parallel.device
-    # Sharded runs load on the CPU; fully_shard moves each rank's shards to its device.
-    load_dev = torch.device("cpu") if parallel.distributed else dev
+    # Sharded runs build on the meta device: each rank reads only its shards, once sharded.
+    load_dev = torch.device("meta") if parallel.distributed else dev
     model_path = resolve_model_path(recipe.model.teacher)
     read_model_index(model_path)  # a clear error when a component is missing
     m, t = recipe.model, recipe.train
@@ -224,7 +229,7 @@ def build_trainer(
         latent_shape=latent_shape,  # longer latents are cropped in time, others skipped
     )
 
-    def build_method():  # the networks, wrapped for this rank (FSDP2 keeps its shards)
+    def build_method():  # the networks, wrapped for this rank (FSDP2: its shards only)
         if t.method == "dmd":
             teacher = _load(m.teacher, m.teacher_dtype, load_dev)
             separate = m.dtype != m.teacher_dtype
@@ -252,8 +257,7 @@ def build_trainer(
         parallelize_method(method, parallel, recipe)
         return method
 
-    # Ranks of a node build in turns: a node holds one rank's full models at a time.
-    method = in_turns(build_method, parallel)
+    method = build_method()
     validator = None
     if validate:
         validator = Validator.from_recipe(

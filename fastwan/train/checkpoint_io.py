@@ -1,8 +1,11 @@
 """Crash-safe checkpoint directories and RNG state capture / restore.
 
-A checkpoint is a directory ``<root>/checkpoint-<step>`` holding whatever the trainer
-writes (model / optimizer shards, the recipe, RNG states) plus a marker file
-``COMPLETE``. Saving is atomic:
+This is the storage layer: what a *training* checkpoint holds (networks, optimizers, ...
+through ``torch.distributed.checkpoint``) is :mod:`fastwan.train.checkpoint`, which writes
+its files with the two-phase commit below.
+
+A checkpoint is a directory ``<root>/checkpoint-<step>`` holding whatever its writer
+writes plus a marker file ``COMPLETE``. Saving is atomic:
 
 1. the files go into a temporary sibling ``<root>/.checkpoint-<step>.incomplete``;
 2. every file in it is hashed (sha256) and fsync'ed, and the hashes and sizes go into a
@@ -19,8 +22,9 @@ resumed run never loads a half-written checkpoint. The next save of the same ste
 
 Multi-process saves (every rank writes its shards into one directory): rank 0 calls
 :func:`prepare_checkpoint_dir`, all ranks write into the returned path after a barrier,
-and after a second barrier rank 0 calls :func:`commit_checkpoint_dir`. Single-process
-code can use :func:`save_checkpoint`, which does all three.
+and after a second barrier rank 0 calls :func:`commit_checkpoint_dir`. In one process
+:func:`save_checkpoint` does all three. A write that fails because the disk is full or
+read-only becomes a :class:`~fastwan.fsutil.WriteError` saying so (:func:`save_error`).
 """
 
 from __future__ import annotations
@@ -54,12 +58,11 @@ __all__ = [
     "is_complete",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_rng_state",
     "prepare_checkpoint_dir",
     "prune_checkpoints",
     "restore_rng_state",
     "save_checkpoint",
-    "save_rng_state",
+    "save_error",
     "verify_checkpoint",
 ]
 
@@ -201,7 +204,7 @@ def _disk_errno(where: Path) -> int | None:
     return None
 
 
-def _save_failed(err: BaseException, final: Path, where: Path) -> WriteError | None:
+def save_error(err: BaseException, final: Path, where: Path) -> WriteError | None:
     """A clear error for a save of ``final`` that raised ``err`` because the disk is full /
     read-only / not permitted, else None (the original error is the better message).
 
@@ -243,7 +246,7 @@ def prepare_checkpoint_dir(final_dir: str | Path) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as err:
-        clear = _save_failed(err, final, final.parent)
+        clear = save_error(err, final, final.parent)
         if clear is None:
             raise
         raise clear from err
@@ -289,7 +292,7 @@ def commit_checkpoint_dir(
                 os.replace(old, final)
             raise
     except OSError as err:
-        clear = _save_failed(err, final, tmp)
+        clear = save_error(err, final, tmp)
         if clear is None:
             raise
         raise clear from err
@@ -320,7 +323,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException as err:
-        clear = _save_failed(err, final, tmp)  # before rmtree frees the space
+        clear = save_error(err, final, tmp)  # before rmtree frees the space
         shutil.rmtree(tmp, ignore_errors=True)
         if clear is None:
             raise
@@ -469,7 +472,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Python, NumPy (global), torch CPU, CUDA (all devices, when available) and the named
     explicit ``torch.Generator`` states, as plain data that ``torch.load(weights_only=True)``
-    accepts."""
+    accepts (each rank's ``rng.rank<R>`` piece of a training checkpoint)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -530,18 +533,3 @@ def restore_rng_state(
                 f"{sorted(state['generators'])}); pass the same names as when saving"
             )
         gen.set_state(state["generators"][name])
-
-
-def save_rng_state(
-    path: str | Path, generators: Mapping[str, torch.Generator] | None = None
-) -> None:
-    """``torch.save`` of :func:`capture_rng_state` (one file per rank, e.g. ``rng_rank0.pt``)."""
-    torch.save(capture_rng_state(generators), Path(path))
-
-
-def load_rng_state(
-    path: str | Path, generators: Mapping[str, torch.Generator] | None = None
-) -> None:
-    """Load a file written by :func:`save_rng_state` and restore it."""
-    state = torch.load(Path(path), weights_only=True)
-    restore_rng_state(state, generators)

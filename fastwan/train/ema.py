@@ -5,7 +5,8 @@ averaging). The shadow is kept in float32 (float64 for float64 parameters) whate
 parameters' dtype, so bf16 weights do not round the average away. Parameters are tracked
 by name and the module is passed to every call, so the EMA survives wrapping that
 replaces ``Parameter`` objects (FSDP2 ``fully_shard`` turns them into DTensors: build the
-EMA after wrapping and the shadows are DTensors with the same sharding).
+EMA after wrapping and the shadows are DTensors with the same sharding). It is a Stateful
+(``state_dict`` / ``load_state_dict``), checkpointed and resharded by DCP.
 """
 
 from __future__ import annotations
@@ -98,13 +99,14 @@ class EMA:
                     p.copy_(backup[name])
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "shadow": {n: t.detach().clone() for n, t in self.shadow.items()},
-        }
+        """``decay``, ``num_updates`` and the ``shadow`` tensors themselves (not copies, like
+        ``nn.Module.state_dict``): the EMA is a Stateful piece of a DCP checkpoint
+        (:mod:`fastwan.train.checkpoint`), which saves the (sharded) shadows as they are and
+        loads into them in place."""
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values (the shadows are copied in place)."""
         for key in ("decay", "num_updates", "shadow"):
             if key not in state:
                 raise ValueError(f"EMA state lacks {key!r}; expected a dict from EMA.state_dict()")
@@ -124,6 +126,7 @@ class EMA:
                 )
         with torch.no_grad():
             for name, t in shadow.items():
-                self.shadow[name].copy_(t)
+                if t is not self.shadow[name]:  # DCP loaded into the shadow itself
+                    self.shadow[name].copy_(t)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])

@@ -1,23 +1,23 @@
-"""The training loop shared by every method (``dmd``, ``flow``).
+"""The training loop shared by every method (:class:`fastwan.methods.base.Method`).
 
-One *step* (``train.max_steps`` of them) is one optimizer update of the critic (``dmd``)
-or of the trained network (``flow``), plus, for ``dmd``, a generator update on the steps
-where ``step % dmd.generator_update_interval == 0`` (``step`` = steps completed before
-this one, so the first step updates both). Each step consumes
-``train.gradient_accumulation_steps`` micro-batches from the data; under ``dmd`` the
-generator and the critic see the same micro-batches (generator first, so the critic
-learns on the updated generator).
+One *step* (``train.max_steps`` of them) consumes ``train.gradient_accumulation_steps``
+micro-batches from the data and updates, in order, the roles the method's schedule names
+for it (``method.updates(step)``, ``step`` = steps completed before this one), each on
+those same micro-batches: ``dmd`` the generator on every
+``dmd.generator_update_interval``-th step (the first one included) and then the critic;
+``flow`` its one network. The trainer has no method-specific code.
 
 Per network: AdamW with its ``optim.<role>`` settings, a ``LambdaLR`` schedule from
 :mod:`fastwan.methods.schedules` that steps with that network's own updates, gradient-norm
 clipping (``grad_clip``; the norm is logged either way).
 
-All randomness of the methods comes from one ``torch.Generator`` seeded with
-``train.seed``. A checkpoint (:meth:`Trainer.save_checkpoint`, atomic through
-:mod:`fastwan.train.checkpoint_io`) holds every trainable network's weights, optimizers,
-schedulers, the generator's EMA (``train.ema_decay``), the step, the log history, the
-data position (when the data has ``state_dict``) and every RNG state including that
-generator, so that ``2k`` steps equal ``k`` steps + resume + ``k`` steps exactly.
+All randomness of the methods comes from one ``torch.Generator``, ``Trainer.rng``, seeded
+with ``train.seed``. A checkpoint (:meth:`Trainer.save_checkpoint`: DCP, atomic, the same path
+for one and many processes, :mod:`fastwan.train.checkpoint`) holds every trainable
+network's weights, optimizers, schedulers, the generator's EMA (``train.ema_decay``), the
+step, the log history, the data position (when the data has ``state_dict``) and every RNG
+state including ``rng``'s, so that ``2k`` steps equal ``k`` steps + resume + ``k``
+steps exactly; it resumes on any mesh.
 
 Hooks: a ``validator`` (:class:`fastwan.train.validation.Validator`) runs every
 ``train.validation_interval`` steps and at the last step; a ``tracker``
@@ -50,7 +50,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import re
 import time
 import warnings
@@ -69,12 +68,6 @@ from fastwan.config import (
     load_recipe_dict,
     resume_changes,
 )
-from fastwan.distributed.checkpoint import (
-    is_sharded_checkpoint,
-    resume_trainer_checkpoint,
-    resume_trainer_from_full,
-    save_trainer_checkpoint,
-)
 from fastwan.distributed.mesh import ParallelState, data_parallel_seed
 from fastwan.distributed.parallelize import (
     all_finite,
@@ -82,17 +75,21 @@ from fastwan.distributed.parallelize import (
     clip_grad_norm,
     set_gradient_sync,
 )
+from fastwan.methods.base import Method, check_method, update_counts
 from fastwan.methods.schedules import make_lr_scheduler
+from fastwan.train.checkpoint import (
+    PlainState,
+    TrainingState,
+    check_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from fastwan.train.checkpoint_io import (
-    capture_rng_state,
     checkpoint_dir,
     ensure_valid_checkpoint,
-    is_complete,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
 )
 from fastwan.train.ema import EMA
 
@@ -112,8 +109,6 @@ __all__ = [
 
 logger = logging.getLogger("fastwan.train")
 
-_STATE_FILE = "trainer_state.pt"
-_RNG_FILE = "rng_rank0.pt"
 _GENERATOR_NAME = "train"
 RECIPE_FILE = "recipe.yaml"  # a run's starting recipe; also every checkpoint's own
 RECIPE_CHANGES_FILE = "recipe_changes.jsonl"  # one JSON record per resume that changed it
@@ -142,13 +137,18 @@ def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | 
     """The checkpoint that ``resume`` names, checked before anything loads: ``None`` ->
     None; ``"latest"`` -> the newest complete checkpoint under ``output_dir`` (None when
     there is none); a path (as given, else relative to ``output_dir``, e.g.
-    ``checkpoint-500``) -> it, when it is a complete trainer checkpoint. Otherwise a
-    ValueError naming the path, the checkpoints there are and the fix."""
+    ``checkpoint-500``) -> it, when it is a complete trainer checkpoint of this fastwan's
+    format version (:func:`fastwan.train.checkpoint.check_checkpoint`) whose files match
+    their checksums. Otherwise a ValueError naming the path, the checkpoints there are (or
+    the version found) and the fix."""
     if resume is None:
         return None
     output_dir = Path(output_dir)
     if str(resume) == "latest":
-        return latest_checkpoint(output_dir)
+        found = latest_checkpoint(output_dir)
+        if found is not None:
+            check_checkpoint(found)  # an older format is named, not skipped
+        return found
     given = Path(resume)
     candidates = [given] if given.is_absolute() else [given, output_dir / given]
     path = next((c for c in candidates if c.exists()), None)
@@ -165,25 +165,15 @@ def resolve_resume(resume: str | Path | None, output_dir: str | Path) -> Path | 
             "Pass one of them (--resume checkpoint-<step> or a path), --resume latest, or "
             "no --resume to start from step 0"
         )
-    if not (path / _STATE_FILE).is_file():
-        raise ValueError(
-            f"{str(path)!r} is not a trainer checkpoint (no {_STATE_FILE}); pass a "
-            "checkpoint-<step> directory written by Trainer.save_checkpoint"
-        )
-    if not is_complete(path):
-        raise ValueError(
-            f"{str(path)!r} is not a complete checkpoint (no COMPLETE marker: its save was "
-            "interrupted); resume from an earlier checkpoint or --resume latest"
-        )
+    check_checkpoint(path)  # a trainer checkpoint, complete, of this format version
     return ensure_valid_checkpoint(path)  # a damaged file is named before anything loads
 
 
 def saved_recipe(checkpoint: str | Path) -> tuple[dict[str, Any] | None, str]:
     """The recipe ``checkpoint`` was trained with, as nested dicts, and where it came
-    from: the checkpoint's own ``recipe.yaml``; for a checkpoint without one (written by
-    an older fastwan or by a multi-process save), the run's ``recipe.yaml`` with the
-    changes of ``recipe_changes.jsonl`` made before the checkpoint's step replayed on it;
-    ``(None, reason)`` when neither exists."""
+    from: the checkpoint's own ``recipe.yaml``; for a checkpoint without one (e.g. removed
+    by hand), the run's ``recipe.yaml`` with the changes of ``recipe_changes.jsonl`` made
+    before the checkpoint's step replayed on it; ``(None, reason)`` when neither exists."""
     checkpoint = Path(checkpoint)
     own = checkpoint / RECIPE_FILE
     if own.is_file():
@@ -225,27 +215,6 @@ def check_resume(recipe: Recipe, checkpoint: str | Path) -> dict[str, tuple[Any,
     return resume_changes(saved, recipe, checkpoint)
 
 
-class Method(Protocol):
-    """What the trainer needs of a method (see :class:`fastwan.methods.dmd.DMDMethod`,
-    :class:`fastwan.methods.flow.FlowMethod`)."""
-
-    name: str
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def networks(self) -> dict[str, nn.Module]: ...
-
-    def set_step(self, step: int) -> None: ...
-
-    # dmd: critic_step / generator_step(batch, generator); flow: loss(batch, generator),
-    # each returning (scalar loss, {name: float} to log).
-
-
-def _weights_file(role: str) -> str:
-    return f"{role}.safetensors"
-
-
 class Validator(Protocol):
     """Called with the trainer after a step; returns what it made (``images``: tag ->
     ``[H, W, 3]`` uint8 arrays are logged to the tracker), e.g.
@@ -271,9 +240,10 @@ class Trainer:
     """Runs ``recipe.train.max_steps`` steps of ``method`` on ``data``.
 
     Args:
-        method: a :class:`~fastwan.methods.dmd.DMDMethod` or
+        method: a :class:`~fastwan.methods.base.Method`, e.g. a
+            :class:`~fastwan.methods.dmd.DMDMethod` or
             :class:`~fastwan.methods.flow.FlowMethod`; its ``name`` must equal
-            ``recipe.train.method``.
+            ``recipe.train.method``, each of its roles has an ``optim.<role>``.
         recipe: the training configuration (``train``, ``optim``, ``dmd`` are read).
         data: an iterable of micro-batches (dicts from
             :func:`fastwan.data.dataset.collate_samples`), re-iterated when exhausted,
@@ -290,9 +260,9 @@ class Trainer:
             (:func:`fastwan.distributed.mesh.init_parallel`) when the networks were wrapped
             by :func:`fastwan.distributed.parallelize.parallelize_method` (``None``: one
             process). With more than one process: gradients are reduced only on the last
-            micro-batch, logged losses are means over ranks, the training generator is
-            seeded per data-parallel rank, only rank 0 logs, and checkpoints are sharded
-            (:mod:`fastwan.distributed.checkpoint`).
+            micro-batch, logged losses are means over ranks, the training ``rng`` is
+            seeded per data-parallel rank, only rank 0 logs, and every rank writes its
+            shards of the checkpoints (:mod:`fastwan.train.checkpoint`).
     """
 
     def __init__(
@@ -309,7 +279,8 @@ class Trainer:
     ) -> None:
         if not isinstance(recipe, Recipe):
             raise ValueError(f"recipe must be a Recipe, got {type(recipe).__name__}")
-        name = getattr(method, "name", None)
+        check_method(method)
+        name = method.name
         if name != recipe.train.method:
             raise ValueError(
                 f"train.method is {recipe.train.method!r} but the method is {name!r}; set "
@@ -329,13 +300,26 @@ class Trainer:
         self.device = method.device
         train = recipe.train
         self.accumulation = train.gradient_accumulation_steps
-        self.interval = recipe.dmd.generator_update_interval if name == "dmd" else 1
 
-        self.networks: dict[str, nn.Module] = dict(method.networks())
+        networks = dict(method.networks())
+        roles = tuple(method.roles)
+        if set(networks) != set(roles) or len(set(roles)) != len(roles):
+            raise ValueError(
+                f"{type(method).__name__}.networks() has the roles {sorted(networks)} but its "
+                f"roles are {roles}; they must be the same (each once)"
+            )
+        # Each role's LR schedule spans that role's own updates over the run.
+        counts = update_counts(method, train.max_steps)
+        self.networks: dict[str, nn.Module] = {role: networks[role] for role in roles}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         for role, net in self.networks.items():
-            cfg = getattr(recipe.optim, role)
+            cfg = getattr(recipe.optim, role, None)
+            if cfg is None:
+                raise ValueError(
+                    f"the method's role {role!r} has no optimizer settings: the recipe's optim "
+                    f"has {', '.join(vars(recipe.optim))}"
+                )
             params = [p for p in net.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"the {role} network has no trainable parameters")
@@ -346,13 +330,16 @@ class Trainer:
                 eps=cfg.eps,
                 weight_decay=cfg.weight_decay,
             )
-            updates = math.ceil(train.max_steps / self.interval)
-            total = updates if role == "generator" else train.max_steps
             self.optimizers[role] = opt
-            self.schedulers[role] = make_lr_scheduler(opt, cfg, total)
+            self.schedulers[role] = make_lr_scheduler(opt, cfg, max(1, counts[role]))
 
         # EMA of the generator's weights, updated after each generator update; before
         # train.ema_start_step it restarts at the live weights (tracks them exactly).
+        if train.ema_decay is not None and "generator" not in self.networks:
+            raise ValueError(
+                f"train.ema_decay averages the 'generator' network, but the method's roles "
+                f"are {roles}; set train.ema_decay: null"
+            )
         self.ema = (
             EMA(self.networks["generator"], train.ema_decay)
             if train.ema_decay is not None
@@ -360,7 +347,7 @@ class Trainer:
         )
         # SP ranks of a group share their data-parallel rank's seed (same timesteps, noise).
         seed = train.seed if parallel is None else data_parallel_seed(train.seed, parallel.dp_rank)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)  # every loss draws
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._data_iter: Iterator[Mapping[str, Any]] | None = None
@@ -390,13 +377,8 @@ class Trainer:
         return nullcontext()
 
     # ----------------------------------------------------------------- one update
-    def _update(
-        self,
-        role: str,
-        loss_fn: Callable[[Mapping[str, Any], torch.Generator], tuple[torch.Tensor, dict]],
-        batches: list[Mapping[str, Any]],
-    ) -> dict[str, float]:
-        """Accumulate ``loss_fn`` over ``batches``, clip, step ``role``'s optimizer."""
+    def _update(self, role: str, batches: list[Mapping[str, Any]]) -> dict[str, float]:
+        """Accumulate ``role``'s loss over ``batches``, clip, step ``role``'s optimizer."""
         net, opt, sched = self.networks[role], self.optimizers[role], self.schedulers[role]
         cfg = getattr(self.recipe.optim, role)
         opt.zero_grad(set_to_none=True)
@@ -406,7 +388,7 @@ class Trainer:
             if self._distributed:  # reduce-scatter only after the last micro-batch
                 set_gradient_sync(net, i == len(batches) - 1)
             with self._autocast():
-                loss, info = loss_fn(batch, self.generator)
+                loss, info = self.method.loss(role, batch, self.rng)
             finite = all_finite(loss) if self._distributed else bool(torch.isfinite(loss))
             if not finite:
                 raise FloatingPointError(
@@ -444,14 +426,18 @@ class Trainer:
         batches = [self._next_batch() for _ in range(self.accumulation)]
         record: dict[str, Any] = {"step": self.step + 1}
         self._count_rows(batches, record)
-        if self.method.name == "dmd":
-            record["generator_updated"] = self.step % self.interval == 0
-            if record["generator_updated"]:
-                record.update(self._update("generator", self.method.generator_step, batches))
-            record.update(self._update("critic", self.method.critic_step, batches))
-        else:
-            record.update(self._update("generator", self.method.loss, batches))
-        record["sparsity"] = float(getattr(self.method, "sparsity", None) or 0.0)
+        updates = tuple(self.method.updates(self.step))  # the method's schedule, in order
+        unknown = [role for role in updates if role not in self.networks]
+        if unknown or len(set(updates)) != len(updates):
+            raise ValueError(
+                f"{type(self.method).__name__}.updates({self.step}) returned {updates}: each "
+                f"of its roles {tuple(self.networks)} at most once"
+            )
+        for role in self.networks:
+            record[f"{role}_updated"] = role in updates
+        for role in updates:
+            record.update(self._update(role, batches))
+        record["sparsity"] = float(self.method.sparsity)
         self.step += 1
         record["step_time"] = time.perf_counter() - start
         self.history.append(record)
@@ -673,40 +659,41 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Atomically write ``<output_dir>/checkpoint-<step>``; prunes old ones to
-        ``train.checkpoints_total_limit``. Returns the directory. With more than one
-        process every rank must call it: the checkpoint is sharded (DCP)."""
-        from safetensors.torch import save_file
-
-        if self._distributed:
-            return save_trainer_checkpoint(self, _GENERATOR_NAME)
-
-        def write(tmp: Path) -> None:
-            for role, net in self.networks.items():
-                weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-                save_file(weights, str(tmp / _weights_file(role)), metadata={"format": "pt"})
-            state = {
-                "method": self.method.name,
-                "step": self.step,
-                "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
-                "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
-                "history": self.history,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-            }
-            torch.save(state, tmp / _STATE_FILE)
-            torch.save(capture_rng_state({_GENERATOR_NAME: self.generator}), tmp / _RNG_FILE)
-            dump_recipe(self.recipe, tmp / RECIPE_FILE)  # what trained up to this step
-
-        path = save_checkpoint(
+        """Atomically write ``<output_dir>/checkpoint-<step>`` (DCP, with this step's
+        ``recipe.yaml``); prunes old ones to ``train.checkpoints_total_limit``. Returns the
+        directory. With more than one process every rank must call it."""
+        path = save_training_checkpoint(
             checkpoint_dir(self.output_dir, self.step),
-            write,
+            self._checkpoint_state(),
+            parallel=self.parallel,
             metadata={"step": self.step, "method": self.method.name},
+            extra_files={RECIPE_FILE: lambda file: dump_recipe(self.recipe, file)},
         )
         limit = self.recipe.train.checkpoints_total_limit
-        if limit is not None:
+        if limit is not None and (not self._distributed or self.parallel.is_main):
             prune_checkpoints(self.output_dir, limit)
+        if self._distributed:
+            self.parallel.barrier()
         return path
+
+    def _checkpoint_state(self) -> TrainingState:
+        """The live objects a checkpoint saves and loads (:mod:`fastwan.train.checkpoint`)."""
+        return TrainingState(
+            networks=self.networks,
+            optimizers=self.optimizers,
+            schedulers=self.schedulers,
+            trainer=PlainState(self._counters, self._restore_counters),
+            generators={_GENERATOR_NAME: self.rng},
+            ema={"generator": self.ema} if self.ema is not None else {},
+            data=self.data,  # its position, when it has state_dict / load_state_dict
+        )
+
+    def _counters(self) -> dict[str, Any]:
+        return {"method": self.method.name, "step": self.step, "history": self.history}
+
+    def _restore_counters(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.history = list(state["history"])
 
     def resume(self, path: str | Path | None = None) -> Path | None:
         """Load a checkpoint (default: the latest complete one under ``output_dir``);
@@ -767,49 +754,20 @@ class Trainer:
         )
 
     def _load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = torch.load(path / _STATE_FILE, weights_only=True)
-        if state["method"] != self.method.name:
+        marker = check_checkpoint(path)
+        if marker.get("method") != self.method.name:
             raise ValueError(
-                f"checkpoint {str(path)!r} was written by method {state['method']!r}, not "
-                f"{self.method.name!r}; set train.method: {state['method']}"
+                f"checkpoint {str(path)!r} was written by method {marker.get('method')!r}, not "
+                f"{self.method.name!r}; set train.method: {marker.get('method')}"
             )
-        if state["step"] > self.recipe.train.max_steps:
+        if int(marker.get("step", 0)) > self.recipe.train.max_steps:
             raise ValueError(
-                f"checkpoint step {state['step']} exceeds train.max_steps "
+                f"checkpoint step {marker['step']} exceeds train.max_steps "
                 f"({self.recipe.train.max_steps}); raise train.max_steps"
             )
-        if is_sharded_checkpoint(path):  # saved by N processes; loads on any mesh
-            resume_trainer_checkpoint(self, path, _GENERATOR_NAME)
-            return
-        if self._distributed:  # a one-process checkpoint: every rank keeps its shards
-            resume_trainer_from_full(self, path, state, _GENERATOR_NAME)
-            return
-        for role, net in self.networks.items():
-            net.load_state_dict(load_file(str(path / _weights_file(role)), device="cpu"))
-            self.optimizers[role].load_state_dict(state["optimizers"][role])
-            self.schedulers[role].load_state_dict(state["schedulers"][role])
-        if (state["ema"] is None) != (self.ema is None):
-            raise ValueError(
-                f"checkpoint {str(path)!r} {'lacks' if state['ema'] is None else 'has'} an EMA "
-                "but train.ema_decay is "
-                f"{self.recipe.train.ema_decay}; resume with the ema_decay of the saved run"
-            )
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        if state["data"] is not None:
-            if hasattr(self.data, "load_state_dict"):
-                self.data.load_state_dict(state["data"])
-            else:
-                warnings.warn(
-                    "the checkpoint holds a data position but this data has no "
-                    "load_state_dict: the resumed run will not see the same batches",
-                    stacklevel=2,
-                )
+        # any mesh or one process, whatever saved it (DCP reshards)
+        load_training_checkpoint(
+            path, self._checkpoint_state(), parallel=self.parallel, seed=self.recipe.train.seed
+        )
         self._data_iter = None
-        rng = torch.load(path / _RNG_FILE, weights_only=True)
-        restore_rng_state(rng, {_GENERATOR_NAME: self.generator})
         self.method.set_step(self.step)

@@ -1,8 +1,14 @@
 """Per-GPU memory estimate of a sparse-distillation run (``fastwan plan``), without weights.
 
-The three networks of DMD -- student (generator, trainable), critic (fake score,
-trainable), teacher (real score, frozen) -- are sized from their Wan configs (a preset for
-a hub id, ``transformer/config.json`` for a local folder) under the recipe's layout
+A tool over the model code (it imports :mod:`fastwan.models` and :mod:`fastwan.shapes`,
+nothing of distributed, methods or train). The three networks of DMD -- student
+(generator, trainable), critic (fake score, trainable), teacher (real score, frozen) -- are
+diffusers' ``WanTransformer3DModel`` built on the meta device from their configs (a
+preset's for a hub id or preset name, ``transformer/config.json`` for a local folder), with
+fastwan's VSA gates, and counted tensor by tensor (:class:`WanArch`); no formula of
+diffusers' layers is written here, so image-to-video models (image cross-attention, 36
+input channels) and future config fields count right by construction. They are planned
+under the recipe's layout
 ``replicate x shard x sequence_parallel``. FSDP2 shards parameters, gradients and optimizer
 states over ``shard x sequence_parallel`` ranks (fastwan's mesh: the ranks of an SP group
 hold the same weights, see :mod:`fastwan.distributed.mesh`); ``replicate`` copies them.
@@ -11,7 +17,8 @@ What is counted, per GPU (bytes):
 
 * parameters in their stored dtype (``model.dtype`` for student and critic, the fp32
   master weights of AdamW in the seed recipes; ``model.teacher_dtype`` for the teacher).
-  Every network carries the VSA gates fastwan's loader adds (``dim x dim`` per block);
+  Every network carries the VSA gates fastwan's loader adds (a ``dim x dim`` linear per
+  block, :func:`fastwan.models.vsa.add_vsa_gates`);
 * gradients of trainable parameters, in the stored dtype (the gates train only where
   VSA runs: the student with ``vsa.enabled``);
 * AdamW states: two moments in the stored dtype (fp32 master weights: the parameters
@@ -33,16 +40,20 @@ parameters, gradients, optimizer states and EMA live in host memory: they leave 
 total and are reported as host memory per rank.
 
 It is an estimate from first principles, not a measurement: the structure (what scales
-with what) is exact, the constants are per-tensor counts of diffusers' code.
+with what) and the parameter counts are exact; the activation constants are per-tensor
+counts of what diffusers' block saves (re-measured by the tests).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastwan.shapes import latent_grid
 
 GIB = 1024**3
 CHECKPOINT_MODES = ("none", "selective", "full")
@@ -56,82 +67,82 @@ DEFAULT_TEXT_LENGTH = 512  # Wan's UMT5 context length (text embeddings are padd
 
 @dataclass(frozen=True)
 class WanArch:
-    """The sizes of a diffusers ``WanTransformer3DModel`` that memory depends on."""
+    """The sizes of a diffusers ``WanTransformer3DModel`` (with fastwan's VSA gates) that
+    memory depends on, read off the model itself: :meth:`from_config` builds it on the meta
+    device (no memory, exact shapes) and counts its parameters tensor by tensor."""
 
-    dim: int
+    dim: int  # attention heads x head dim
     num_heads: int
     num_layers: int
     ffn_dim: int
-    in_channels: int
-    out_channels: int
     patch_size: tuple[int, int, int]
-    text_dim: int
-    freq_dim: int
-    cross_attn_norm: bool = True
-    added_kv_proj_dim: int | None = None
-    image_dim: int | None = None
+    image_attention: bool  # I2V: cross-attention also attends CLIP image tokens
+    params: int  # every parameter, the VSA gates included
+    gate_params: int  # the gates' share of ``params`` (``blocks.N.to_gate_compress``)
+    block_params: int  # the largest block, its gate included
+    root_params: int  # outside the blocks: patch and condition embedders, output
+
+    @classmethod
+    def from_model(cls, model: Any) -> WanArch:
+        """From a built ``WanTransformer3DModel`` (any device; gates counted if it has
+        them: :func:`fastwan.models.vsa.add_vsa_gates`)."""
+        from fastwan.models.vsa import GATE_NAME, transformer_blocks
+
+        blocks = transformer_blocks(model)
+        block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        params = sum(p.numel() for p in model.parameters())
+        gates = sum(
+            p.numel() for name, p in model.named_parameters() if f".{GATE_NAME}." in name
+        )
+        c = model.config
+        return cls(
+            dim=int(c.num_attention_heads) * int(c.attention_head_dim),
+            num_heads=int(c.num_attention_heads),
+            num_layers=len(blocks),
+            ffn_dim=int(c.ffn_dim),
+            patch_size=tuple(int(p) for p in c.patch_size),
+            image_attention=c.added_kv_proj_dim is not None,
+            params=params,
+            gate_params=gates,
+            block_params=max(block_sizes, default=0),
+            root_params=params - sum(block_sizes),
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> WanArch:
-        """From a ``transformer/config.json`` dict (diffusers' defaults where absent)."""
+        """From a ``transformer/config.json`` dict: diffusers' class built from it on the
+        meta device, with the VSA gates fastwan's loader adds (built once per config)."""
         try:
-            heads = int(config.get("num_attention_heads", 40))
-            dim = heads * int(config.get("attention_head_dim", 128))
-            in_channels = int(config.get("in_channels", 16))
-            return cls(
-                dim=dim,
-                num_heads=heads,
-                num_layers=int(config.get("num_layers", 40)),
-                ffn_dim=int(config.get("ffn_dim", 13824)),
-                in_channels=in_channels,
-                out_channels=int(config.get("out_channels") or in_channels),
-                patch_size=tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),
-                text_dim=int(config.get("text_dim", 4096)),
-                freq_dim=int(config.get("freq_dim", 256)),
-                cross_attn_norm=bool(config.get("cross_attn_norm", True)),
-                added_kv_proj_dim=config.get("added_kv_proj_dim"),
-                image_dim=config.get("image_dim"),
-            )
-        except (TypeError, ValueError) as err:
+            key = json.dumps(config, sort_keys=True)
+        except TypeError as err:
             raise ValueError(f"not a Wan transformer config ({err}): {config!r}") from None
+        return _arch_of_config(key)
 
-    def block_params(self, gates: bool = True) -> int:
-        """Parameters of one ``WanTransformerBlock`` (plus its VSA gate)."""
-        d, f = self.dim, self.ffn_dim
-        linear = d * d + d
-        attn1 = 4 * linear + 2 * d  # q, k, v, out; RMS norms of q and k
-        attn2 = 4 * linear + 2 * d
-        if self.added_kv_proj_dim is not None:  # I2V image keys / values and their norm
-            attn2 += 2 * (self.added_kv_proj_dim * d + d) + d
-        norm2 = 2 * d if self.cross_attn_norm else 0  # affine LayerNorm
-        ffn = d * f + f + f * d + d
-        table = 6 * d  # scale_shift_table
-        gate = linear if gates else 0
-        return attn1 + attn2 + norm2 + ffn + table + gate
 
-    def root_params(self) -> int:
-        """Parameters outside the blocks: patch embedding, condition embedders, output."""
-        d = self.dim
-        patch = math.prod(self.patch_size)
-        embed = self.in_channels * patch * d + d
-        time = (self.freq_dim * d + d) + (d * d + d) + (d * 6 * d + 6 * d)
-        text = (self.text_dim * d + d) + (d * d + d)
-        image = 0
-        if self.image_dim is not None:  # I2V image embedder: 2 LayerNorms + FFN
-            e = self.image_dim
-            image = 2 * e + (e * e + e) + (e * d + d) + 2 * d
-        out = d * self.out_channels * patch + self.out_channels * patch + 2 * d
-        return embed + time + text + image + out
+@functools.lru_cache(maxsize=32)
+def _arch_of_config(config_json: str) -> WanArch:
+    import torch
+    from diffusers import WanTransformer3DModel
 
-    def param_count(self, gates: bool = True) -> int:
-        return self.root_params() + self.num_layers * self.block_params(gates)
+    from fastwan.models.vsa import add_vsa_gates
 
-    def gate_params(self) -> int:
-        return self.num_layers * (self.dim * self.dim + self.dim)
+    config = json.loads(config_json)
+    try:
+        with torch.device("meta"):  # shapes only: a 14B model in a fraction of a second
+            model = WanTransformer3DModel.from_config(config)
+            add_vsa_gates(model)  # as fastwan's loader does: every network carries them
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"not a Wan transformer config ({err}): {config!r}") from None
+    return WanArch.from_model(model)
+
+
+# CLIP ViT-H/14 image tokens Wan2.1 I2V attends (16 x 16 patches of 224 px + the class
+# token; diffusers' WanImageToVideoPipeline image embeddings are [B, 257, 1280]).
+I2V_IMAGE_TOKENS = 257
 
 
 def block_activation_bytes(
-    arch: WanArch, compute_bytes: int, text_length: int
+    arch: WanArch, compute_bytes: int, text_length: int, image_length: int = I2V_IMAGE_TOKENS
 ) -> tuple[float, float]:
     """Bytes autograd keeps for one block's backward: ``(per token, per sample)``.
 
@@ -143,14 +154,21 @@ def block_activation_bytes(
       q and k after their RMS norms (autocast runs norms in fp32) and through the rotation,
       the fp32 residual terms; plus norm statistics and per-head softmax statistics;
     * compute dtype, ``10 dim + 2 ffn_dim``: projection inputs, attention q, k, v and
-      outputs of self- and cross-attention, the FFN input, GELU input and output.
+      outputs of self- and cross-attention, the FFN input, GELU input and output;
+    * I2V (image cross-attention), ``2 dim`` in the compute dtype and per-head softmax
+      statistics more: the image attention's output and the sum with the text's.
 
     VSA saves no more than dense attention (measured with the torch backend), so the same
-    count serves both. Per sample: keys and values of the ``text_length`` text tokens.
+    count serves both. Per sample: keys and values of the ``text_length`` text tokens (and
+    of the ``image_length`` image tokens under I2V).
     """
     d, f, h = arch.dim, arch.ffn_dim, arch.num_heads
     per_token = 4 * (12 * d + 9 + 2 * h) + compute_bytes * (10 * d + 2 * f)
-    per_sample = compute_bytes * 2 * text_length * d
+    context = text_length
+    if arch.image_attention:
+        per_token += compute_bytes * 2 * d + 4 * h
+        context += image_length
+    per_sample = compute_bytes * 2 * context * d
     return per_token, per_sample
 
 
@@ -367,10 +385,10 @@ def estimate_memory(
                 f"parallel.sequence_parallel ({sp})"
             )
         sbytes = _DTYPE_BYTES[spec.dtype]
-        params = arch.param_count(gates=True)
+        params = arch.params
         trainable = 0
         if spec.trainable:
-            trainable = params if spec.vsa else params - arch.gate_params()
+            trainable = params if spec.vsa else params - arch.gate_params
         # FSDP2 shards every parameter over `fsdp` ranks (dim-0 chunks, padded).
         param_bytes = params * sbytes / fsdp
         grad_bytes = trainable * sbytes / fsdp
@@ -393,12 +411,12 @@ def estimate_memory(
             acts["selective"] = root + L * (block_input + attn_out) + block_full
             acts["full"] = root + L * block_input + block_full
 
-        block = arch.block_params(gates=True)
+        block = arch.block_params
         if fsdp > 1:
             # unsharded compute-dtype params of the current and the prefetched block, the
             # root's while the whole forward runs, one block's fp32 gradient before
             # its reduce-scatter
-            working = (2 * block + arch.root_params()) * cbytes
+            working = (2 * block + arch.root_params) * cbytes
             if spec.trainable:
                 working += block * 4
         else:
@@ -467,7 +485,7 @@ def resolve_model(source: str) -> tuple[WanArch, tuple[int, int, int], int]:
         try:
             preset = infer_preset(str(path), config, has_gates=False)
             stride = stride or tuple(preset.vae_stride)
-            text_length = int(getattr(preset, "text_length", DEFAULT_TEXT_LENGTH))
+            text_length = preset.text_length
         except ValueError:
             pass
         return arch, stride or (4, 8, 8), text_length
@@ -480,21 +498,11 @@ def resolve_model(source: str) -> tuple[WanArch, tuple[int, int, int], int]:
             "is enough) or one of the presets' hub ids"
         ) from None
     arch = WanArch.from_config(transformer_config(preset))
-    text_length = int(getattr(preset, "text_length", DEFAULT_TEXT_LENGTH))
-    return arch, tuple(preset.vae_stride), text_length
+    return arch, tuple(preset.vae_stride), preset.text_length
 
 
-def latent_grid(
-    num_frames: int, height: int, width: int, stride: tuple[int, int, int]
-) -> tuple[int, int, int]:
-    """Latent ``(T, H, W)`` of a clip under a VAE stride (causal in time: 1 + (F-1)/st)."""
-    st, sh, sw = stride
-    if num_frames < 1 or (num_frames - 1) % st:
-        raise ValueError(f"data.num_frames={num_frames} must be 1 + a multiple of {st}")
-    for name, value, s in (("height", height, sh), ("width", width, sw)):
-        if value < 1 or value % s:
-            raise ValueError(f"data.{name}={value} must be a positive multiple of {s}")
-    return (num_frames - 1) // st + 1, height // sh, width // sw
+def _data_field(name: str) -> str:
+    return f"data.{name}"
 
 
 def plan_recipe(
@@ -537,7 +545,7 @@ def plan_recipe(
     specs, grids, text_length = [], set(), DEFAULT_TEXT_LENGTH
     for role, source, dtype, trainable, vsa, ema in roles:
         arch, stride, text_length = resolve_model(source)
-        grids.add(latent_grid(d.num_frames, d.height, d.width, stride))
+        grids.add(latent_grid(d.num_frames, d.height, d.width, stride, name=_data_field))
         specs.append(NetworkSpec(role, source, arch, dtype, trainable, vsa, ema))
     if len(grids) != 1:
         raise ValueError(f"the networks' VAE strides give different latent grids {grids}")
