@@ -145,6 +145,7 @@ def build_tiny_wan(
 
 
 CLIP_DIM = 24  # the tiny CLIP vision encoder's hidden size (Wan2.1 I2V: 1280)
+CLIP_TOKENS = 17  # its tokens per image: (32 / 8)^2 patches + CLS (Wan2.1 I2V: 257)
 
 
 def tiny_image_encoder():
@@ -169,12 +170,18 @@ def tiny_image_encoder():
 
 
 def build_tiny_wan_i2v(
-    path: str | Path, *, variant: str = "wan2.1", num_layers: int = 2, seed: int = 0
+    path: str | Path,
+    *,
+    variant: str = "wan2.1",
+    num_layers: int = 2,
+    seed: int = 0,
+    flf2v: bool = False,
 ) -> Path:
     """A tiny image-to-video Wan pipeline saved by diffusers under ``path``: ``wan2.1`` is a
     ``WanImageToVideoPipeline`` (CLIP image encoder, transformer with image cross-attention
     and 16 + 4 + 16 = 36 input channels); ``wan2.2`` a TI2V folder (``expand_timesteps``,
-    no image encoder). Returns ``path``."""
+    no image encoder). flf2v: a first-last-frame transformer (Wan2.1 FLF2V: positional
+    embeddings over both images' CLIP tokens). Returns ``path``."""
     from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 
     if variant == "wan2.2":
@@ -192,6 +199,8 @@ def build_tiny_wan_i2v(
             image_dim=CLIP_DIM,
             added_kv_proj_dim=32,  # the transformer's dim
         )
+        if flf2v:  # two images' CLIP tokens: 2 x (16 patches + CLS)
+            config["pos_embed_seq_len"] = 2 * CLIP_TOKENS
         pipe = WanImageToVideoPipeline(
             tokenizer=tokenizer,
             text_encoder=tiny_text_encoder(len(tokenizer)),

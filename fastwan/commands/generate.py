@@ -23,7 +23,7 @@ def finite_float(text: str) -> float:
 
 def seed_int(text: str) -> int:
     """An argparse type: a seed in [0, 2**63 - 1]."""
-    from fastwan.pipeline import MAX_SEED
+    from fastwan.choices import MAX_SEED
 
     try:
         value = int(text)
@@ -75,6 +75,19 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", type=Path, help="a text file: one prompt per line (# comments)")
     p.add_argument("--negative-prompt", default=None, help="default: the preset's (used with CFG)")
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="first frame (PNG/JPEG) for image-to-video models (Wan2.2 TI2V, Wan2.1 I2V); "
+        "the size then defaults to the image's aspect ratio",
+    )
+    p.add_argument(
+        "--last-image",
+        type=Path,
+        default=None,
+        help="last frame, for first-last-frame models (Wan2.1 FLF2V)",
+    )
     p.add_argument(
         "--output",
         type=Path,
@@ -152,10 +165,12 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from fastwan.choices import MAX_SEED
     from fastwan.fsutil import ensure_writable_dir
     from fastwan.models.identity import check_video_size
+    from fastwan.models.image_encoder import load_image
     from fastwan.models.loading import identify_folder
-    from fastwan.pipeline import MAX_SEED, VideoGenerator
+    from fastwan.pipeline import VideoGenerator, image_video_size
     from fastwan.video_io import MP4_SUFFIXES, save_video
 
     if args.output.suffix.lower() not in MP4_SUFFIXES + (".gif",):
@@ -177,12 +192,37 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {str(path)!r} is a directory; pass a file name (.mp4)")
     for folder in sorted({path.parent for path in paths}):
         ensure_writable_dir(folder, "--output")
+    if args.last_image is not None and args.image is None:
+        raise ValueError("--last-image needs --image (the first frame)")
+    if (args.image is not None) and ((args.height is None) != (args.width is None)):
+        raise ValueError(
+            "with --image pass both --height and --width, or neither (then they follow the "
+            "image's aspect ratio)"
+        )
+    images = {}
+    for flag, value in (("--image", args.image), ("--last-image", args.last_image)):
+        if value is not None:
+            images[flag] = load_image(value, flag)  # a ValueError naming the flag
     _, identity = identify_folder(args.model, preset=args.preset)
     p = identity.preset
+    if identity.task == "i2v" and args.image is None:
+        raise ValueError(f"{p.name!r} is an image-to-video model: pass --image FIRST_FRAME.png")
+    if identity.task == "t2v" and args.image is not None:
+        raise ValueError(
+            f"--image: {p.name!r} is a text-to-video model; image-to-video needs a Wan2.2 "
+            "TI2V or Wan2.1 I2V checkpoint"
+        )
+    height, width = args.height, args.width
+    if args.image is not None and height is None:
+        height, width = image_video_size(identity, images["--image"])
+        print(
+            f"image: {args.image} ({images['--image'].width}x{images['--image'].height}) -> "
+            f"video {width}x{height} (the image's aspect ratio)"
+        )
     check_video_size(
         identity,
-        p.height if args.height is None else args.height,
-        p.width if args.width is None else args.width,
+        p.height if height is None else height,
+        p.width if width is None else width,
         p.num_frames if args.num_frames is None else args.num_frames,
     )
     generator = VideoGenerator.from_pretrained(
@@ -239,8 +279,10 @@ def run(args: argparse.Namespace) -> int:
             out = generator.generate(
                 prompt,
                 args.negative_prompt,
-                height=args.height,
-                width=args.width,
+                image=images.get("--image"),
+                last_image=images.get("--last-image"),
+                height=height,
+                width=width,
                 num_frames=args.num_frames,
                 num_inference_steps=args.steps,
                 timesteps=timesteps,

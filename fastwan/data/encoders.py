@@ -47,7 +47,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """fp32 / bf16 / fp16 by name; default bf16 on CUDA, fp32 on the CPU."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    from fastwan.pipeline import parse_dtype
+    from fastwan.choices import parse_dtype
 
     return parse_dtype(name)
 
@@ -65,7 +65,7 @@ def _component_dir(path: Path, name: str, what: str) -> Path:
 class WanTextEncoder:
     """UMT5 text encoder: ``__call__(prompts) -> list of [L_i, dim]`` float32 CPU tensors.
 
-    Prompts are cleaned (:func:`fastwan.pipeline.clean_prompt`) and tokenised to
+    Prompts are cleaned (:func:`fastwan.models.text_encoder.clean_prompt`) and tokenised to
     ``max_length`` as the Wan pipeline does; only each prompt's valid tokens are returned.
     """
 
@@ -124,35 +124,22 @@ class WanTextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        from fastwan.pipeline import clean_prompt
+        from fastwan.models.text_encoder import encode_prompts
 
         if isinstance(prompts, str):
             raise ValueError("encode_text takes a list of prompts, got one string")
         out: list[torch.Tensor] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = [clean_prompt(p) for p in prompts[start : start + self.batch_size]]
-            inputs = self.tokenizer(
-                batch,
-                padding="max_length",
-                max_length=self.max_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_attention_mask=True,
-                return_tensors="pt",
+            batch = list(prompts[start : start + self.batch_size])
+            emb = encode_prompts(
+                self.tokenizer, self.text_encoder, batch, self.max_length, self.device
             )
-            ids, mask = inputs.input_ids, inputs.attention_mask  # [B, max_length]
-            hidden = self.text_encoder(
-                ids.to(self.device), mask.to(self.device)
-            ).last_hidden_state  # [B, max_length, dim]
-            lengths = mask.gt(0).sum(dim=1).tolist()
-            out += [h[:n].float().cpu() for h, n in zip(hidden, lengths)]  # [n, dim] each
-            full = self.tokenizer(batch, add_special_tokens=True).input_ids
-            cut = [p for p, t in zip(batch, full) if len(t) > self.max_length]
-            if cut:  # as the Wan pipeline does; say so rather than lose text silently
-                self.truncated += len(cut)
+            out += [h.float().cpu() for h in emb.trimmed()]  # [n, dim] each
+            if emb.truncated:  # as the Wan pipeline does; say so rather than lose text silently
+                self.truncated += len(emb.truncated)
                 warnings.warn(
-                    f"{len(cut)} prompt(s) longer than {self.max_length} tokens were truncated "
-                    f"(e.g. {cut[0][:80]!r}...)",
+                    f"{len(emb.truncated)} prompt(s) longer than {self.max_length} tokens were "
+                    f"truncated (e.g. {batch[emb.truncated[0][0]][:80]!r}...)",
                     stacklevel=3,  # the caller of __call__ (past torch.no_grad's wrapper)
                 )
         return out

@@ -104,8 +104,8 @@ def call_transformer(
     timesteps ``t`` ``[B]`` in [0, 1000] and text ``cond`` ``[B, L, dim]``; float32.
 
     expand_timesteps: Wan2.2 TI2V passes one timestep per latent token (``[B, S]``, see
-    :func:`fastwan.pipeline.per_token_timesteps`) instead of one per sample."""
-    from fastwan.pipeline import per_token_timesteps
+    :func:`fastwan.diffusion.image_condition.per_token_timesteps`) instead of one per sample."""
+    from fastwan.diffusion.image_condition import per_token_timesteps
 
     dtype = next(net.parameters()).dtype
     t = t.to(torch.float32)  # [B]

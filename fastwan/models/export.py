@@ -28,7 +28,7 @@ from fastwan.models.identity import (
     SIDECAR_NAME,
     SIDECAR_VERSION,
 )
-from fastwan.models.loading import COMPONENTS, read_model_index
+from fastwan.models.loading import COMPONENTS, IMAGE_COMPONENTS, read_model_index
 from fastwan.models.presets import FASTWAN_TIMESTEPS
 from fastwan.models.vsa import GATE_NAME
 
@@ -122,7 +122,9 @@ def export_pipeline(
     sampling: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete Diffusers pipeline folder: ``transformer`` saved by fastwan, the
-    other components (vae, text encoder, tokenizer, scheduler) copied from ``source``.
+    other components (vae, text encoder, tokenizer, scheduler, and an image-to-video
+    model's image encoder and processor) copied from ``source``; the pipeline class stays
+    (``WanImageToVideoPipeline`` for Wan2.1 I2V).
 
     sampling: how the model is meant to sample (fields of
     :data:`fastwan.models.identity.SIDECAR_FIELDS`, e.g. ``timesteps``, ``attention``,
@@ -141,11 +143,12 @@ def export_pipeline(
             raise ValueError("out_dir must differ from the source pipeline folder")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in COMPONENTS:
-        if name != "transformer":
+    kept = [*COMPONENTS, *IMAGE_COMPONENTS]
+    for name in kept:  # Wan2.1 I2V's CLIP encoder and processor travel with the model
+        if name != "transformer" and index.get(name) not in (None, [None, None]):
             shutil.copytree(source / name, out_dir / name)
-    extra = [k for k, v in index.items() if isinstance(v, list) and k not in COMPONENTS]
-    for name in extra:  # optional components (e.g. transformer_2) are not exported
+    extra = [k for k, v in index.items() if isinstance(v, list) and k not in kept]
+    for name in extra:  # other optional components (e.g. transformer_2) are not exported
         index[name] = [None, None]
     if index.get("_class_name") in DMD_PIPELINE_CLASSES:
         # FastVideo's class is not in diffusers; the sidecar keeps the few-step sampling.

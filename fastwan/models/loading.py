@@ -33,6 +33,8 @@ from fastwan.models.presets import PRESETS, WanPreset, get_preset
 from fastwan.models.vsa import GATE_NAME, add_vsa_gates, set_attention
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# Wan2.1 I2V's CLIP: optional components of an image-to-video folder
+IMAGE_COMPONENTS = ("image_encoder", "image_processor")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _GATE_KEY = re.compile(rf"^blocks\.(\d+)\.{GATE_NAME}\.(weight|bias)$")
@@ -380,8 +382,14 @@ def load_transformer(
 
 _PENDING_ATTR = "_fastwan_pending_weights"
 # Wrapper modules that prefix parameter names (activation checkpointing, torch.compile,
-# FSDP1): a checkpoint key is the name without them.
-_WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+# FSDP1, a peft LoRA layer around the Linear it adapts): a checkpoint key is the name
+# without them.
+_WRAPPER_NAMES = frozenset(
+    {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module", "base_layer"}
+)
+# A peft LoRA adapter's tensors (``...lora_A.<adapter>.weight``): no checkpoint has them;
+# they load as zeros, and fastwan.models.lora.init_lora_weights gives them their values.
+_ADAPTER_KEY = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 @dataclass(frozen=True)
@@ -623,7 +631,7 @@ def load_pending_weights(net: nn.Module) -> None:
                 "before loading its weights"
             )
         match = _GATE_KEY.match(key)
-        if match and int(match.group(1)) not in pending.gate_blocks:
+        if (match and int(match.group(1)) not in pending.gate_blocks) or _ADAPTER_KEY.search(key):
             zero.append(tensor)
         elif key in pending.files:
             by_file.setdefault(pending.files[key], []).append((key, tensor))

@@ -183,7 +183,7 @@ class Validator:
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
     ) -> None:
-        from fastwan.pipeline import SAMPLER_NAMES
+        from fastwan.choices import SAMPLERS as SAMPLER_NAMES
 
         prompts = list(prompts)
         if not prompts or len(prompts) != len(embeddings):
@@ -310,43 +310,55 @@ class Validator:
         uint8, prompt-major."""
         from tqdm import tqdm
 
-        from fastwan.pipeline import decode_latents, denoise
+        from fastwan.pipeline import VideoGenerator, decode_latents
         from fastwan.video_io import to_uint8_frames
 
         device = next(transformer.parameters()).device
         self._check_geometry(transformer)
+        st, ss = (
+            int(self.vae.config.scale_factor_temporal),
+            int(self.vae.config.scale_factor_spatial),
+        )
+        _, t, h, w = self.latent_shape
+        gen = VideoGenerator.from_modules(
+            transformer,
+            self.vae,
+            scheduler=self.scheduler,
+            expand_timesteps=self.expand_timesteps,
+            device=device,
+            fps=self.fps,
+        )
+        size = dict(height=h * ss, width=w * ss, num_frames=(t - 1) * st + 1)
+        steps = (
+            dict(timesteps=self.timesteps)
+            if self.sampler == "dmd"
+            else dict(num_inference_steps=self.num_inference_steps)
+        )
         was_training = transformer.training
         transformer.eval()
         latents, frames = [], []
         jobs = [(i, s) for i in range(len(self.prompts)) for s in self.seeds]
         try:
             for i, seed in tqdm(jobs, desc="validation", disable=not self.progress, leave=False):
-                # The noise of VideoGenerator.generate(seed=seed): a CPU generator.
-                g = torch.Generator("cpu").manual_seed(seed)
-                noise = torch.randn((1, *self.latent_shape), generator=g, dtype=torch.float32)
-                uncond = self.uncond.to(device) if self.uncond is not None else None
                 amp = (
                     torch.autocast(device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None
                     else nullcontext()
                 )
-                with amp:
-                    x0, _ = denoise(
-                        transformer,
-                        noise.to(device),  # [1, C, T, h, w]
-                        self.cond[i : i + 1].to(device),  # [1, L, dim]
+                with amp:  # the transformer only: the VAE decodes in its own dtype
+                    out = gen.generate(
+                        prompt_embeds=self.cond[i : i + 1],  # [1, L, dim]
+                        negative_prompt_embeds=self.uncond,
                         sampler=self.sampler,
-                        generator=g,
-                        timesteps=self.timesteps,
-                        num_inference_steps=self.num_inference_steps,
-                        uncond=uncond,
                         guidance_scale=self.guidance_scale,
                         flow_shift=self.flow_shift,
-                        scheduler=self.scheduler,
-                        expand_timesteps=self.expand_timesteps,
+                        seed=seed,
+                        output_type="latent",
+                        **size,
+                        **steps,
                     )
-                x0 = x0.float()
-                latents.append(x0.cpu())
+                x0 = out.latents  # [1, C, T, h, w] float32 CPU
+                latents.append(x0)
                 frames.append(to_uint8_frames(decode_latents(self.vae, x0)[0]))
         finally:
             transformer.train(was_training)
