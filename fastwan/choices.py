@@ -10,6 +10,8 @@ from typing import Any
 
 # VSA kernels: auto = Triton on CUDA, else torch; reference = the dense float32 oracle.
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "flex")
+# Other projects' VSA kernels that `fastwan bench attention --peer` times beside fastwan's.
+ATTENTION_PEERS = ("fastvideo",)
 # What a model generates from: text (t2v), text + a first image through CLIP and condition
 # channels (i2v: Wan2.1 I2V, WanImageToVideoPipeline), or text with an optional first image
 # as the clean first latent frame (ti2v: Wan2.2 TI2V, expand_timesteps).
@@ -26,6 +28,12 @@ VALIDATION_SAMPLERS = ("scheduler", "unipc", "euler")
 # Training methods, and the CLI command that runs each.
 METHODS = ("dmd", "flow")
 METHOD_OF_COMMAND = {"distill": "dmd", "finetune": "flow"}
+# LoRA (recipe section lora): how an adapter's A matrix starts (B starts at zero, so the
+# adapted network starts as its base): default = peft's kaiming-uniform, gaussian = N(0, 1/r).
+LORA_INITS = ("default", "gaussian")
+# How a LoRA student trains its VSA gates: full = the gate weights themselves, lora = a
+# low-rank adapter on each gate (the gate's base stays frozen).
+LORA_GATES = ("full", "lora")
 # VideoGenerator.generate(output_type=...): as diffusers' WanPipeline names them.
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # Video writers of fastwan.video_io.

@@ -135,6 +135,9 @@ class VideoGenerator:
         self.vae_tiling = vae_tiling
         if vae_tiling:  # decode in overlapping spatial tiles: bounded memory at any size
             components.vae.enable_tiling()
+        # How CFG combines its branches: None = both on this device (samplers.cfg); CFG
+        # parallel (fastwan.multi_device) puts one branch on each half of the devices.
+        self.guidance: Callable | None = None
 
     def _modules(self) -> list[torch.nn.Module]:
         c = self.components
@@ -159,6 +162,9 @@ class VideoGenerator:
         compile: bool | str = False,
         vae_tiling: bool = False,
         strict: bool = False,
+        num_gpus: int = 1,
+        cfg_parallel: bool = True,
+        fsdp: bool = False,
     ) -> VideoGenerator:
         """Load a Diffusers-format Wan folder (or hub id / preset name).
 
@@ -176,7 +182,37 @@ class VideoGenerator:
         transformer block (``True`` = inductor, or a backend name; the first generation
         at a new size pays the compile). vae_tiling: decode in overlapping spatial tiles
         (diffusers' ``enable_tiling``) to bound the VAE's memory at large sizes.
+
+        num_gpus > 1: one video on that many devices (worker processes fastwan starts, or
+        the ranks of ``torchrun``): sequence parallel, CFG parallel (``cfg_parallel``) and,
+        with ``fsdp=True``, the transformer's weights sharded over the devices; returns a
+        :class:`fastwan.multi_device.MultiDeviceGenerator` with the same ``generate``.
         """
+        if num_gpus != 1:
+            from fastwan.multi_device import MultiDeviceGenerator
+
+            if cpu_offload or compile:
+                raise ValueError(
+                    "num_gpus > 1 runs without cpu_offload / compile; pass num_gpus=1 for them"
+                )
+            return MultiDeviceGenerator(  # type: ignore[return-value]
+                path_or_id,
+                num_gpus,
+                device=None if device is None else str(device),
+                cfg_parallel=cfg_parallel,
+                fsdp=fsdp,
+                preset=preset,
+                attention=attention,
+                sparsity=sparsity,
+                tile_size=tile_size,
+                backend=backend,
+                dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+                vae_dtype=str(vae_dtype).removeprefix("torch."),
+                vae_tiling=vae_tiling,
+                strict=strict,
+            )
+        if fsdp:
+            raise ValueError("fsdp=True shards over several devices: pass num_gpus > 1")
         dev = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -608,6 +644,7 @@ class VideoGenerator:
                 condition=condition,
                 callback=step_end,
                 embeds=embeds,
+                guidance=self.guidance,
             )
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
@@ -1003,6 +1040,7 @@ def denoise(
     condition: ImageCondition | None = None,
     callback: Callback | None = None,
     embeds: dict | None = None,
+    guidance: Callable | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Run a Wan transformer's sampler from ``noise`` ``[B, C, T, h, w]`` (at t = 1000).
 
@@ -1013,7 +1051,9 @@ def denoise(
     expand_timesteps: Wan2.2 TI2V per-token timesteps. condition: the image of an
     image-to-video model (:class:`ImageCondition`). embeds: a dict holding
     ``prompt_embeds`` / ``negative_prompt_embeds`` that a ``callback`` may replace between
-    steps (default: ``cond`` / ``uncond``). Call under ``torch.no_grad()``.
+    steps (default: ``cond`` / ``uncond``). guidance: ``(cond_fn, uncond_fn, scale) ->
+    model_fn`` in place of :func:`~fastwan.diffusion.samplers.cfg` (CFG parallel). Call
+    under ``torch.no_grad()``.
     Returns (latents ``[B, C, T, h, w]`` float32, the timesteps the model saw).
     """
     check_choice(sampler, SAMPLERS, "sampler")
@@ -1025,7 +1065,7 @@ def denoise(
         uncond_fn = _model_fn(
             transformer, embeds, "negative_prompt_embeds", expand_timesteps, shape, condition
         )
-        model_fn = cfg(model_fn, uncond_fn, guidance_scale)
+        model_fn = (guidance or cfg)(model_fn, uncond_fn, guidance_scale)
     seen: list[float] = []
 
     def traced(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # one call per step

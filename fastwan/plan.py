@@ -51,9 +51,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastwan.shapes import latent_grid
+
+if TYPE_CHECKING:  # torch is imported only when a model is built
+    from torch import nn
+
+    from fastwan.config import Recipe
 
 GIB = 1024**3
 CHECKPOINT_MODES = ("none", "selective", "full")
@@ -83,7 +88,7 @@ class WanArch:
     root_params: int  # outside the blocks: patch and condition embedders, output
 
     @classmethod
-    def from_model(cls, model: Any) -> WanArch:
+    def from_model(cls, model: nn.Module) -> WanArch:
         """From a built ``WanTransformer3DModel`` (any device; gates counted if it has
         them: :func:`fastwan.models.vsa.add_vsa_gates`)."""
         from fastwan.models.vsa import GATE_NAME, transformer_blocks
@@ -91,9 +96,7 @@ class WanArch:
         blocks = transformer_blocks(model)
         block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
         params = sum(p.numel() for p in model.parameters())
-        gates = sum(
-            p.numel() for name, p in model.named_parameters() if f".{GATE_NAME}." in name
-        )
+        gates = sum(p.numel() for name, p in model.named_parameters() if f".{GATE_NAME}." in name)
         c = model.config
         return cls(
             dim=int(c.num_attention_heads) * int(c.attention_head_dim),
@@ -156,7 +159,8 @@ def block_activation_bytes(
     * compute dtype, ``10 dim + 2 ffn_dim``: projection inputs, attention q, k, v and
       outputs of self- and cross-attention, the FFN input, GELU input and output;
     * I2V (image cross-attention), ``2 dim`` in the compute dtype and per-head softmax
-      statistics more: the image attention's output and the sum with the text's.
+      statistics more: the second attention over the image keys saves its own copy of
+      the query, its output and its log-sum-exp.
 
     VSA saves no more than dense attention (measured with the torch backend), so the same
     count serves both. Per sample: keys and values of the ``text_length`` text tokens (and
@@ -506,7 +510,7 @@ def _data_field(name: str) -> str:
 
 
 def plan_recipe(
-    recipe: Any,
+    recipe: Recipe,
     *,
     nodes: int,
     gpus_per_node: int,
@@ -515,7 +519,7 @@ def plan_recipe(
     shard: int | None = None,
 ) -> MemoryPlan:
     """The estimate for a :class:`fastwan.config.Recipe` on ``nodes x gpus_per_node``
-    GPUs. The recipe's ``shard`` (or ``shard``) and ``sequence_parallel`` are kept;
+    GPUs. The recipe's ``shard`` (or the ``shard`` argument) and ``sequence_parallel`` are kept;
     ``replicate`` follows the GPU count (it changes no per-GPU number)."""
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -564,7 +568,7 @@ def plan_recipe(
 
 
 def smallest_fitting_shard(
-    recipe: Any,
+    recipe: Recipe,
     *,
     nodes: int,
     gpus_per_node: int,

@@ -432,3 +432,142 @@ def test_cli_preprocess_i2v_writes_fastvideos_i2v_rows(video_set, tmp_path):
     torch.testing.assert_close(s["clip_feature"], clip, rtol=1e-4, atol=1e-5)
     assert s["latents"].shape == s["first_frame_latent"].shape == (16, 3, 8, 8)
     assert json.loads((out / "dataset.json").read_text())["kind"] == "i2v"
+
+
+# ------------------------------------------- data-free image-to-video (image + prompt pairs)
+
+
+@pytest.fixture(scope="module")
+def i2v_models(tmp_path_factory):
+    """The two kinds of image-to-video folder, with a size each takes: Wan2.1 I2V (CLIP,
+    VAE stride 8) at 32 x 48 and Wan2.2 TI2V (VAE stride 16) at 64 x 96."""
+    root = tmp_path_factory.mktemp("i2v_models")
+    return {
+        "wan2.1": (build_tiny_wan_i2v(root / "wan21_i2v"), 32, 48),
+        "wan2.2": (build_tiny_wan_i2v(root / "wan22_ti2v", variant="wan2.2"), 64, 96),
+    }
+
+
+def _pairs(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    (root / "imgs").mkdir()
+    pairs = []
+    for i, prompt in enumerate(["a red cat runs", "a blue bird flies"]):
+        # another aspect than the clips': resized (not cropped) as VideoProcessor does
+        Image.fromarray(rng.integers(0, 256, (30 + 10 * i, 70, 3), dtype=np.uint8)).save(
+            root / "imgs" / f"{i}.png"
+        )
+        pairs.append({"image": f"{i}.png", "prompt": prompt})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    return root / "pairs.jsonl"
+
+
+@pytest.mark.parametrize("variant", ["wan2.1", "wan2.2"])
+def test_cli_preprocess_text_i2v_writes_the_pipelines_condition(
+    i2v_models, variant, tmp_path, capsys
+):
+    """Each row: the prompt's embedding and its image's condition, equal to what
+    VideoGenerator.generate(image=...) computes (so data-free training sees inference's
+    condition): Wan2.2 TI2V the image's latent [48, 1, h, w], Wan2.1 I2V the latent of
+    [image, 0, ...] [16, T, h, w] and CLIP features."""
+    from diffusers.video_processor import VideoProcessor
+    from PIL import Image
+
+    from fastwan.data.encoders import WanImageConditionEncoder
+    from fastwan.models.loading import load_vae
+    from fastwan.pipeline import VideoGenerator
+
+    model, height, width = i2v_models[variant]
+    pairs = _pairs(tmp_path)
+    out = tmp_path / "out"
+
+    def argv(*extra):
+        return [
+            "preprocess-text", "--task", "i2v", "--prompts", str(pairs), "--images",
+            str(tmp_path / "imgs"), "--model", str(model), "--out", str(out), "--height",
+            str(height), "--width", str(width), "--num-frames", "5",
+            "--max-sequence-length", "16", "--no-progress", "--device", "cpu", *extra,
+        ]  # fmt: skip
+
+    assert _cli(argv()) == 0
+    printed = capsys.readouterr().out
+    assert "2 rows written" in printed and ("i2v (CLIP + VAE)" if variant == "wan2.1" else
+                                            "ti2v (VAE)") in printed  # fmt: skip
+    ds = LatentDataset(out, text_length=16, text_only=True, image_condition=True)
+    assert len(ds) == 2
+    sample = next(ds[i] for i in range(2) if ds[i]["caption"] == "a blue bird flies")
+    image = tmp_path / "imgs" / "1.png"
+    h, w = height // (8 if variant == "wan2.1" else 16), width // (8 if variant == "wan2.1" else 16)
+    want_shape = (16, 2, h, w) if variant == "wan2.1" else (48, 1, h, w)
+    assert sample["first_frame_latent"].shape == want_shape
+    # the image resized as diffusers' VideoProcessor does
+    resized = VideoProcessor().preprocess(Image.open(image).convert("RGB"), height, width)
+    pil = ((resized[0] + 1) * 127.5).round().permute(1, 2, 0).to(torch.uint8)
+    assert torch.equal(sample["pil_image"], pil)
+    # the data encoder and the pipeline compute the same condition
+    encoder = WanImageConditionEncoder.from_pretrained(model, vae=load_vae(model / "vae"))
+    ref = encoder.encode_image(image, height=height, width=width, num_frames=5)
+    torch.testing.assert_close(sample["first_frame_latent"], ref["first_frame_latent"])
+    gen = VideoGenerator.from_pretrained(model, attention="dense", device="cpu")
+    cond = gen.prepare_image_condition(image, batch=1, height=height, width=width, num_frames=5)
+    latent = cond.latent[0] if variant == "wan2.2" else cond.latent[0, 4:]  # past the mask
+    torch.testing.assert_close(sample["first_frame_latent"], latent, rtol=1e-5, atol=1e-5)
+    if variant == "wan2.1":
+        torch.testing.assert_close(sample["clip_feature"], cond.image_embeds[0], rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+    else:
+        assert "clip_feature" not in sample
+    text = gen.encode_prompt(["a blue bird flies"], 16)[0]  # [16, 32]
+    torch.testing.assert_close(sample["text_embedding"], text, rtol=1e-5, atol=1e-6)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["kind"] == "i2v_text" and meta["settings"]["height"] == height
+
+    assert _cli(argv()) == 0  # resumed: nothing new
+    assert "0 rows written (2 in" in capsys.readouterr().out
+
+
+def test_cli_preprocess_text_i2v_refuses_bad_input_before_work(i2v_models, tmp_path):
+    model, _, _ = i2v_models["wan2.2"]
+    pairs = _pairs(tmp_path)
+    (tmp_path / "imgs" / "1.png").unlink()
+    base = ["preprocess-text", "--prompts", str(pairs), "--model", str(model), "--out",
+            str(tmp_path / "out"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"pairs.jsonl: line 2: field 'image': .*1.png.* does "
+                       r"not exist; fix the path.*--images"):  # fmt: skip
+        _cli([*base, "--task", "i2v", "--images", str(tmp_path / "imgs")])
+    (tmp_path / "imgs" / "1.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=r"line 2: field 'image': .* not a readable image"):
+        _cli([*base, "--task", "i2v", "--images", str(tmp_path / "imgs")])
+    (tmp_path / "imgs" / "1.png").unlink()
+    (tmp_path / "pairs.jsonl").write_text('{"image": "0.png", "prompt": "a cat"}')
+    with pytest.raises(ValueError, match="height=40 is not a multiple of 32"):
+        _cli([*base, "--task", "i2v", "--images", str(tmp_path / "imgs"), "--height", "40"])
+    with pytest.raises(ValueError, match="--height needs --task i2v"):
+        _cli([*base, "--height", "64"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_preprocess_i2v_with_a_ti2v_folder(video_set, i2v_models, tmp_path):
+    """preprocess --task i2v with Wan2.2 TI2V: the condition is the first frame's latent
+    alone, which is the causal VAE's first latent frame of the clip."""
+    model, _, _ = i2v_models["wan2.2"]
+    from fastwan.data.encoders import vae_latent_stats
+
+    out = tmp_path / "out"
+    argv = [
+        "preprocess", "--videos", str(video_set / "videos"), "--captions",
+        str(video_set / "captions.json"), "--model", str(model), "--out", str(out),
+        "--height", "64", "--width", "64", "--num-frames", "9", "--fps", "12",
+        "--max-sequence-length", "16", "--no-progress", "--device", "cpu", "--task", "i2v",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="truncated"):
+        assert _cli(argv) == 0
+    mean, std = vae_latent_stats(model)
+    ds = LatentDataset(out, text_length=16, latents_mean=mean, latents_std=std,
+                       image_condition=True)  # fmt: skip
+    s = ds[0]
+    assert s["latents"].shape == (48, 3, 4, 4) and s["first_frame_latent"].shape == (48, 1, 4, 4)
+    torch.testing.assert_close(s["first_frame_latent"], s["latents"][:, :1], rtol=1e-4, atol=1e-4)
+    assert "clip_feature" not in s

@@ -28,7 +28,6 @@ from fastwan.config import load_recipe
 from fastwan.models.presets import get_preset, transformer_config
 from fastwan.plan import (
     GIB,
-    I2V_IMAGE_TOKENS,
     Layout,
     NetworkSpec,
     WanArch,

@@ -1,5 +1,6 @@
 """``fastwan preprocess`` (videos + captions -> latent shards) and ``fastwan preprocess-text``
-(prompts -> text-embedding shards for data-free distillation).
+(prompts -> text-embedding shards for data-free distillation; with ``--task i2v``, image +
+prompt pairs -> text-embedding + image-condition shards for data-free image-to-video).
 
 Both are resumable: re-run the same command after an interruption and it continues where
 it stopped. Under ``torchrun`` every rank takes its share of the inputs.
@@ -83,15 +84,51 @@ def register(subparsers) -> None:
 
     t = subparsers.add_parser(
         "preprocess-text",
-        help="encode prompts into text-embedding parquet shards (data-free distillation)",
+        help="encode prompts (or image + prompt pairs) into parquet shards (data-free "
+        "distillation)",
         description=(
             "Text-encode every prompt (one per line in .txt, or .json/.jsonl/.csv) into "
-            "text-only shards: id, text_embedding_*, caption, media_type. Resumable."
+            "text-only shards: id, text_embedding_*, caption, media_type. With --task i2v "
+            "(data-free image-to-video), --prompts pairs an image with each prompt: a "
+            '.jsonl file of {"image": "cats/001.png", "prompt": "..."} lines (or .json / '
+            ".csv with image and prompt columns; an optional id), image paths relative to "
+            "--images (default: the prompts file's folder); each row adds the image's "
+            "condition for clips of --num-frames x --height x --width, as the model's "
+            "pipeline computes it: first_frame_latent_* (Wan2.2 TI2V: the image's VAE "
+            "latent; Wan2.1 I2V: the latent of [image, 0, ..., 0]), clip_feature_* when "
+            "the folder has image_encoder/, pil_image_* (the image resized as diffusers' "
+            "VideoProcessor does). A missing or unreadable image is an error naming its "
+            "line. Resumable."
         ),
     )
-    t.add_argument("--prompts", type=Path, required=True, help="prompts file")
-    t.add_argument("--model", required=True, help="Diffusers-format Wan folder (text_encoder/)")
+    t.add_argument(
+        "--prompts",
+        type=Path,
+        required=True,
+        help="prompts file; with --task i2v: image + prompt pairs (.jsonl/.json/.csv)",
+    )
+    t.add_argument(
+        "--model",
+        required=True,
+        help="Diffusers-format Wan folder (text_encoder/; with --task i2v also vae/ and "
+        "image_encoder/ for Wan2.1 I2V)",
+    )
     t.add_argument("--batch-size", type=int, default=16, help="prompts per encoder call")
+    t.add_argument(
+        "--task",
+        choices=("t2v", "i2v"),
+        default="t2v",
+        help="i2v: an image per prompt, its condition in each row (data-free image-to-video)",
+    )
+    t.add_argument(
+        "--images", type=Path, default=None, help="--task i2v: folder the image paths are in"
+    )
+    t.add_argument("--height", type=int, default=None, help="--task i2v (default: the model's)")
+    t.add_argument("--width", type=int, default=None, help="--task i2v (default: the model's)")
+    t.add_argument(
+        "--num-frames", type=int, default=None, help="--task i2v: 4k + 1 (default: the model's)"
+    )
+    t.add_argument("--vae-dtype", default="fp32", choices=DTYPES, help="--task i2v; default fp32")
     _common(t)
     t.set_defaults(func=run_preprocess_text)
 
@@ -191,18 +228,47 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def image_sizes(identity, height, width, num_frames) -> tuple[int, int, int]:
+    """``(height, width, num_frames)``: the given ones, else the model's preset's; checked
+    against the model (VAE stride x patch, rotary table) before any weight loads."""
+    from fastwan.models.identity import check_video_size
+
+    p = identity.preset
+    sizes = (
+        p.height if height is None else height,
+        p.width if width is None else width,
+        p.num_frames if num_frames is None else num_frames,
+    )
+    check_video_size(identity, *sizes)
+    return sizes
+
+
 def run_preprocess_text(args: argparse.Namespace) -> int:
     import torch
 
     from fastwan.data.encoders import WanTextEncoder, default_device, resolve_dtype
     from fastwan.data.preprocess import preprocess_prompts
-    from fastwan.data.sources import load_prompts
+    from fastwan.data.sources import load_image_prompts, load_prompts
     from fastwan.models.loading import resolve_model_path
 
     rank, world = dist_env()
-    prompts = load_prompts(args.prompts)
+    i2v = args.task == "i2v"
+    if not i2v:
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in ("images", "height", "width", "num_frames")
+            if getattr(args, k) is not None
+        ]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ValueError(f"{', '.join(given)} {verb} --task i2v (an image per prompt)")
+    prompts = load_image_prompts(args.prompts, args.images) if i2v else load_prompts(args.prompts)
     model = resolve_model_path(args.model)
     device = default_device(args.device)
+    image_kwargs: dict = {}
+    settings: dict = {}
+    if i2v:
+        image_kwargs, settings = _image_condition_setup(args, model, device)
     encoder = WanTextEncoder.from_pretrained(
         model,
         device=device,
@@ -221,10 +287,46 @@ def run_preprocess_text(args: argparse.Namespace) -> int:
                 "model": str(model.resolve()),
                 "max_sequence_length": args.max_sequence_length,
                 "text_dtype": str(encoder.text_encoder.dtype).removeprefix("torch."),
+                **settings,
             },
             rank=rank,
             world_size=world,
             progress=not args.no_progress,
+            **image_kwargs,
         )
     _report(summary, args.out, "preprocess-text")
+    if summary["skipped"]:
+        print(f"skipped images and reasons: {args.out / 'summary.json'}", file=sys.stderr)
     return 0
+
+
+def _image_condition_setup(args: argparse.Namespace, model: Path, device) -> tuple[dict, dict]:
+    """(preprocess_prompts' image arguments, recorded settings) of ``--task i2v``: sizes
+    checked against the model first, then its VAE (and CLIP encoder) loaded."""
+    from fastwan.data.encoders import WanImageConditionEncoder, WanVideoEncoder, resolve_dtype
+    from fastwan.models.loading import identify_folder
+
+    _, identity = identify_folder(model)
+    height, width, num_frames = image_sizes(identity, args.height, args.width, args.num_frames)
+    vae = WanVideoEncoder.from_pretrained(
+        model, device=device, dtype=resolve_dtype(args.vae_dtype, device)
+    ).vae
+    encoder = WanImageConditionEncoder.from_pretrained(
+        model, vae=vae, device=device, dtype=resolve_dtype(args.dtype, device)
+    )
+    if identity.task == "t2v":
+        print(
+            f"note: {model} is a text-to-video model; the condition is written the Wan2.1 "
+            "I2V way (the latent of [image, 0, ..., 0])"
+        )
+
+    def encode(image):
+        return encoder.encode_image(image, height=height, width=width, num_frames=num_frames)
+
+    sizes = dict(height=height, width=width, num_frames=num_frames)
+    settings = {"vae_dtype": args.vae_dtype, "model_task": encoder.task}
+    print(
+        f"image condition: {encoder.task} ({'CLIP + ' if encoder.image_encoder else ''}VAE) "
+        f"for {num_frames} x {height} x {width} clips"
+    )
+    return dict(encode_image=encode, **sizes), settings

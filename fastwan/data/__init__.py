@@ -14,21 +14,33 @@ from fastwan.data.parquet_io import (
 from fastwan.data.preprocess import preprocess_prompts, preprocess_videos
 from fastwan.data.sampler import DistributedSampler, ResumableLoader, build_train_loader
 from fastwan.data.schema import (
+    I2V_COLUMNS,
+    I2V_TEXT_COLUMNS,
     TEXT_COLUMNS,
     VIDEO_COLUMNS,
     SchemaError,
     arrow_schema,
     decode_tensor,
+    i2v_row,
+    i2v_text_row,
     text_row,
     validate_schema,
     video_row,
 )
-from fastwan.data.sources import PromptItem, VideoItem, load_captions, load_prompts
+from fastwan.data.sources import (
+    PromptItem,
+    VideoItem,
+    load_captions,
+    load_image_prompts,
+    load_prompts,
+)
 from fastwan.data.synthesize import sample_seed, synthesize
 from fastwan.data.video_decode import VideoDecodeError, decode_clip, resize_center_crop
 
 __all__ = [
     "EMPTY_PROMPT_FILE",
+    "I2V_COLUMNS",
+    "I2V_TEXT_COLUMNS",
     "TEXT_COLUMNS",
     "VIDEO_COLUMNS",
     "DistributedSampler",
@@ -45,8 +57,11 @@ __all__ = [
     "collate_samples",
     "decode_clip",
     "decode_tensor",
+    "i2v_row",
+    "i2v_text_row",
     "list_parquet_files",
     "load_captions",
+    "load_image_prompts",
     "load_prompts",
     "pad_text",
     "preprocess_prompts",

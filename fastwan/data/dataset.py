@@ -117,8 +117,9 @@ class LatentDataset(Dataset):
     Args:
         path: a folder of shards (searched recursively) or one ``.parquet`` file.
         text_length: tokens the text embedding is padded to (Wan: 512).
-        text_only: read only text embeddings (data-free distillation); latent shards are
-            accepted too (their latents are not read).
+        text_only: read only text embeddings (data-free distillation), and with
+            ``image_condition`` the image condition too; latent shards are accepted too
+            (their latents are not read).
         latents_mean, latents_std: the VAE's per-channel statistics
             (:func:`fastwan.data.encoders.vae_latent_stats`); required unless
             ``normalize=False`` or ``text_only``.
@@ -137,9 +138,14 @@ class LatentDataset(Dataset):
             ``"first"`` (the first ``T`` latent frames).
         image_condition: read the image condition of ``i2v`` shards (FastVideo's
             ``pyarrow_schema_i2v``): ``first_frame_latent`` ``[C, T, H, W]`` (stored
-            normalised, cut to the trained latent frames), ``clip_feature`` ``[N, D]`` and
+            normalised, cut to the trained latent frames; a Wan2.2 TI2V condition, the
+            image's latent alone, stays ``[C, 1, H, W]``), ``clip_feature`` ``[N, D]`` and
             ``pil_image`` ``[H, W, 3]`` uint8 when the rows have them. The image is the
             clip's first frame, so latents are then always cut from their first frame.
+            With ``text_only`` (data-free image-to-video): the text and image condition of
+            ``i2v_text`` shards (``fastwan preprocess-text --task i2v``) or of ``i2v``
+            shards (latents not read); the condition is checked against ``latent_shape``
+            when given. Text-to-video shards are refused.
     """
 
     def __init__(
@@ -185,10 +191,6 @@ class LatentDataset(Dataset):
         self.latent_shape: tuple[int, int, int, int] | None = latent_shape
         self.max_abs_latent = None if max_abs_latent is None else float(max_abs_latent)
         self.image_condition = bool(image_condition)
-        if self.image_condition and text_only:
-            raise ValueError(
-                "image_condition needs i2v shards with latents; text_only reads text only"
-            )
         # the condition image is the clip's first frame: a crop must start there
         self.temporal_crop = "first" if self.image_condition else temporal_crop
         self.path = Path(path)
@@ -201,7 +203,12 @@ class LatentDataset(Dataset):
         self.files: list[Path] = []
         self.row_groups: list[list[int]] = []  # per file: first row of each row group
         lengths: list[int] = []
-        kind = "text" if self.text_only else "i2v" if self.image_condition else "video"
+        kind = {  # what the files must hold: (text_only, image_condition) -> kind
+            (True, False): "text",
+            (True, True): "i2v_text",
+            (False, True): "i2v",
+            (False, False): "video",
+        }[(self.text_only, self.image_condition)]
         for file in list_parquet_files(self.path):
             try:
                 meta = pq.read_metadata(file)
@@ -448,24 +455,42 @@ class LatentDataset(Dataset):
             sample["crop_start"] = start
             if self.image_condition:
                 sample.update(self._image_condition(row, where, latents.shape))
+        elif self.image_condition:  # data-free image-to-video: the recipe's shape, if given
+            sample.update(self._image_condition(row, where, self.latent_shape, text_only=True))
         return sample
 
     def _image_condition(
-        self, row: Mapping[str, Any], where: str, latent_shape: Sequence[int]
+        self,
+        row: Mapping[str, Any],
+        where: str,
+        latent_shape: Sequence[int] | None,
+        text_only: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The row's image condition, checked against its (cut) latents ``[C, T, H, W]``."""
+        """The row's image condition, checked against its (cut) latents ``[C, T, H, W]``
+        (text-only rows: against the trained ``latent_shape``, when known). A condition of
+        one latent frame is Wan2.2 TI2V's (the image's latent alone) and is kept as it is."""
         if is_absent(row, "first_frame_latent"):
             raise SchemaError(f"{where}: column 'first_frame_latent_bytes' is empty")
         first = decode_tensor(row, "first_frame_latent", where, ndim=4)  # [C, T', H, W]
-        c, t, h, w = latent_shape
-        if first.shape[0] != c or tuple(first.shape[2:]) != (h, w) or first.shape[1] < t:
-            raise SchemaError(
-                f"{where}: column 'first_frame_latent_shape' is {list(first.shape)}, which does "
-                f"not match the clip's latents {list(latent_shape)} [C, T, H, W]; re-encode "
-                "the clip with `fastwan preprocess --task i2v`",
-                reason="shape_mismatch",
-            )
-        out = {"first_frame_latent": first[:, :t].contiguous()}  # [C, T, H, W]
+        if latent_shape is not None:
+            c, t, h, w = latent_shape
+            frames_ok = first.shape[1] == 1 or first.shape[1] >= t
+            if first.shape[0] != c or tuple(first.shape[2:]) != (h, w) or not frames_ok:
+                what = "the recipe's latent shape" if text_only else "the clip's latents"
+                fix = (
+                    "`fastwan preprocess-text --task i2v` at the recipe's --height / --width / "
+                    "--num-frames with the trained model's folder"
+                    if text_only
+                    else "`fastwan preprocess --task i2v`"
+                )
+                raise SchemaError(
+                    f"{where}: column 'first_frame_latent_shape' is {list(first.shape)}, which "
+                    f"does not match {what} {list(latent_shape)} [C, T, H, W]; re-encode the "
+                    f"{'image' if text_only else 'clip'} with {fix}",
+                    reason="shape_mismatch",
+                )
+            first = first[:, :t]  # [C, T or 1, H, W]
+        out = {"first_frame_latent": first.contiguous()}
         if not is_absent(row, "clip_feature"):
             out["clip_feature"] = decode_tensor(row, "clip_feature", where, ndim=2)  # [N, D]
         if not is_absent(row, "pil_image"):

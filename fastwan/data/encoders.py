@@ -4,8 +4,10 @@
   tokenised and cleaned exactly as :class:`fastwan.pipeline.VideoGenerator` does;
 * :class:`WanVideoEncoder`: frames ``[T, H, W, 3]`` uint8 -> the VAE posterior mean
   ``[C, T', H', W']``, unnormalised;
-* :class:`TeacherSampler`: (prompt, seed) -> the teacher's multi-step CFG sample, as an
-  unnormalised latent ``[C, T, h, w]``.
+* :class:`TeacherSampler`: (prompt, seed[, image]) -> the teacher's multi-step CFG sample,
+  as an unnormalised latent ``[C, T, h, w]``;
+* :class:`WanImageConditionEncoder`: an image -> its image-to-video condition (VAE
+  condition latent, CLIP features) as the pipeline computes it.
 
 Only the components a command needs are loaded (preprocessing never loads the transformer).
 """
@@ -27,6 +29,7 @@ __all__ = [
     "WanTextEncoder",
     "WanVideoEncoder",
     "default_device",
+    "folder_task",
     "resolve_dtype",
     "vae_latent_stats",
 ]
@@ -223,7 +226,8 @@ def vae_latent_stats(path: str | Path) -> tuple[list[float], list[float]]:
 
 
 class TeacherSampler:
-    """The teacher's sample of a prompt, unnormalised: ``__call__(prompt, seed)`` ->
+    """The teacher's sample of a prompt, unnormalised: ``__call__(prompt, seed)`` (and
+    ``image=`` for image-to-video teachers) ->
     ``[C, T, h, w]`` float32 on the CPU (``z * latents_std + latents_mean`` of the
     generator's output, i.e. what ``vae.decode`` takes)."""
 
@@ -261,26 +265,80 @@ class TeacherSampler:
             -1, 1, 1, 1
         )
 
-    def __call__(self, prompt: str, seed: int) -> torch.Tensor:
+    def __call__(
+        self,
+        prompt: str,
+        seed: int,
+        *,
+        image: Any = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``image`` (image-to-video teachers): the first frame, resized to the sampler's
+        size by the generator; ``image_embeds`` ``[N, D]``: its CLIP embeddings, when
+        already computed (Wan2.1 I2V)."""
+        extra = {}
+        if image is not None:
+            embeds = image_embeds[None] if image_embeds is not None else None  # [1, N, D]
+            extra = {"image": image, "image_embeds": embeds}
         out = self.generator.generate(
-            prompt, self.negative_prompt, seed=int(seed), output_type="latent", **self.kwargs
+            prompt,
+            self.negative_prompt,
+            seed=int(seed),
+            output_type="latent",
+            **self.kwargs,
+            **extra,
         )
         z = out.latents[0].float()  # [C, T, h, w], normalised
         return z / self._inv_std + self._mean  # unnormalised, as VideoGenerator.decode does
 
 
+def folder_task(path: str | Path) -> str:
+    """``t2v`` / ``i2v`` / ``ti2v`` of a Diffusers Wan folder from its JSON files alone
+    (:func:`fastwan.models.identity.task_of`: model_index.json and, when present, the
+    transformer config; no weights read)."""
+    from fastwan.models.identity import task_of
+    from fastwan.models.loading import resolve_model_path
+
+    root = resolve_model_path(path)
+    index_file, config_file = root / "model_index.json", root / "transformer" / "config.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return task_of(index, config)
+
+
 class WanImageConditionEncoder:
     """The image condition of an image-to-video row, as FastVideo's i2v preprocessing
-    writes it: ``__call__(first_frame [H, W, 3] uint8, num_frames) -> {"first_frame_latent":
-    [C, T, h, w] (the VAE mean of [frame, 0, ..., 0], normalised), "clip_feature": [N, D] or
-    None}``. CLIP features (the penultimate hidden states, what Wan2.1 I2V's image
-    cross-attention takes) come only from folders with ``image_encoder/``; Wan2.2 TI2V has
-    none."""
+    writes it and as :meth:`fastwan.pipeline.VideoGenerator.prepare_image_condition`
+    computes it at inference (the same functions,
+    :func:`fastwan.models.image_encoder.vae_condition_latents`):
 
-    def __init__(self, vae: torch.nn.Module, image_encoder: Any = None, processor: Any = None):
+    * ``first_frame_latent``: normalised VAE latent of the conditioning video -- for
+      Wan2.1 I2V (and text-to-video folders, FastVideo's way) ``[image, 0, ..., 0]`` over
+      ``num_frames``, ``[C, T, h, w]``; for Wan2.2 TI2V (``expand_timesteps``, whose
+      condition is the clean first latent frame) the image alone, ``[C, 1, h, w]``;
+    * ``clip_feature``: CLIP's penultimate hidden states ``[N, D]`` (what Wan2.1 I2V's image
+      cross-attention takes), only from folders with ``image_encoder/``; Wan2.2 TI2V has
+      none.
+
+    ``__call__(frame [H, W, 3] uint8, num_frames)``: a clip's first frame (``fastwan
+    preprocess --task i2v``). :meth:`encode_image` ``(image, height, width, num_frames)``:
+    an image file resized as diffusers' ``VideoProcessor`` does (data-free image-to-video
+    and synthesis), also returning ``pil_image``."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        image_encoder: Any = None,
+        processor: Any = None,
+        *,
+        task: str = "i2v",
+    ) -> None:
+        from fastwan.choices import TASKS, check_choice
+
         self.vae = vae.eval()
         self.image_encoder = image_encoder
         self.processor = processor
+        self.task = check_choice(task, TASKS, "task")
 
     @classmethod
     def from_pretrained(
@@ -299,17 +357,49 @@ class WanImageConditionEncoder:
         if (root / "image_encoder").is_dir():
             dev = default_device(str(device) if device is not None else None)
             encoder, processor = load_image_encoder(root, dev, dtype)
-        return cls(vae, encoder, processor)
+        return cls(vae, encoder, processor, task=folder_task(root))
+
+    @property
+    def expand_timesteps(self) -> bool:
+        return self.task == "ti2v"
+
+    def _encode(
+        self, pixels: torch.Tensor, num_frames: int, clip_image: Any
+    ) -> dict[str, torch.Tensor | None]:
+        """``pixels`` ``[1, 3, H, W]`` in [-1, 1]; ``clip_image``: what CLIP sees."""
+        from fastwan.models.image_encoder import clip_image_embeds, vae_condition_latents
+
+        latent = vae_condition_latents(
+            self.vae, pixels, num_frames, expand_timesteps=self.expand_timesteps
+        )  # [1, C, T or 1, h, w]
+        clip = None
+        if self.image_encoder is not None:
+            clip = clip_image_embeds(self.image_encoder, self.processor, [clip_image])
+            clip = clip[0].float().cpu()  # [N, D]
+        return {"first_frame_latent": latent[0].cpu(), "clip_feature": clip}
 
     @torch.no_grad()
     def __call__(self, frame: np.ndarray, num_frames: int) -> dict[str, torch.Tensor | None]:
-        from fastwan.models.image_encoder import clip_image_embeds, vae_condition_latents
-
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3:
             raise ValueError("frame must be a uint8 array [H, W, 3]")
         x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, H, W]
-        latent = vae_condition_latents(self.vae, x, num_frames, expand_timesteps=False)
-        clip = None
-        if self.image_encoder is not None:
-            clip = clip_image_embeds(self.image_encoder, self.processor, [frame])[0].float().cpu()
-        return {"first_frame_latent": latent[0].cpu(), "clip_feature": clip}
+        return self._encode(x, num_frames, frame)
+
+    @torch.no_grad()
+    def encode_image(
+        self, image: Any, *, height: int, width: int, num_frames: int
+    ) -> dict[str, torch.Tensor | None]:
+        """The condition of ``image`` (a file path, PIL image or array) for clips of
+        ``num_frames x height x width``: ``first_frame_latent``, ``clip_feature`` (of the
+        image as given: CLIP's processor resizes it, as diffusers passes the original
+        image to ``encode_image``) and ``pil_image`` ``[height, width, 3]`` uint8 (the
+        image resized as ``VideoProcessor.preprocess`` does)."""
+        from fastwan.models.image_encoder import image_to_tensor, load_image
+
+        img = load_image(image)
+        pixels = image_to_tensor(img, height, width)  # [1, 3, H, W] in [-1, 1]
+        out = self._encode(pixels, num_frames, img)
+        # VideoProcessor maps uint8 v to v / 127.5 - 1: rounding back recovers the pixels
+        frame = ((pixels[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        out["pil_image"] = frame.permute(1, 2, 0).contiguous()  # [H, W, 3] uint8
+        return out

@@ -5,7 +5,7 @@ Every row is one training sample. Tensors are stored as three columns
 ``<name>_dtype`` (``"float32"``, ``"bfloat16"``, ...), as in FastVideo's
 ``pyarrow_schema_t2v`` (e.g. ``FastVideo/Wan-Syn_77x448x832_600k``).
 
-Three kinds of shard:
+Four kinds of shard:
 
 * ``video``: ``id``, ``vae_latent_*`` (the VAE posterior mean, *unnormalised*, float32
   ``[C, T, H, W]``), ``text_embedding_*`` (the valid tokens only, ``[L, dim]``),
@@ -18,9 +18,15 @@ Three kinds of shard:
   encoder's last hidden state ``[N, D]``, e.g. ``[257, 1280]`` for Wan2.1 I2V; absent for
   Wan2.2 TI2V), ``first_frame_latent_*`` (the VAE mean of the first frame followed by
   zero frames, ``[C, T, H, W]``, *normalised* as FastVideo writes it: ``(mean - latents_mean)
-  / latents_std``) and ``pil_image_*`` (the conditioning frame ``[H, W, 3]`` uint8, for
-  validation). A tensor that a row does not have is written as FastVideo does: empty bytes,
-  shape ``[]`` and dtype ``""``.
+  / latents_std``; for Wan2.2 TI2V, whose condition is the clean first latent frame, the
+  image's latent alone, ``[C, 1, H, W]``) and ``pil_image_*`` (the conditioning frame
+  ``[H, W, 3]`` uint8, for validation). A tensor that a row does not have is written as
+  FastVideo does: empty bytes, shape ``[]`` and dtype ``""``.
+* ``i2v_text``: text-only image-to-video data (data-free distillation of an image-to-video
+  model, which needs an image per prompt): the ``text`` columns with the ``i2v`` image
+  condition after the text embedding, plus ``file_name`` (the image), ``width``, ``height``
+  and ``num_frames`` (the clip size the condition was computed for). FastVideo has no such
+  schema; its readers of text-only data read the text columns and ignore the rest.
 
 Optional extra column: ``generation_settings`` (a JSON string: how a synthetic sample was
 generated). FastVideo's readers ignore columns they do not know.
@@ -48,7 +54,9 @@ __all__ = [
     "TEXT_COLUMNS",
     "VIDEO_COLUMNS",
     "I2V_COLUMNS",
+    "I2V_TEXT_COLUMNS",
     "i2v_row",
+    "i2v_text_row",
     "is_absent",
     "arrow_schema",
     "columns_for",
@@ -61,7 +69,7 @@ __all__ = [
     "video_row",
 ]
 
-DatasetKind = Literal["video", "text", "i2v"]
+DatasetKind = Literal["video", "text", "i2v", "i2v_text"]
 
 # Column type families a reader accepts for each logical type (writers use the first).
 _FAMILIES = {
@@ -149,6 +157,20 @@ I2V_COLUMNS: tuple[ColumnSpec, ...] = (
 # The tensors of an i2v row that may be absent (empty bytes, shape [], dtype "").
 I2V_TENSORS = ("clip_feature", "first_frame_latent", "pil_image")
 
+# Text-only image-to-video rows: a prompt, its image's condition and the clip size it is for.
+I2V_TEXT_COLUMNS: tuple[ColumnSpec, ...] = (
+    *TEXT_COLUMNS[:4],  # id, text_embedding_*
+    *_tensor_columns("clip_feature"),
+    *_tensor_columns("first_frame_latent"),
+    *_tensor_columns("pil_image"),
+    ColumnSpec("file_name", "string", required=False),
+    ColumnSpec("caption", "string"),
+    ColumnSpec("media_type", "string", required=False),
+    ColumnSpec("width", "int", required=False),
+    ColumnSpec("height", "int", required=False),
+    ColumnSpec("num_frames", "int", required=False),
+)
+
 # Optional extras: type-checked when present, never required.
 EXTRA_COLUMNS: tuple[ColumnSpec, ...] = (
     ColumnSpec("generation_settings", "string", required=False),
@@ -187,7 +209,9 @@ def columns_for(kind: DatasetKind) -> tuple[ColumnSpec, ...]:
         return TEXT_COLUMNS
     if kind == "i2v":
         return I2V_COLUMNS
-    raise ValueError(f"dataset kind must be 'video', 'text' or 'i2v', got {kind!r}")
+    if kind == "i2v_text":
+        return I2V_TEXT_COLUMNS
+    raise ValueError(f"dataset kind must be 'video', 'text', 'i2v' or 'i2v_text', got {kind!r}")
 
 
 def arrow_schema(kind: DatasetKind, extra: Sequence[str] = ()) -> pa.Schema:
@@ -203,12 +227,13 @@ def arrow_schema(kind: DatasetKind, extra: Sequence[str] = ()) -> pa.Schema:
 
 def detect_kind(schema: pa.Schema) -> DatasetKind:
     """``i2v`` when the file has VAE latents and an image condition, ``video`` when it has
-    VAE latents, ``text`` when it has only text embeddings."""
+    VAE latents, ``i2v_text`` when it has text embeddings and an image condition, ``text``
+    when it has only text embeddings."""
     names = set(schema.names)
     if "vae_latent_bytes" in names:
         return "i2v" if "first_frame_latent_bytes" in names else "video"
     if "text_embedding_bytes" in names:
-        return "text"
+        return "i2v_text" if "first_frame_latent_bytes" in names else "text"
     raise SchemaError(
         "has neither vae_latent_bytes nor text_embedding_bytes: not a FastVideo/fastwan "
         f"latent dataset (columns: {sorted(names)}); write it with `fastwan preprocess`, "
@@ -219,20 +244,29 @@ def detect_kind(schema: pa.Schema) -> DatasetKind:
 def validate_schema(schema: pa.Schema, where: str, kind: DatasetKind | None = None) -> DatasetKind:
     """Check a file's schema; return its kind.
 
-    ``kind``: the kind the caller needs (``text`` is satisfied by video and i2v shards too:
-    their text columns are read, the latents ignored; ``video`` by i2v shards, the image
-    condition ignored); ``None`` accepts any. Raises
-    :class:`SchemaError` naming ``where`` (the file) and the missing / mistyped column.
+    ``kind``: the kind the caller needs (``text`` is satisfied by every shard: their text
+    columns are read, the rest ignored; ``video`` by i2v shards, the image condition
+    ignored; ``i2v_text`` -- text and image condition -- by i2v shards, the latents
+    ignored); ``None`` accepts any. Raises :class:`SchemaError` naming ``where`` (the file)
+    and the missing / mistyped column.
     """
     try:
         found = detect_kind(schema)
     except SchemaError as err:
         raise SchemaError(f"{where}: {err}") from None
-    if kind in ("video", "i2v") and found == "text":
+    if kind in ("video", "i2v") and found in ("text", "i2v_text"):
+        what = "text" if found == "text" else "text and image conditions"
         raise SchemaError(
-            f"{where}: missing column 'vae_latent_bytes' (a text-only shard: it holds text "
-            "embeddings but no video latents); use a dataset with latents, or set "
+            f"{where}: missing column 'vae_latent_bytes' (a text-only shard: it holds {what} "
+            "but no video latents); use a dataset with latents, or set "
             "data.text_only: true for data-free distillation"
+        )
+    if kind == "i2v_text" and found in ("text", "video"):
+        raise SchemaError(
+            f"{where}: missing column 'first_frame_latent_bytes' (a {found} shard: it has no "
+            "image condition); image_condition needs i2v shards: write text-only "
+            "image-to-video shards with `fastwan preprocess-text --task i2v` (a prompts file "
+            "with an image per prompt), or video ones with `fastwan preprocess --task i2v`"
         )
     if kind == "i2v" and found == "video":
         raise SchemaError(
@@ -258,7 +292,7 @@ def validate_schema(schema: pa.Schema, where: str, kind: DatasetKind | None = No
                 f"{_FAMILIES[spec.kind]} ({spec.arrow_type()}); rewrite the file with "
                 "FastVideo's schema (see fastwan.data.schema)"
             )
-    return "text" if kind == "text" else found
+    return kind if kind in ("text", "i2v_text") else found
 
 
 def is_absent(row: Mapping[str, Any], prefix: str) -> bool:
@@ -435,22 +469,64 @@ def i2v_row(
 ) -> dict[str, Any]:
     """One ``i2v`` row: a :func:`video_row` (same arguments) plus the image condition.
     ``clip_feature``: ``[N, D]`` (None for models without an image encoder, e.g. Wan2.2
-    TI2V); ``first_frame_latent``: ``[C, T, H, W]`` normalised; ``pil_image``: ``[H, W, 3]``
-    uint8 (optional)."""
-    if clip_feature is not None and len(clip_feature.shape) != 2:
-        raise ValueError(f"clip_feature must be [N, D], got shape {tuple(clip_feature.shape)}")
-    if len(first_frame_latent.shape) != 4:
-        raise ValueError(
-            f"first_frame_latent must be [C, T, H, W], got shape {tuple(first_frame_latent.shape)}"
-        )
-    if pil_image is not None and (len(pil_image.shape) != 3 or pil_image.shape[-1] != 3):
-        raise ValueError(f"pil_image must be [H, W, 3] uint8, got {tuple(pil_image.shape)}")
+    TI2V); ``first_frame_latent``: ``[C, T, H, W]`` normalised (``[C, 1, H, W]`` for Wan2.2
+    TI2V); ``pil_image``: ``[H, W, 3]`` uint8 (optional)."""
+    _check_condition(clip_feature, first_frame_latent, pil_image)
     base = video_row(**video)
     row = {k: base[k] for k in list(base)[:7]}  # id, vae_latent_*, text_embedding_*
     row.update(encode_tensor("clip_feature", clip_feature))
     row.update(encode_tensor("first_frame_latent", first_frame_latent))
     row.update(encode_tensor("pil_image", pil_image))
     row.update({k: v for k, v in base.items() if k not in row})
+    return row
+
+
+def _check_condition(
+    clip_feature: Any, first_frame_latent: Any, pil_image: Any, pil_required: bool = False
+) -> None:
+    if clip_feature is not None and len(clip_feature.shape) != 2:
+        raise ValueError(f"clip_feature must be [N, D], got shape {tuple(clip_feature.shape)}")
+    if len(first_frame_latent.shape) != 4:
+        raise ValueError(
+            f"first_frame_latent must be [C, T, H, W], got shape {tuple(first_frame_latent.shape)}"
+        )
+    if pil_image is None and pil_required:
+        raise ValueError("pil_image ([H, W, 3] uint8, the conditioning image) is required")
+    if pil_image is not None and (len(pil_image.shape) != 3 or pil_image.shape[-1] != 3):
+        raise ValueError(f"pil_image must be [H, W, 3] uint8, got {tuple(pil_image.shape)}")
+
+
+def i2v_text_row(
+    *,
+    id: str,
+    text_embedding: torch.Tensor | np.ndarray,
+    caption: str,
+    clip_feature: torch.Tensor | np.ndarray | None,
+    first_frame_latent: torch.Tensor | np.ndarray,
+    pil_image: torch.Tensor | np.ndarray,
+    file_name: str,
+    width: int,
+    height: int,
+    num_frames: int,
+) -> dict[str, Any]:
+    """One ``i2v_text`` row (data-free image-to-video): ``text_embedding`` ``[L, dim]``
+    (valid tokens), the image condition as in :func:`i2v_row` (``pil_image`` required: it
+    is the image the prompt goes with), ``file_name`` the image file, and the clip size
+    (pixels, frames) the condition was computed for."""
+    _check_condition(clip_feature, first_frame_latent, pil_image, pil_required=True)
+    base = text_row(id=id, text_embedding=text_embedding, caption=caption)
+    row = {k: base[k] for k in list(base)[:4]}  # id, text_embedding_*
+    row.update(encode_tensor("clip_feature", clip_feature))
+    row.update(encode_tensor("first_frame_latent", first_frame_latent))
+    row.update(encode_tensor("pil_image", pil_image))
+    row.update(
+        file_name=_text(file_name, "file_name"),
+        caption=base["caption"],
+        media_type="image",
+        width=int(width),
+        height=int(height),
+        num_frames=int(num_frames),
+    )
     return row
 
 

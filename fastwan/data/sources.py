@@ -14,9 +14,21 @@ Prompt files (``--prompts``): ``.txt`` (one prompt a line, ``#`` lines skipped),
 JSON Lines / CSV holding strings or objects with a prompt (one of :data:`CAPTION_KEYS`) and
 an optional ``id``.
 
+Image + prompt files (``--prompts`` with ``--task i2v``: data-free image-to-video and
+image-to-video synthesis): JSON Lines, JSON (a list of objects) or CSV (a header row), one
+object / row per pair, naming its image with one of :data:`IMAGE_KEYS` and its prompt
+with one of :data:`CAPTION_KEYS`, with an optional ``id``::
+
+    {"image": "cats/001.png", "prompt": "The cat turns its head and walks away."}
+
+Image paths are relative to ``--images`` (default: the file's own folder) or absolute.
+Every image is checked when the file is read (it exists, and its header decodes): a bad
+one is an error naming the line, the field and the fix, before any model loads.
+
 Row ids are stable across runs (resuming relies on them): a video's relative path (with
 ``#k`` for its k-th caption when it has several); a prompt's given id, else ``p-`` and a
-hash of its text (``~n`` added for the n-th repeat of the same text).
+hash of its text (``~n`` added for the n-th repeat of the same text); an image + prompt
+pair's given id, else ``p-`` and a hash of the image path (as written) and the prompt.
 """
 
 from __future__ import annotations
@@ -31,15 +43,18 @@ from typing import Any
 
 __all__ = [
     "CAPTION_KEYS",
+    "IMAGE_KEYS",
     "VIDEO_KEYS",
     "PromptItem",
     "VideoItem",
     "load_captions",
+    "load_image_prompts",
     "load_prompts",
 ]
 
 VIDEO_KEYS = ("path", "video", "file_name", "filename", "file", "video_path", "name")
 CAPTION_KEYS = ("caption", "cap", "text", "prompt", "captions")
+IMAGE_KEYS = ("image", "image_path", "first_frame", "path")  # path: {"a.png": "prompt"}
 
 
 @dataclass
@@ -54,8 +69,13 @@ class VideoItem:
 
 @dataclass
 class PromptItem:
+    """A prompt; for image-to-video, with its conditioning image."""
+
     id: str
     prompt: str
+    image: Path | None = None  # absolute image file (image + prompt files only)
+    image_name: str | None = None  # the image path as the file wrote it
+    where: str = ""  # "file: line n", for messages
 
 
 def _records(path: Path, what: str) -> Iterator[tuple[str, Any]]:
@@ -200,4 +220,85 @@ def load_prompts(prompts_file: str | Path) -> list[PromptItem]:
         items.append(PromptItem(id=row_id, prompt=prompt))
     if not items:
         raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    return items
+
+
+def _check_image(path: Path, where: str, base: Path, key: str) -> None:
+    """The image exists and its header decodes (a ValueError naming line, field and fix)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(
+            f"{where}: field {key!r}: image {str(path)!r} does not exist; fix the path "
+            f"(relative paths are read from {str(base)!r}: pass --images DIR for another "
+            "folder) or remove the line"
+        )
+    try:
+        with Image.open(path) as img:
+            img.verify()  # reads the header (and PNG checksums) without decoding the pixels
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise ValueError(
+            f"{where}: field {key!r}: {str(path)!r} is not a readable image "
+            f"({type(err).__name__}: {err}); replace it with a PNG / JPEG / WebP file or "
+            "remove the line"
+        ) from None
+
+
+def load_image_prompts(
+    prompts_file: str | Path, images_dir: str | Path | None = None
+) -> list[PromptItem]:
+    """The image + prompt pairs of a ``.jsonl`` / ``.json`` / ``.csv`` file (see the module
+    docstring), with stable ids; every image checked (exists, readable)."""
+    path = Path(prompts_file)
+    if path.suffix.lower() == ".txt":
+        raise ValueError(
+            f"{str(path)!r}: image-to-video prompts need an image per prompt: write a .jsonl "
+            'file of {"image": "a.png", "prompt": "..."} lines (or .json / .csv with image '
+            "and prompt columns)"
+        )
+    base = Path(images_dir) if images_dir is not None else path.parent
+    if images_dir is not None and not base.is_dir():
+        raise ValueError(f"--images folder {str(base)!r} does not exist")
+    items: list[PromptItem] = []
+    used: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for where, record in _records(path, "prompts"):
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{where}: expected an object with an image ({'/'.join(IMAGE_KEYS)}) and a "
+                f"prompt ({'/'.join(CAPTION_KEYS)}), got {record!r}"
+            )
+        ikey, image = _pick(record, IMAGE_KEYS)
+        pkey, prompt = _pick(record, CAPTION_KEYS)
+        if ikey is None or not isinstance(image, str) or not image.strip():
+            raise ValueError(
+                f"{where}: field 'image': no image file; name it with one of the keys "
+                f"{list(IMAGE_KEYS)} (a path relative to --images, or absolute)"
+            )
+        if pkey is None or not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(
+                f"{where}: field 'prompt': no prompt; give a non-empty string with one of "
+                f"{list(CAPTION_KEYS)}"
+            )
+        image, prompt = image.strip(), prompt.strip()
+        file = Path(image).expanduser()
+        file = file if file.is_absolute() else base / file
+        _check_image(file, where, base, ikey)
+        given = record.get("id")
+        if given in (None, ""):
+            key = _hash_id(f"{image}\n{prompt}")
+            seen[key] = seen.get(key, 0) + 1
+            row_id = key if seen[key] == 1 else f"{key}~{seen[key]}"
+        else:
+            row_id = str(given)
+        if row_id in used:
+            raise ValueError(
+                f"{where}: id {row_id!r} is also used at {used[row_id]}; ids must be unique"
+            )
+        used[row_id] = where
+        items.append(
+            PromptItem(id=row_id, prompt=prompt, image=file, image_name=image, where=where)
+        )
+    if not items:
+        raise ValueError(f"prompts file {str(path)!r} holds no image + prompt pair")
     return items

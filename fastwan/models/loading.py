@@ -815,16 +815,20 @@ def load_components(
     backend: str = "auto",
     strict: bool = False,
     resolver: ModelResolver | None = None,
+    transformer_device: str | torch.device | None = None,
 ) -> WanComponents:
     """Load all components on the CPU (the caller moves them). Sampling defaults come from
     the folder's own files, then a known preset (given, or matched by name or
-    architecture), then diffusers' defaults (:func:`fastwan.models.identity.identify`)."""
+    architecture), then diffusers' defaults (:func:`fastwan.models.identity.identify`).
+    ``transformer_device="meta"``: the transformer is built without weights, to be sharded
+    and then filled (see :func:`load_transformer`)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     path, identity = identify_folder(path_or_id, preset=preset, resolver=resolver)
     transformer = load_transformer(
         path,
         dtype=dtype,
+        device=transformer_device,
         attention=attention,
         sparsity=sparsity,
         tile_size=tile_size,

@@ -1,0 +1,385 @@
+"""One video on N devices: Ulysses sequence parallelism and CFG parallelism.
+
+``VideoGenerator.from_pretrained(path, num_gpus=N)`` (``fastwan generate --num-gpus N``)
+returns a :class:`MultiDeviceGenerator`: fastwan starts one worker process per device and
+every worker loads the model and runs the same ``generate`` call in lockstep:
+
+* **sequence parallel** (:mod:`fastwan.distributed.sequence_parallel`): each worker holds
+  ``1 / sp`` of the latent tokens between attentions, and an all-to-all gives it the full
+  sequence for ``heads / sp`` heads inside attention (dense or VSA);
+* **CFG parallel** (``cfg_parallel=True``, the default for an even N): when a call uses
+  classifier-free guidance, the first N / 2 workers run the conditional branch and the
+  others the unconditional one, each branch sequence-parallel over N / 2 workers, and one
+  all-gather per step combines them (``v_u + w (v_c - v_u)``, as on one device); a call
+  without CFG (FastWan's DMD) spreads its tokens over all N;
+* **FSDP inference** (``fsdp=True``): the transformer's weights are sharded over the N
+  workers (FSDP2, built on the meta device so no worker ever holds a full copy) and
+  gathered block by block: a model that does not fit one device runs on several.
+
+Under ``torchrun --nproc-per-node N`` the launched processes are the workers (no process
+is started); every rank returns the video. Results equal one device's up to float
+rounding (tested on CPU with gloo, 2 processes against 1).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["MultiDeviceGenerator", "check_num_gpus", "cfg_parallel_guidance"]
+
+_READY, _DONE, _ERROR, _PROGRESS = "ready", "done", "error", "progress"
+
+
+def check_num_gpus(num_gpus: Any, num_heads: int, *, cfg_parallel: bool = True) -> None:
+    """A ValueError naming the fix when ``num_gpus`` cannot split a model of ``num_heads``
+    attention heads (sequence parallelism gives each device ``heads / sp`` heads)."""
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
+    sizes = [num_gpus] + ([num_gpus // 2] if cfg_parallel and num_gpus % 2 == 0 else [])
+    for size in sizes:
+        if num_heads % size:
+            good = [d for d in range(1, 2 * num_heads + 1) if num_heads % d == 0]
+            raise ValueError(
+                f"num_gpus={num_gpus}: the model's {num_heads} attention heads do not divide "
+                f"over {size} devices (sequence parallelism splits heads); use num_gpus in "
+                f"{good}" + (" or cfg_parallel=False" if size != num_gpus else "")
+            )
+
+
+def cfg_parallel_guidance(group: Any, branch: int) -> Callable:
+    """A ``guidance(cond_fn, uncond_fn, scale) -> model_fn`` for
+    :func:`fastwan.pipeline.denoise`: this worker computes branch 0 (conditional) or 1
+    (unconditional); one all-gather over ``group`` (one worker of each branch, branch 0
+    first) gives both, combined as :func:`fastwan.diffusion.samplers.cfg` does."""
+
+    def guidance(cond_fn: Callable, uncond_fn: Callable, scale: float) -> Callable:
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = (cond_fn if branch == 0 else uncond_fn)(x, t).contiguous()  # [B, C, T, h, w]
+            both = [torch.empty_like(v) for _ in range(2)]
+            dist.all_gather(both, v, group=group)
+            v_c, v_u = both
+            return v_u + scale * (v_c - v_u)
+
+        return guided
+
+    return guidance
+
+
+class _Layout:
+    """The process groups of one worker: all N for sequence parallelism, or (CFG parallel)
+    two halves of N / 2 and the pairs that exchange their branches."""
+
+    def __init__(self, world: int, rank: int, cfg_parallel: bool) -> None:
+        self.world, self.rank = world, rank
+        self.all = dist.group.WORLD
+        self.cfg = cfg_parallel and world % 2 == 0 and world >= 2
+        self.half = self.pair = None
+        if self.cfg:
+            h = world // 2
+            for ranks in (list(range(h)), list(range(h, world))):  # every rank creates each
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    self.half = g
+            for i in range(h):
+                g = dist.new_group([i, i + h])
+                if rank in (i, i + h):
+                    self.pair = g
+            self.branch = rank // h
+
+
+def _device_for(rank: int, device_type: str) -> torch.device:
+    if device_type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _load_worker_generator(load: dict, device: torch.device, fsdp: bool):
+    from fastwan.pipeline import VideoGenerator
+
+    if not fsdp:
+        return VideoGenerator.from_pretrained(load.pop("path"), device=device, **load)
+    return _load_sharded(load, device)
+
+
+def _load_sharded(load: dict, device: torch.device):
+    """The generator with its transformer built on the meta device, sharded over all
+    workers by FSDP2 and filled with each worker's own shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastwan.choices import parse_dtype
+    from fastwan.distributed.parallelize import materialize
+    from fastwan.models.loading import load_components
+    from fastwan.models.vsa import set_attention, transformer_blocks
+    from fastwan.pipeline import VideoGenerator
+
+    dtype = load.get("dtype")
+    dtype = (
+        parse_dtype(dtype)
+        if dtype is not None
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    components = load_components(
+        load["path"],
+        preset=load.get("preset"),
+        dtype=dtype,
+        vae_dtype=parse_dtype(load.get("vae_dtype") or torch.float32, field="vae_dtype"),
+        strict=load.get("strict", False),
+        transformer_device="meta",
+    )
+    net = components.transformer
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in transformer_blocks(net):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(net, mesh=mesh, reshard_after_forward=True)
+    materialize(net, device)
+    p = components.preset
+    mode = load.get("attention") or p.attention
+    sparsity = load.get("sparsity")
+    if mode == "vsa" and sparsity is None and p.attention == "vsa":
+        sparsity = p.sparsity
+    tile = load.get("tile_size") or p.tile_size
+    set_attention(net, mode, sparsity=sparsity, tile_size=tile, backend=load.get("backend", "auto"))
+    return VideoGenerator(components, device=device, vae_tiling=load.get("vae_tiling", False))
+
+
+def _run_on_rank(gen: Any, layout: _Layout, kwargs: dict) -> Any:
+    """One ``generate`` call on this worker, sequence- and CFG-parallel."""
+    from fastwan.distributed.sequence_parallel import (
+        disable_sequence_parallel,
+        enable_sequence_parallel,
+    )
+
+    plan = gen.check_inputs(**{k: v for k, v in kwargs.items() if k != "callback"})
+    use_cfg = layout.cfg and plan["guidance_scale"] > 1.0
+    group = layout.half if use_cfg else layout.all
+    size = dist.get_world_size(group)
+    if size > 1:
+        enable_sequence_parallel(gen.transformer, group)
+    else:
+        disable_sequence_parallel(gen.transformer)
+    gen.guidance = cfg_parallel_guidance(layout.pair, layout.branch) if use_cfg else None
+    return gen.generate(**kwargs)
+
+
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    device_type: str,
+    load: dict,
+    cfg_parallel: bool,
+    fsdp: bool,
+    requests: Any,
+    results: Any,
+) -> None:
+    """A worker process: join the group, load the model, then serve ``generate`` calls
+    (``None`` stops it). Rank 0 reports progress and returns the result."""
+    try:
+        device = _device_for(rank, device_type)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=30),
+        )
+        gen = _load_worker_generator(dict(load), device, fsdp)
+        layout = _Layout(world, rank, cfg_parallel)
+        results.put((_READY, rank, None))
+    except Exception as err:  # noqa: BLE001 -- reported to the parent, which raises it
+        results.put((_ERROR, rank, _portable(err)))
+        return
+    while True:
+        kwargs = requests.get()
+        if kwargs is None:
+            break
+        try:
+            if rank == 0:
+                kwargs["callback"] = lambda info: results.put(
+                    (_PROGRESS, 0, {k: info[k] for k in ("i", "total", "t")})
+                )
+            out = _run_on_rank(gen, layout, kwargs)
+            results.put((_DONE, rank, out if rank == 0 else None))
+        except Exception as err:  # noqa: BLE001
+            results.put((_ERROR, rank, _portable(err)))
+    dist.destroy_process_group()
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` if it pickles (ValueErrors keep their type for the caller), else a
+    RuntimeError with its traceback."""
+    import pickle
+
+    try:
+        pickle.dumps(err)
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError("".join(traceback.format_exception(err)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiDeviceGenerator:
+    """``VideoGenerator.generate`` on ``num_gpus`` devices (see the module docstring).
+
+    The workers start in ``__init__`` and stop with :meth:`close` (or ``with``). ``generate``
+    takes :meth:`VideoGenerator.generate`'s arguments except ``callback_on_step_end`` (the
+    latents live in the workers); ``callback`` sees ``{"i", "total", "t"}`` per step.
+    """
+
+    def __init__(
+        self,
+        path_or_id: str,
+        num_gpus: int,
+        *,
+        device: str | None = None,
+        cfg_parallel: bool = True,
+        fsdp: bool = False,
+        **load: Any,
+    ) -> None:
+        from fastwan.models.loading import identify_folder
+
+        device_type = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        ).type
+        if device_type == "cuda" and torch.cuda.device_count() < num_gpus:
+            raise ValueError(
+                f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA devices are visible; "
+                "pass a smaller num_gpus (or set CUDA_VISIBLE_DEVICES)"
+            )
+        path, identity = identify_folder(path_or_id, preset=load.get("preset"))
+        check_num_gpus(num_gpus, identity.preset.num_heads, cfg_parallel=cfg_parallel)
+        self.num_gpus, self.cfg_parallel, self.fsdp = num_gpus, cfg_parallel, fsdp
+        self.identity = identity
+        self._workers: list = []
+        self._in_process = None
+        load = dict(load, path=str(path))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # torchrun: this process is one of the workers
+            if world != num_gpus:
+                raise ValueError(
+                    f"num_gpus={num_gpus} but torchrun started {world} processes; pass "
+                    f"num_gpus={world}"
+                )
+            self._in_process = self._join_torchrun(load, device_type)
+            return
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._results = ctx.Queue()
+        self._requests = [ctx.Queue() for _ in range(num_gpus)]
+        for rank in range(num_gpus):
+            args = (rank, num_gpus, port, device_type, load, cfg_parallel, fsdp)
+            proc = ctx.Process(
+                target=_worker, args=(*args, self._requests[rank], self._results), daemon=True
+            )
+            proc.start()
+            self._workers.append(proc)
+        self._collect(_READY)
+
+    def _join_torchrun(self, load: dict, device_type: str):
+        rank = int(os.environ["RANK"])
+        device = _device_for(int(os.environ.get("LOCAL_RANK", rank)), device_type)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        gen = _load_worker_generator(dict(load), device, self.fsdp)
+        return gen, _Layout(dist.get_world_size(), rank, self.cfg_parallel)
+
+    @property
+    def preset(self):
+        return self.identity.preset
+
+    @property
+    def task(self) -> str:
+        return self.identity.task
+
+    def _collect(self, kind: str, callback: Callable | None = None) -> Any:
+        """Wait for every worker's ``kind`` message; the first error is raised (after all
+        workers answered, so none is left mid-call)."""
+        answered, result, error = 0, None, None
+        while answered < self.num_gpus:
+            try:
+                what, rank, payload = self._results.get(timeout=5.0)
+            except Exception:  # noqa: BLE001 -- queue.Empty: check the workers are alive
+                dead = [i for i, p in enumerate(self._workers) if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise RuntimeError(
+                        f"worker process(es) {dead} exited (exit codes "
+                        f"{[self._workers[i].exitcode for i in dead]}); see their output above"
+                    ) from None
+                continue
+            if what == _PROGRESS:
+                if callback is not None:
+                    callback(payload)
+                continue
+            answered += 1
+            if what == _ERROR and error is None:
+                error = payload
+            elif rank == 0:
+                result = payload
+        if error is not None:
+            if kind == _READY:
+                self.close()
+            raise error
+        return result
+
+    def generate(self, prompt: Any = None, negative_prompt: Any = None, **kwargs: Any) -> Any:
+        """:meth:`fastwan.pipeline.VideoGenerator.generate` on the devices; the result
+        (frames on the CPU) as one device would return it."""
+        if kwargs.get("callback_on_step_end") is not None:
+            raise ValueError(
+                "callback_on_step_end is not available with num_gpus > 1 (the latents live "
+                "in the worker processes); use callback= for progress"
+            )
+        callback = kwargs.pop("callback", None)
+        kwargs.update(prompt=prompt, negative_prompt=negative_prompt)
+        if self._in_process is not None:
+            gen, layout = self._in_process
+            return _run_on_rank(gen, layout, dict(kwargs, callback=callback))
+        if not self._workers:
+            raise ValueError("this generator is closed")
+        for q in self._requests:
+            q.put(dict(kwargs))
+        return self._collect(_DONE, callback)
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        for q in getattr(self, "_requests", []):
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001
+                pass
+        for proc in self._workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+        self._workers = []
+
+    def __enter__(self) -> MultiDeviceGenerator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover -- best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
