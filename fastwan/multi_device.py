@@ -119,15 +119,11 @@ def _load_sharded(load: dict, device: torch.device):
     from fastwan.choices import parse_dtype
     from fastwan.distributed.parallelize import materialize
     from fastwan.models.loading import load_components
-    from fastwan.models.vsa import set_attention, transformer_blocks
-    from fastwan.pipeline import VideoGenerator
+    from fastwan.models.vsa import transformer_blocks
+    from fastwan.pipeline import VideoGenerator, apply_attention, default_dtype
 
     dtype = load.get("dtype")
-    dtype = (
-        parse_dtype(dtype)
-        if dtype is not None
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = default_dtype(device) if dtype is None else parse_dtype(dtype)
     components = load_components(
         load["path"],
         preset=load.get("preset"),
@@ -142,13 +138,13 @@ def _load_sharded(load: dict, device: torch.device):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(net, mesh=mesh, reshard_after_forward=True)
     materialize(net, device)
-    p = components.preset
-    mode = load.get("attention") or p.attention
-    sparsity = load.get("sparsity")
-    if mode == "vsa" and sparsity is None and p.attention == "vsa":
-        sparsity = p.sparsity
-    tile = load.get("tile_size") or p.tile_size
-    set_attention(net, mode, sparsity=sparsity, tile_size=tile, backend=load.get("backend", "auto"))
+    apply_attention(
+        components,
+        load.get("attention"),
+        load.get("sparsity"),
+        load.get("tile_size"),
+        load.get("backend", "auto"),
+    )
     return VideoGenerator(components, device=device, vae_tiling=load.get("vae_tiling", False))
 
 

@@ -216,23 +216,14 @@ class VideoGenerator:
         dev = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        if dtype is None:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         components = load_components(
             path_or_id,
             preset=preset,
-            dtype=parse_dtype(dtype),
+            dtype=default_dtype(dev) if dtype is None else parse_dtype(dtype),
             vae_dtype=parse_dtype(vae_dtype, field="vae_dtype"),
             strict=strict,
         )
-        p = components.preset
-        mode = attention if attention is not None else p.attention
-        if mode == "vsa" and sparsity is None and p.attention == "vsa":
-            sparsity = p.sparsity
-        tile_size = p.tile_size if tile_size is None else tile_size
-        set_attention(
-            components.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
-        )
+        apply_attention(components, attention, sparsity, tile_size, backend)
         return cls(
             components,
             device=dev,
@@ -936,6 +927,30 @@ class VideoGenerator:
         img = load_image(image, "image")
         last = load_image(last_image, "last_image") if last_image is not None else None
         return img, last, self.default_size_for_image(img)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The transformer and text encoder's dtype when none is given: bf16 on CUDA, else fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def apply_attention(
+    components: WanComponents,
+    attention: str | None,
+    sparsity: float | None,
+    tile_size: Sequence[int] | None,
+    backend: str = "auto",
+) -> None:
+    """Set the loaded transformer's self-attention: ``attention`` (default the preset's),
+    VSA ``sparsity`` (default the preset's when it runs VSA) and ``tile_size``."""
+    p = components.preset
+    mode = attention if attention is not None else p.attention
+    if mode == "vsa" and sparsity is None and p.attention == "vsa":
+        sparsity = p.sparsity
+    tile_size = p.tile_size if tile_size is None else tile_size
+    set_attention(
+        components.transformer, mode, sparsity=sparsity, tile_size=tile_size, backend=backend
+    )
 
 
 def image_video_size(identity: ModelIdentity, image: Any) -> tuple[int, int]:
