@@ -9,6 +9,7 @@ A :class:`Recipe` has one section per concern; YAML recipes in ``recipes/`` fill
     optim:    generator and critic optimisers (lr, betas, decay, clipping, LR schedule)
     dmd:      few-step timesteps, critic/generator ratio, timestep range, CFG, rollout
     vsa:      Video Sparse Attention: sparsity, tile, backend, sparsity schedule
+    lora:     LoRA adapters instead of whole trainable networks (rank 0: off)
 
 Every dataclass checks itself in ``__post_init__`` and raises :class:`ConfigError` (a
 ``ValueError``) whose message starts with the dotted field (``optim.generator.lr``) and
@@ -57,6 +58,8 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from fastwan.choices import (
     ATTENTION_BACKENDS,
     COMPILE_BACKENDS,
+    LORA_GATES,
+    LORA_INITS,
     METHODS,
     TRAIN_DTYPES,
     VALIDATION_SAMPLERS,
@@ -68,6 +71,7 @@ __all__ = [
     "DMDConfig",
     "check_override_key",
     "DataConfig",
+    "LoRAConfig",
     "ModelConfig",
     "OptimConfig",
     "OptimConfigs",
@@ -735,6 +739,86 @@ class DataConfig:
                 )
 
 
+# Wan's attention and feed-forward projections (peft names: a module whose dotted name is,
+# or ends with, one of these): self- and cross-attention q, k, v, out and the FFN's two.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+_GATE_MODULE = "to_gate_compress"  # fastwan.models.vsa.GATE_NAME (not imported: torch)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA: low-rank adapters (peft) train instead of whole networks (rank 0: off).
+
+    ``dmd`` with ``shared_base``: the student and the critic are two adapters on one
+    frozen base that is also the teacher (teacher: adapters off, dense attention; student:
+    its adapter and VSA; critic: its adapter, dense), so one copy of the base weights is
+    held, and only the adapters (and the student's VSA gates) have gradients and AdamW
+    states. The base is stored in ``model.teacher_dtype``, the adapters (and full gates) in
+    ``model.dtype``. ``flow``: one adapter on the fine-tuned network.
+    """
+
+    __pydantic_config__ = _PYDANTIC_CONFIG
+
+    rank: int = 0
+    """Rank r of every adapter; 0: no LoRA (the networks train in full)."""
+    alpha: float | None = None
+    """The update is (alpha / rank) B A; null: alpha = rank (scale 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    """Linear layers that get an adapter: those whose dotted name is, or ends with, one of
+    these (peft's rule). Default: attention q, k, v, out and the FFN of every block."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    init: Literal[LORA_INITS] = "default"
+    """How A starts: default (kaiming-uniform, as peft) or gaussian (N(0, 1/rank)); B
+    starts at zero, so every adapted network starts as its base. Seeded by train.seed."""
+    gates: Literal[LORA_GATES] = "lora"
+    """The student's VSA gates: lora (a rank-r adapter on each gate, its base frozen) or
+    full (the gate weights themselves train)."""
+    shared_base: bool = True
+    """dmd: student, critic and teacher share one frozen base (model.student and
+    model.critic must be null); false: the critic gets its own frozen base (model.critic,
+    default the teacher's weights), and so does the student when model.student is set."""
+
+    def __post_init__(self) -> None:
+        _check_int(self, "rank", 0, fix=" (0 disables LoRA; e.g. 32)")
+        if self.alpha is not None:
+            _check_range(self, "alpha", 0.0, None, lo_open=True, fix=" (null: alpha = rank)")
+        targets = self.target_modules
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or any(not isinstance(t, str) or not t.strip() for t in targets)
+        ):
+            _fail(
+                self,
+                "target_modules",
+                f"must be a non-empty list of module names, got {targets!r}; e.g. "
+                f"{list(LORA_TARGET_MODULES)}",
+            )
+        gate = [t for t in targets if t.split(".")[-1] == _GATE_MODULE]
+        if gate:
+            _fail(
+                self,
+                "target_modules",
+                f"names the VSA gates ({gate[0]!r}); remove it: lora.gates (lora | full) "
+                "decides how the student's gates train",
+            )
+        _check_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        _check_choice(self, "init", LORA_INITS)
+        _check_choice(self, "gates", LORA_GATES)
+        if not isinstance(self.shared_base, bool):
+            _fail(self, "shared_base", f"must be true or false, got {self.shared_base!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha in effect (alpha, or rank when alpha is null)."""
+        return float(self.alpha) if self.alpha is not None else float(self.rank)
+
+
 @dataclass
 class Recipe:
     """A whole training configuration; checks that span sections run here."""
@@ -755,6 +839,8 @@ class Recipe:
     """DMD2 distillation."""
     vsa: VSAConfig = field(default_factory=VSAConfig)
     """Video Sparse Attention."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters instead of whole trainable networks (rank 0: off)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -811,6 +897,17 @@ class Recipe:
                 f"{t.ema_start_step} exceeds max_steps ({t.max_steps}): EMA would never start",
                 "train",
             )
+        lora = self.lora
+        if lora.enabled and t.method == "dmd" and lora.shared_base:
+            for role in ("student", "critic"):
+                if getattr(self.model, role) is not None:
+                    raise ConfigError(
+                        role,
+                        f"is {getattr(self.model, role)!r} but lora.shared_base is true: the "
+                        f"{role} is an adapter on the teacher's weights; set model.{role}: null, "
+                        "or lora.shared_base: false to give it a base of its own",
+                        "model",
+                    )
 
 
 _SECTION_TYPES: dict[str, type] = {
@@ -821,6 +918,7 @@ _SECTION_TYPES: dict[str, type] = {
     "optim": OptimConfigs,
     "dmd": DMDConfig,
     "vsa": VSAConfig,
+    "lora": LoRAConfig,
 }
 
 

@@ -35,6 +35,13 @@ What is counted, per GPU (bytes):
   autocast's compute-dtype copy of a trainable network's fp32 weights;
 * a fixed overhead (CUDA context, NCCL buffers, allocator fragmentation).
 
+LoRA (``lora.rank > 0``): the frozen base is counted once per copy held -- for ``dmd``
+with ``lora.shared_base`` one copy, the teacher's row, in ``model.teacher_dtype`` -- and
+the student and critic rows hold only their adapters (and the student's gates), counted
+by injecting them into the meta-device model (:func:`lora_param_count`), in
+``model.dtype`` with gradients and AdamW states; activations as for full training (a
+frozen Linear saves no input, its adapter's first layer saves the same one).
+
 With ``parallel.cpu_offload`` (FSDP2's ``CPUOffloadPolicy``, multi-GPU runs) the sharded
 parameters, gradients, optimizer states and EMA live in host memory: they leave the GPU
 total and are reported as host memory per rank.
@@ -219,10 +226,19 @@ class NetworkSpec:
     trainable: bool
     vsa: bool  # self-attention runs VSA (its gates train when trainable)
     ema: bool = False  # an fp32 EMA copy is kept (the student)
+    # LoRA: the trained parameters are an adapter of this many parameters (its gates
+    # included) in adapter_dtype; the base is frozen, held by this row when ``base`` (its
+    # ``base_params``, default every parameter of the architecture), else by another row
+    adapter_params: int = 0
+    adapter_dtype: str = "fp32"
+    base: bool = True
+    base_params: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"{self.role}: dtype must be one of {sorted(_DTYPE_BYTES)}")
+        if self.adapter_dtype not in _DTYPE_BYTES:
+            raise ValueError(f"{self.role}: adapter dtype must be one of {sorted(_DTYPE_BYTES)}")
 
 
 # ------------------------------------------------------------------------------ results
@@ -310,8 +326,11 @@ class MemoryPlan:
         for n in self.networks:
             s = n.spec
             train = "yes" if s.trainable else "no"
+            dtype = s.dtype
+            if s.adapter_params:  # LoRA: the adapter's dtype, or both with a base here
+                dtype = "mixed" if s.base and s.adapter_dtype != s.dtype else s.adapter_dtype
             lines.append(
-                f"{s.role:<8} {n.params / 1e9:7.2f}B {s.dtype:>5} {train:>5} "
+                f"{s.role:<8} {n.params / 1e9:7.2f}B {dtype:>5} {train:>5} "
                 f"{gb(n.param_bytes)} {gb(n.grad_bytes)} {gb(n.optim_bytes)} {gb(n.ema_bytes)} "
                 + " ".join(gb(n.activation_bytes[m]) for m in CHECKPOINT_MODES)
             )
@@ -389,7 +408,9 @@ def estimate_memory(
                 f"parallel.sequence_parallel ({sp})"
             )
         sbytes = _DTYPE_BYTES[spec.dtype]
-        params = arch.params
+        params = (
+            arch.params if spec.base_params is None or spec.adapter_params else spec.base_params
+        )
         trainable = 0
         if spec.trainable:
             trainable = params if spec.vsa else params - arch.gate_params
@@ -398,6 +419,17 @@ def estimate_memory(
         grad_bytes = trainable * sbytes / fsdp
         optim_bytes = 2 * trainable * sbytes / fsdp  # AdamW exp_avg, exp_avg_sq
         ema_bytes = params * 4 / fsdp if spec.ema else 0.0
+        if spec.adapter_params:  # LoRA: a frozen base (when held here) and an adapter
+            held = (
+                (spec.base_params if spec.base_params is not None else params) if spec.base else 0
+            )
+            trainable = spec.adapter_params if spec.trainable else 0
+            abytes = _DTYPE_BYTES[spec.adapter_dtype]
+            params = held + spec.adapter_params
+            param_bytes = (held * sbytes + spec.adapter_params * abytes) / fsdp
+            grad_bytes = trainable * abytes / fsdp
+            optim_bytes = 2 * trainable * abytes / fsdp
+            ema_bytes = trainable * 4 / fsdp if spec.ema else 0.0
 
         acts = {m: 0.0 for m in CHECKPOINT_MODES}
         if spec.trainable:
@@ -415,14 +447,18 @@ def estimate_memory(
             acts["selective"] = root + L * (block_input + attn_out) + block_full
             acts["full"] = root + L * block_input + block_full
 
-        block = arch.block_params
+        block = arch.block_params if spec.base or not spec.adapter_params else 0
         if fsdp > 1:
             # unsharded compute-dtype params of the current and the prefetched block, the
             # root's while the whole forward runs, one block's fp32 gradient before
             # its reduce-scatter
             working = (2 * block + arch.root_params) * cbytes
-            if spec.trainable:
+            if spec.trainable and not spec.adapter_params:
                 working += block * 4
+        elif spec.adapter_params:  # autocast's copies of the (small) fp32 adapter only
+            working = (
+                spec.adapter_params * cbytes if _DTYPE_BYTES[spec.adapter_dtype] != cbytes else 0.0
+            )
         else:
             # autocast keeps compute-dtype copies of fp32 weights for the backward
             working = params * cbytes if (spec.trainable and sbytes != cbytes) else 0.0
@@ -505,6 +541,80 @@ def resolve_model(source: str) -> tuple[WanArch, tuple[int, int, int], int]:
     return arch, tuple(preset.vae_stride), preset.text_length
 
 
+def lora_param_count(arch_config: dict[str, Any], lora: Any, *, gates: bool) -> int:
+    """Parameters of one LoRA adapter (``lora``: the recipe's section) on the Wan of
+    ``arch_config``, counted by injecting it (peft) into the meta-device model; ``gates``: the
+    gates carry a rank-r adapter too."""
+    return _lora_count(
+        json.dumps(arch_config, sort_keys=True), lora.rank, tuple(lora.target_modules), gates
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _lora_count(config_json: str, rank: int, targets: tuple[str, ...], gates: bool) -> int:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from fastwan.models.lora import adapter_parameters, add_adapter
+    from fastwan.models.vsa import GATE_NAME, add_vsa_gates
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(json.loads(config_json))
+        add_vsa_gates(model)
+    add_adapter(
+        model, "plan", rank=rank, target_modules=[*targets, *([GATE_NAME] if gates else [])]
+    )
+    return sum(p.numel() for p in adapter_parameters(model, "plan").values())
+
+
+def _model_config(source: str) -> dict[str, Any]:
+    """The transformer config of ``source`` (a local folder's, else its preset's)."""
+    from fastwan.models.presets import get_preset, transformer_config
+
+    path = Path(source).expanduser()
+    if path.exists():
+        tdir = path / "transformer" if (path / "transformer").is_dir() else path
+        return _read_json(tdir / "config.json")
+    return transformer_config(get_preset(source))
+
+
+def _lora_specs(recipe: Recipe) -> list[NetworkSpec]:
+    """The rows of a LoRA recipe: each frozen base once per copy held, and the adapters
+    (``lora.gates: full`` moves the student's gates from its base to its adapter)."""
+    m, t, lora = recipe.model, recipe.train, recipe.lora
+    vsa, dmd = recipe.vsa.enabled, t.method == "dmd"
+    full_gates = vsa and lora.gates == "full"
+    # where each trained role's adapter sits: its own base, or the teacher's (None)
+    own = {"student": m.student_path if not dmd or (not lora.shared_base and m.student) else None}
+    if dmd:
+        own["critic"] = None if lora.shared_base else m.critic_path
+    specs = []
+    for role, source in own.items():
+        gates = role == "student" and vsa
+        src = source or m.teacher
+        arch = resolve_model(src)[0]
+        count = lora_param_count(_model_config(src), lora, gates=gates and lora.gates == "lora")
+        count += arch.gate_params if gates and full_gates else 0
+        specs.append(
+            NetworkSpec(
+                role, src, arch, m.teacher_dtype, True, gates,
+                role == "student" and t.ema_decay is not None,
+                adapter_params=count, adapter_dtype=m.dtype, base=source is not None,
+                base_params=arch.params - (arch.gate_params if gates and full_gates else 0),
+            )
+        )  # fmt: skip
+    if dmd:
+        arch = resolve_model(m.teacher)[0]
+        moved = full_gates and own["student"] is None  # the student's gates left this base
+        specs.append(
+            NetworkSpec(
+                "teacher", m.teacher, arch, m.teacher_dtype, False, False,
+                base_params=arch.params - (arch.gate_params if moved else 0),
+            )
+        )  # fmt: skip
+    return specs
+
+
 def _data_field(name: str) -> str:
     return f"data.{name}"
 
@@ -551,6 +661,8 @@ def plan_recipe(
         arch, stride, text_length = resolve_model(source)
         grids.add(latent_grid(d.num_frames, d.height, d.width, stride, name=_data_field))
         specs.append(NetworkSpec(role, source, arch, dtype, trainable, vsa, ema))
+    if getattr(recipe, "lora", None) is not None and recipe.lora.enabled:
+        specs = _lora_specs(recipe)
     if len(grids) != 1:
         raise ValueError(f"the networks' VAE strides give different latent grids {grids}")
     return estimate_memory(

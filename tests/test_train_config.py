@@ -109,6 +109,7 @@ def test_dump_load_round_trip(path, tmp_path):
         "optim",
         "dmd",
         "vsa",
+        "lora",
     ]
 
 

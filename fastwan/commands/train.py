@@ -60,6 +60,13 @@ def register(subparsers) -> None:
         help="pipeline folder the checkpoint was trained from (default: the run's recipe.yaml)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run (lora.rank > 0): fold the adapter into its base and write a Diffusers "
+        "folder (default for a LoRA run: the adapter as a diffusers-format Wan LoRA folder, "
+        "pytorch_lora_weights.safetensors + vsa_gates.safetensors)",
+    )
     e.set_defaults(func=run_export)
 
 
@@ -366,6 +373,27 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{str(recipe_file)!r} does not exist, so the source model is unknown; pass "
             "--model DIR (the pipeline folder the run trained from)"
+        )
+    if recipe is not None and recipe.lora.enabled:  # the adapter (or the merged model)
+        from fastwan.train.lora_export import export_lora
+
+        out = export_lora(
+            ckpt,
+            recipe,
+            args.out,
+            model=args.model,
+            ema=args.ema,
+            merge=args.merge_lora,
+            overwrite=args.overwrite,
+            sampling=export_sampling(recipe),
+        )
+        what = "merged model" if args.merge_lora else "LoRA adapter"
+        print(f"exported the {what} ({'EMA' if args.ema else 'generator'}) of {ckpt} to {out}")
+        return 0
+    if args.merge_lora:
+        raise ValueError(
+            f"--merge-lora: {str(ckpt)!r} was trained without LoRA (lora.rank 0 in its "
+            "recipe); export it without --merge-lora"
         )
     transformer = load_transformer(resolve_model_path(student), dtype=torch.float32)
     # consolidate the generator's shards (any number of saving ranks) into one model

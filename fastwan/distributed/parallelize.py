@@ -126,10 +126,16 @@ def parallelize_method(method: Method, state: ParallelState, recipe: object) -> 
     ``replicate x shard`` instead of by the number of ranks."""
     parallel = recipe.parallel  # type: ignore[attr-defined]
     trainable: Mapping[str, nn.Module] = method.networks()
-    for net in trainable.values():
+    # A network shared by several roles (LoRA adapters on one base, which may also be the
+    # frozen teacher) is wrapped and sharded once.
+    unique = {id(net): net for net in trainable.values()}
+    for net in unique.values():
         apply_activation_checkpointing(net, parallel.activation_checkpointing)
-    nets = [(net, True) for net in trainable.values()]
-    nets += [(net, False) for net in method.frozen_networks().values()]
+    nets = [(net, True) for net in unique.values()]
+    for net in method.frozen_networks().values():
+        if id(net) not in unique:
+            unique[id(net)] = net
+            nets.append((net, False))
     mixed = recipe.train.mixed_precision == "bf16"  # type: ignore[attr-defined]
     for net, is_trainable in nets:
         if state.sp_size > 1:  # > 1 only in a distributed run

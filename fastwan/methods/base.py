@@ -19,6 +19,19 @@ Every random draw of a loss comes from ``rng`` (a ``torch.Generator``; in DMD th
 "generator" is the student network, so the word is kept for the role). The role
 ``"generator"`` is the network that is validated, exported and averaged (EMA).
 
+Networks may be shared between roles (LoRA: the generator and the critic are two
+adapters on one base module, which is also the frozen teacher). A method whose roles do
+not train every parameter of their network says which they train, and a method whose
+shared networks must be set up for a role before something outside its losses runs them
+(validation) says how, with two optional members the trainer reads through
+:func:`trained_parameters` and :func:`prepare_network`:
+
+* ``trained_parameters(role) -> {name: parameter}``: what ``role``'s optimizer steps,
+  its gradient clipping spans, its EMA averages and its checkpoint holds (names as in
+  ``networks()[role]``); default: every parameter of the network that requires grad;
+* ``prepare(role)``: configure ``networks()[role]`` to run as ``role`` (e.g. its adapter
+  and attention); default: nothing to do.
+
 Implementations: :class:`fastwan.methods.dmd.DMDMethod` (roles generator + critic, the
 generator every ``dmd.generator_update_interval``-th step, before the critic),
 :class:`fastwan.methods.flow.FlowMethod` (one role, every step).
@@ -32,7 +45,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["METHOD_MEMBERS", "Method", "check_method", "update_counts"]
+__all__ = [
+    "METHOD_MEMBERS",
+    "Method",
+    "check_method",
+    "prepare_network",
+    "trained_parameters",
+    "update_counts",
+]
 
 
 @runtime_checkable
@@ -122,3 +142,27 @@ def update_counts(method: Method, steps: int) -> dict[str, int]:
                 )
             counts[role] += 1
     return counts
+
+
+def trained_parameters(method: Method, role: str) -> dict[str, nn.Parameter]:
+    """The parameters ``role`` trains, by name in ``method.networks()[role]``: the
+    method's ``trained_parameters(role)`` when it has one, else every parameter of the
+    network that requires grad. A ValueError when there are none."""
+    own = getattr(method, "trained_parameters", None)
+    if own is not None:
+        params = dict(own(role))
+    else:
+        net = method.networks()[role]
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"the {role} network has no trainable parameters")
+    return params
+
+
+def prepare_network(method: Method, role: str) -> nn.Module:
+    """``method.networks()[role]``, set up to run as ``role`` (the method's ``prepare``,
+    when it has one: a network shared between roles)."""
+    prepare = getattr(method, "prepare", None)
+    if prepare is not None:
+        prepare(role)
+    return method.networks()[role]

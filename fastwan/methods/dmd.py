@@ -26,6 +26,17 @@ learns on the updated generator.
 
 All noise comes from the ``torch.Generator`` ``rng`` passed to each call (the
 "generator" of DMD is the student network).
+
+LoRA (``lora`` with ``rank > 0``, :mod:`fastwan.methods.adapters`): the student and the
+critic are adapters named ``generator`` and ``critic``. With ``lora.shared_base`` both sit
+on the teacher itself, one module in three roles: the teacher runs it with adapters off and
+dense attention, the student with its adapter and VSA, the critic with its adapter, dense.
+Each call switches the module to its role (adapter and cached attention processors), and
+every loss returns with the module in the configuration of the role it trains, so that
+activation checkpointing recomputes that role's forward in backward. Without
+``shared_base`` the critic has a frozen base of its own (``critic``, or a copy of the
+teacher), and so does the student when ``student`` is given. Only adapters (and the
+student's gates) train.
 """
 
 from __future__ import annotations
@@ -38,8 +49,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastwan.config import DMDConfig, VSAConfig
+from fastwan.config import DMDConfig, LoRAConfig, VSAConfig
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
+from fastwan.methods.adapters import attach_adapter, freeze_except_adapters, role_parameters
 from fastwan.methods.flow import (
     _check_rng,
     _param_device,
@@ -54,7 +66,8 @@ from fastwan.methods.losses import (
     flow_matching_loss,
     sample_dmd_timesteps,
 )
-from fastwan.models.vsa import set_attention
+from fastwan.models.lora import init_lora_weights, use_adapter
+from fastwan.models.vsa import set_attention, transformer_blocks
 
 __all__ = ["DMDMethod"]
 
@@ -90,6 +103,9 @@ class DMDMethod:
             set to VSA / dense and made trainable here.
         expand_timesteps: Wan2.2 TI2V -- every network gets one timestep per latent token
             ``[B, S]`` (the folder's ``model_index.json`` ``expand_timesteps``).
+        lora: train LoRA adapters instead of the networks (``rank > 0``; see the module
+            docstring); ``lora_dtype``: the adapters' (and full gates') dtype (default:
+            the base's); ``seed``: seeds their initialisation (``train.seed``).
     """
 
     name = "dmd"
@@ -106,6 +122,9 @@ class DMDMethod:
         student: nn.Module | None = None,
         critic: nn.Module | None = None,
         expand_timesteps: bool = False,
+        lora: LoRAConfig | None = None,
+        lora_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         for role, net in (("teacher", teacher), ("student", student), ("critic", critic)):
             if (net is not None or role == "teacher") and not isinstance(net, nn.Module):
@@ -134,6 +153,15 @@ class DMDMethod:
                     f"latent_shape must be four positive ints (C, T, H, W), got {latent_shape!r}"
                 )
         self.latent_shape = latent_shape
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise ValueError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
+        self.lora = lora if lora is not None and lora.enabled else None
+        self._lora_seed = int(seed)
+        # role -> (module, its adapter or None, its self-attention processors): LoRA only
+        self._configs: dict[str, tuple[nn.Module, str | None, list]] = {}
+        if self.lora is not None:
+            self._build_lora(teacher, student, critic, lora_dtype, seed)
+            return
 
         self.student = student if student is not None else copy.deepcopy(teacher)
         if vsa.enabled:
@@ -155,6 +183,67 @@ class DMDMethod:
         self.teacher = teacher
         set_attention(self.teacher, "dense")
         self.teacher.requires_grad_(False).eval()
+
+    def _build_lora(
+        self,
+        teacher: nn.Module,
+        student: nn.Module | None,
+        critic: nn.Module | None,
+        dtype: torch.dtype | None,
+        seed: int,
+    ) -> None:
+        lora, vsa = self.lora, self.vsa
+        assert lora is not None
+        if lora.shared_base and (student is not None or critic is not None):
+            raise ValueError(
+                "lora.shared_base: the student and the critic are adapters on the teacher; "
+                "pass student=None and critic=None (model.student / model.critic: null), or "
+                "set lora.shared_base: false to give them bases of their own"
+            )
+        self.teacher = teacher
+        self.student = student if student is not None else teacher
+        if lora.shared_base:
+            self.critic = teacher
+        else:
+            self.critic = critic if critic is not None else copy.deepcopy(teacher)
+        bases = list({id(n): n for n in (self.teacher, self.student, self.critic)}.values())
+        for role, net in (("generator", self.student), ("critic", self.critic)):
+            attach_adapter(net, role, lora, vsa_enabled=vsa.enabled, dtype=dtype, seed=seed)
+        freeze_except_adapters(bases, [self.trained_parameters(r) for r in self.roles])
+        for net in bases:
+            net.train()  # no dropout in Wan's base; the adapters' dropout is on while training
+
+        def processors(net: nn.Module, mode: str) -> list:
+            if mode == "vsa":
+                set_attention(
+                    net, "vsa", sparsity=vsa.sparsity, tile_size=vsa.tile_size, backend=vsa.backend
+                )
+            else:
+                set_attention(net, "dense")
+            return [block.attn1.processor for block in transformer_blocks(net)]
+
+        # Each module's processors per attention mode, built once (a processor reads its
+        # own module's grid state): switching roles swaps these objects in.
+        dense = {id(n): processors(n, "dense") for n in bases}
+        student_procs = processors(self.student, "vsa") if vsa.enabled else dense[id(self.student)]
+        self._configs = {
+            "teacher": (self.teacher, None, dense[id(self.teacher)]),
+            "critic": (self.critic, "critic", dense[id(self.critic)]),
+            "student": (self.student, "generator", student_procs),
+        }
+        for name in ("teacher", "critic", "student"):  # every module in its last role
+            self._configure(name)
+
+    def _configure(self, name: str) -> nn.Module:
+        """The module of ``name`` (``student``, ``critic``, ``teacher``), switched to that
+        network's adapter and attention (LoRA; without it each network is its own)."""
+        if not self._configs:
+            return {"student": self.student, "critic": self.critic, "teacher": self.teacher}[name]
+        net, adapter, procs = self._configs[name]
+        use_adapter(net, adapter)
+        for block, proc in zip(transformer_blocks(net), procs):
+            block.attn1.set_processor(proc)
+        return net
 
     @staticmethod
     def _negative(emb: Any, mask: Any) -> torch.Tensor:
@@ -194,8 +283,30 @@ class DMDMethod:
         return {"generator": self.student, "critic": self.critic}
 
     def frozen_networks(self) -> dict[str, nn.Module]:
-        """The frozen real score."""
+        """The frozen real score (none of its own when it is the LoRA roles' shared base)."""
+        if self.teacher is self.student or self.teacher is self.critic:
+            return {}
         return {"teacher": self.teacher}
+
+    def trained_parameters(self, role: str) -> dict[str, nn.Parameter]:
+        """What ``role`` trains: its whole network, or with LoRA its adapter (and for the
+        generator of a VSA student its gates, ``lora.gates``)."""
+        net = self.networks()[role]
+        if self.lora is None:
+            return {n: p for n, p in net.named_parameters() if p.requires_grad}
+        return role_parameters(net, role, self.lora, vsa_enabled=self.vsa.enabled)
+
+    def init_adapters(self) -> None:
+        """(Re)initialise the adapters from the seed (LoRA; e.g. once networks built on the
+        meta device have their memory: the same values on any mesh)."""
+        if self.lora is None:
+            raise ValueError("this DMDMethod trains no LoRA adapters (lora.rank is 0)")
+        for role, net in self.networks().items():
+            init_lora_weights(net, role, init=self.lora.init, seed=self._lora_seed)
+
+    def prepare(self, role: str) -> None:
+        """Switch the (shared) network of ``role`` to run as that role (validation)."""
+        self._configure("student" if role == "generator" else "critic")
 
     def set_step(self, step: int) -> None:
         """Nothing changes with the step: the student keeps ``vsa.sparsity`` throughout."""
@@ -213,10 +324,15 @@ class DMDMethod:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """:meth:`generator_step` (role ``generator``) or :meth:`critic_step` (``critic``)."""
         if role == "generator":
-            return self.generator_step(batch, rng)
-        if role == "critic":
-            return self.critic_step(batch, rng)
-        raise ValueError(f"DMDMethod has the roles {self.roles}, not {role!r}")
+            out = self.generator_step(batch, rng)
+        elif role == "critic":
+            out = self.critic_step(batch, rng)
+        else:
+            raise ValueError(f"DMDMethod has the roles {self.roles}, not {role!r}")
+        # a shared network is left as the trained role: backward's recomputation
+        # (activation checkpointing) must run that role's forward again
+        self.prepare(role)
+        return out
 
     @property
     def sparsity(self) -> float:
@@ -224,9 +340,11 @@ class DMDMethod:
         return float(self.vsa.sparsity) if self.vsa.enabled else 0.0
 
     def _call(
-        self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+        self, name: str, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
     ) -> torch.Tensor:
-        """Velocity of ``net`` (timesteps ``t`` [B], per token for Wan2.2)."""
+        """Velocity of network ``name`` (``student``, ``critic``, ``teacher``; timesteps
+        ``t`` [B], per token for Wan2.2)."""
+        net = self._configure(name)
         return call_transformer(net, x, t, cond, expand_timesteps=self.expand_timesteps)
 
     # ------------------------------------------------------------------ pieces
@@ -288,11 +406,11 @@ class DMDMethod:
                 for j in range(k):
                     s_j = steps[j] / NUM_TRAIN_TIMESTEPS
                     t_j = torch.full((b,), float(steps[j]), device=device)  # [B]
-                    x0 = x0_from_velocity(x, self._call(self.student, x, t_j, cond), s_j)
+                    x0 = x0_from_velocity(x, self._call("student", x, t_j, cond), s_j)
                     eps = draw_noise(x0.shape, rng, device)
                     x = add_noise(x0, eps, steps[j + 1] / NUM_TRAIN_TIMESTEPS)
         t_k = torch.full((b,), float(steps[k]), device=device)  # [B]
-        v = self._call(self.student, x, t_k, cond)  # [B, C, T, H, W]
+        v = self._call("student", x, t_k, cond)  # [B, C, T, H, W]
         return x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), float(steps[k])
 
     def _dmd_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +435,7 @@ class DMDMethod:
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
-        v = self._call(self.critic, x_t, t, cond)  # [B, C, T, H, W]
+        v = self._call("critic", x_t, t, cond)  # [B, C, T, H, W]
         loss = flow_matching_loss(v, x0_gen, eps)
         return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
 
@@ -332,14 +450,14 @@ class DMDMethod:
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         with torch.no_grad():
             x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W]
-            x0_cond = x0_from_velocity(x_t, self._call(self.teacher, x_t, t, cond), s)
+            x0_cond = x0_from_velocity(x_t, self._call("teacher", x_t, t, cond), s)
             w = self.dmd.guidance_scale
             if w == 1.0:
                 x0_real = x0_cond
             else:
-                v_neg = self._call(self.teacher, x_t, t, neg)
+                v_neg = self._call("teacher", x_t, t, neg)
                 x0_real = cfg_combine(x0_cond, x0_from_velocity(x_t, v_neg, s), w)
-            x0_fake = x0_from_velocity(x_t, self._call(self.critic, x_t, t, cond), s)
+            x0_fake = x0_from_velocity(x_t, self._call("critic", x_t, t, cond), s)
         loss, g = dmd_generator_loss(x0_gen, x0_real, x0_fake, return_grad=True)
         return loss, {
             "rollout_timestep": t_k,

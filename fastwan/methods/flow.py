@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastwan.config import VSAConfig
+from fastwan.config import LoRAConfig, VSAConfig
 from fastwan.diffusion.flow import add_noise
+from fastwan.methods.adapters import attach_adapter, freeze_except_adapters, role_parameters
 from fastwan.methods.losses import flow_matching_loss, sample_dmd_timesteps
 from fastwan.methods.schedules import vsa_sparsity_from_config
+from fastwan.models.lora import init_lora_weights
 from fastwan.models.vsa import set_attention
 
 __all__ = ["FlowMethod", "call_transformer", "draw_noise", "latents_of", "text_condition"]
@@ -107,7 +109,10 @@ def call_transformer(
     :func:`fastwan.diffusion.image_condition.per_token_timesteps`) instead of one per sample."""
     from fastwan.diffusion.image_condition import per_token_timesteps
 
-    dtype = next(net.parameters()).dtype
+    # the input layer's dtype (a bf16 Wan keeps scale_shift_table, its first parameter,
+    # in float32)
+    embed = getattr(net, "patch_embedding", None)
+    dtype = embed.weight.dtype if embed is not None else next(net.parameters()).dtype
     t = t.to(torch.float32)  # [B]
     if expand_timesteps:
         t = per_token_timesteps(t, x.shape, net.config.patch_size)  # [B, S]
@@ -135,6 +140,10 @@ class FlowMethod:
         min_ratio, max_ratio: clamp range of the noise level ``s``.
         expand_timesteps: Wan2.2 TI2V -- one timestep per latent token (the folder's
             ``model_index.json`` ``expand_timesteps``).
+        lora: train a LoRA adapter (named ``generator``) on the frozen ``transformer``
+            instead of the transformer (``rank > 0``; with VSA also its gates,
+            ``lora.gates``); ``lora_dtype``: the adapter's dtype (default: the base's);
+            ``seed``: seeds its initialisation.
     """
 
     name = "flow"
@@ -148,6 +157,9 @@ class FlowMethod:
         min_ratio: float = 0.0,
         max_ratio: float = 1.0,
         expand_timesteps: bool = False,
+        lora: LoRAConfig | None = None,
+        lora_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ValueError(
@@ -167,7 +179,22 @@ class FlowMethod:
         self.compute_device: torch.device | None = None  # set under FSDP CPU offload
         self.flow_shift = float(flow_shift)
         self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
-        self.model.requires_grad_(True)
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise ValueError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
+        self.lora = lora if lora is not None and lora.enabled else None
+        self._lora_seed = int(seed)
+        if self.lora is None:
+            self.model.requires_grad_(True)
+        else:
+            attach_adapter(
+                self.model,
+                "generator",
+                self.lora,
+                vsa_enabled=vsa.enabled,
+                dtype=lora_dtype,
+                seed=seed,
+            )
+            freeze_except_adapters([self.model], [self.trained_parameters("generator")])
         self.model.train()
         self.sparsity: float | None = None
         self.set_step(0)
@@ -187,6 +214,21 @@ class FlowMethod:
     def frozen_networks(self) -> dict[str, nn.Module]:
         """None: the trained network is the only one."""
         return {}
+
+    def init_adapters(self) -> None:
+        """(Re)initialise the adapter from the seed (LoRA; e.g. once a network built on the
+        meta device has its memory: the same values on any mesh)."""
+        if self.lora is None:
+            raise ValueError("this FlowMethod trains no LoRA adapter (lora.rank is 0)")
+        init_lora_weights(self.model, "generator", init=self.lora.init, seed=self._lora_seed)
+
+    def trained_parameters(self, role: str) -> dict[str, nn.Parameter]:
+        """The whole network, or with LoRA its adapter (and the VSA gates, lora.gates)."""
+        if role != "generator":
+            raise ValueError(f"FlowMethod has the one role 'generator', not {role!r}")
+        if self.lora is None:
+            return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return role_parameters(self.model, role, self.lora, vsa_enabled=self.vsa.enabled)
 
     def updates(self, step: int) -> tuple[str, ...]:
         """The trained network, every step."""

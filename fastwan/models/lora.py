@@ -434,7 +434,10 @@ def _read_lora(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | No
     from diffusers import WanPipeline
 
     state, metadata = WanPipeline.lora_state_dict(str(file), return_lora_metadata=True)
-    return dict(state), (dict(metadata) if metadata else None)
+    # diffusers keeps each component's config under its prefix ("transformer.r", ...)
+    prefix = DIFFUSERS_PREFIX
+    own = {k[len(prefix) :]: v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+    return dict(state), (own or None)
 
 
 def _parse_keys(

@@ -9,7 +9,10 @@
   VAE statistics of ``model.teacher``;
 * :class:`~fastwan.methods.dmd.DMDMethod` (``train.method: dmd``) or
   :class:`~fastwan.methods.flow.FlowMethod` (``train.method: flow``), with per-token
-  timesteps for Wan2.2 TI2V folders (:func:`expand_timesteps_of`);
+  timesteps for Wan2.2 TI2V folders (:func:`expand_timesteps_of`); with ``lora.rank > 0``
+  the networks are LoRA adapters (``model.dtype``) on frozen bases (``model.teacher_dtype``;
+  for ``dmd`` with ``lora.shared_base`` one base, the teacher itself), initialised from
+  ``train.seed`` once the networks are materialised;
 * the validator (:class:`~fastwan.train.validation.Validator`, with the folder's VAE) when
   ``train.validation_prompts`` is set, and the metric trackers of ``train.report_to``.
 
@@ -229,12 +232,25 @@ def build_trainer(
         latent_shape=latent_shape,  # longer latents are cropped in time, others skipped
     )
 
+    # LoRA: frozen bases in model.teacher_dtype, adapters (and full gates) in model.dtype
+    lora = recipe.lora if recipe.lora.enabled else None
+    lora_args = {"lora": lora, "lora_dtype": torch_dtype(m.dtype), "seed": t.seed} if lora else {}
+
     def build_method():  # the networks, wrapped for this rank (FSDP2: its shards only)
         if t.method == "dmd":
             teacher = _load(m.teacher, m.teacher_dtype, load_dev)
-            separate = m.dtype != m.teacher_dtype
-            student = _load(m.student_path, m.dtype, load_dev) if m.student or separate else None
-            critic = _load(m.critic_path, m.dtype, load_dev) if m.critic or separate else None
+            if lora is not None:  # adapters on the teacher; bases of their own when asked
+                own = not lora.shared_base
+                student = (
+                    _load(m.student_path, m.teacher_dtype, load_dev) if own and m.student else None
+                )
+                critic = _load(m.critic_path, m.teacher_dtype, load_dev) if own else None
+            else:
+                separate = m.dtype != m.teacher_dtype
+                student = (
+                    _load(m.student_path, m.dtype, load_dev) if m.student or separate else None
+                )
+                critic = _load(m.critic_path, m.dtype, load_dev) if m.critic or separate else None
             method = DMDMethod(
                 teacher,
                 recipe.dmd,
@@ -244,17 +260,21 @@ def build_trainer(
                 student=student,
                 critic=critic,
                 expand_timesteps=expand,
+                **lora_args,
             )
         else:
             method = FlowMethod(
-                _load(m.student_path, m.dtype, load_dev),
+                _load(m.student_path, m.teacher_dtype if lora else m.dtype, load_dev),
                 recipe.vsa,
                 flow_shift=recipe.dmd.flow_shift,
                 min_ratio=recipe.dmd.min_timestep_ratio,
                 max_ratio=recipe.dmd.max_timestep_ratio,
                 expand_timesteps=expand,
+                **lora_args,
             )
         parallelize_method(method, parallel, recipe)
+        if lora is not None:  # meta-built adapters have their memory only now
+            method.init_adapters()
         return method
 
     method = build_method()

@@ -50,7 +50,7 @@ import io
 import json
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,19 +181,32 @@ class PlainState:
 
 
 class ModelState:
-    """A network as a Stateful: its (sharded or plain) parameters and buffers by FQN."""
+    """A network as a Stateful: its (sharded or plain) parameters and buffers by FQN, or
+    only the parameters ``names`` (a role that trains part of a network, e.g. its LoRA
+    adapter on a frozen base the run loads from the model folder)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, names: Collection[str] | None = None) -> None:
         self.net = net
+        self.names = None if names is None else frozenset(names)
 
     def state_dict(self) -> dict[str, Any]:
         from fastwan.distributed.parallelize import reshard
 
         reshard(self.net)  # a no-grad forward may have left gathered parameters behind
-        return get_model_state_dict(self.net)
+        if self.names is None:
+            return get_model_state_dict(self.net)
+        options = StateDictOptions(ignore_frozen_params=True)
+        state = get_model_state_dict(self.net, options=options)
+        missing = sorted(self.names - set(state))
+        if missing:
+            raise ValueError(f"the network has no trainable parameters {missing[:3]} to save")
+        return {k: v for k, v in state.items() if k in self.names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.net, state)
+        if self.names is None:
+            set_model_state_dict(self.net, state)
+        else:  # a part of the network: the rest is not in this piece
+            set_model_state_dict(self.net, state, options=StateDictOptions(strict=False))
 
 
 class OptimizerState:
@@ -252,6 +265,9 @@ class TrainingState:
         data: the training data; its position is saved when it has ``state_dict`` and
             restored when it has ``load_state_dict`` (e.g.
             :class:`~fastwan.data.sampler.ResumableLoader`).
+        parameters: role -> the names of the parameters saved for that role, for a role
+            that trains only part of its network (LoRA: its adapter on a frozen base, which
+            may be shared with other roles); a role not listed saves its whole network.
     """
 
     networks: Mapping[str, nn.Module]
@@ -261,9 +277,13 @@ class TrainingState:
     generators: Mapping[str, torch.Generator] = field(default_factory=dict)
     ema: Mapping[str, EMA] = field(default_factory=dict)
     data: Any = None
+    parameters: Mapping[str, Collection[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         roles = set(self.networks)
+        extra = sorted(set(self.parameters) - roles)
+        if extra:
+            raise ValueError(f"parameters of {extra}, which are not networks {sorted(roles)}")
         for name, pieces in (("optimizers", self.optimizers), ("schedulers", self.schedulers)):
             if set(pieces) != roles:
                 raise ValueError(
@@ -424,11 +444,18 @@ def read_rank_rng(path: str | Path, rank: int) -> dict[str, Any]:
 
 
 def load_network_weights(
-    path: str | Path, role: str, module: nn.Module, *, ema: bool = False
+    path: str | Path,
+    role: str,
+    module: nn.Module,
+    *,
+    ema: bool = False,
+    names: Collection[str] | None = None,
 ) -> None:
     """Consolidate network ``role`` (or its EMA, ``ema=True``) of the checkpoint ``path``,
     saved by any number of processes, into the plain ``module`` (full tensors, one process,
-    no process group needed; ``fastwan export``)."""
+    no process group needed; ``fastwan export``). ``names``: read only these parameters
+    (a role saved in part, e.g. a LoRA adapter; the EMA holds the parameters of
+    ``module`` that require grad)."""
     path = Path(path)
     marker = check_checkpoint(path)
     if role not in marker.get("networks", []):
@@ -458,7 +485,12 @@ def load_network_weights(
             for name, value in shadow.items():
                 params[name].copy_(value.to(params[name].dtype))
         return
-    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    weights = {
+        k: v.detach().clone() for k, v in module.state_dict().items() if names is None or k in names
+    }
+    absent = sorted(set(names or ()) - set(weights))
+    if absent:
+        raise ValueError(f"the module has no parameters {absent[:3]} to read the {role} into")
     try:
         _dcp_load({f"model.{role}": weights}, path / DCP_DIR, alone=True)
     except Exception as err:  # DCP raises RuntimeError / CheckpointException on a mismatch
@@ -466,7 +498,7 @@ def load_network_weights(
             f"the {role} weights of {str(path)!r} do not match this transformer ({err}); "
             "pass --model with the folder the run trained from"
         ) from None
-    module.load_state_dict(weights)
+    module.load_state_dict(weights, strict=names is None)
 
 
 # ------------------------------------------------------------------------- saving
@@ -477,7 +509,7 @@ def _save_pieces(state: TrainingState, rank: int) -> dict[str, Any]:
     RNG: every rank)."""
     pieces: dict[str, Any] = {}
     for role, net in state.networks.items():
-        pieces[f"model.{role}"] = ModelState(net)
+        pieces[f"model.{role}"] = ModelState(net, state.parameters.get(role))
         pieces[f"optim.{role}"] = OptimizerState(net, state.optimizers[role])
     for role, ema in state.ema.items():
         pieces[f"ema.{role}"] = ema
@@ -669,7 +701,9 @@ def load_training_checkpoint(
         for role, net in state.networks.items()
     }
     _dcp_load(optims, store, partial=True)
-    pieces: dict[str, Any] = {f"model.{r}": ModelState(n) for r, n in state.networks.items()}
+    pieces: dict[str, Any] = {
+        f"model.{r}": ModelState(n, state.parameters.get(r)) for r, n in state.networks.items()
+    }
     pieces.update({f"ema.{role}": ema for role, ema in state.ema.items()})
     pieces["trainer"] = state.trainer
     for role, sched in state.schedulers.items():

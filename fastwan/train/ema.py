@@ -12,7 +12,7 @@ EMA after wrapping and the shadows are DTensors with the same sharding). It is a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,17 +30,20 @@ class EMA:
     Args:
         module: the network whose weights are averaged (the shadow starts as a copy).
         decay: in (0, 1); e.g. 0.999 averages over ~1000 steps.
+        names: only these parameters (e.g. one LoRA adapter of a base that carries two);
+            default: every parameter that requires grad.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, names: Iterable[str] | None = None):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1), e.g. 0.999; got {decay!r}")
         self.decay = float(decay)
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {}
+        wanted = None if names is None else set(names)
         with torch.no_grad():
             for name, p in module.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad if wanted is None else name in wanted:
                     self.shadow[name] = p.detach().clone().to(_shadow_dtype(p.dtype))
         if not self.shadow:
             raise ValueError("module has no parameters that require grad; nothing to average")

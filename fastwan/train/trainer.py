@@ -75,7 +75,13 @@ from fastwan.distributed.parallelize import (
     clip_grad_norm,
     set_gradient_sync,
 )
-from fastwan.methods.base import Method, check_method, update_counts
+from fastwan.methods.base import (
+    Method,
+    check_method,
+    prepare_network,
+    trained_parameters,
+    update_counts,
+)
 from fastwan.methods.schedules import make_lr_scheduler
 from fastwan.train.checkpoint import (
     PlainState,
@@ -311,20 +317,20 @@ class Trainer:
         # Each role's LR schedule spans that role's own updates over the run.
         counts = update_counts(method, train.max_steps)
         self.networks: dict[str, nn.Module] = {role: networks[role] for role in roles}
+        self._trained: dict[str, dict[str, nn.Parameter]] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
-        for role, net in self.networks.items():
+        for role in self.networks:
             cfg = getattr(recipe.optim, role, None)
             if cfg is None:
                 raise ValueError(
                     f"the method's role {role!r} has no optimizer settings: the recipe's optim "
                     f"has {', '.join(vars(recipe.optim))}"
                 )
-            params = [p for p in net.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError(f"the {role} network has no trainable parameters")
+            # what the role trains: the whole network, or part of one (a LoRA adapter)
+            self._trained[role] = trained_parameters(method, role)
             opt = torch.optim.AdamW(
-                params,
+                list(self._trained[role].values()),
                 lr=cfg.lr,
                 betas=cfg.betas,
                 eps=cfg.eps,
@@ -341,7 +347,7 @@ class Trainer:
                 f"are {roles}; set train.ema_decay: null"
             )
         self.ema = (
-            EMA(self.networks["generator"], train.ema_decay)
+            EMA(self.networks["generator"], train.ema_decay, names=self._trained["generator"])
             if train.ema_decay is not None
             else None
         )
@@ -399,7 +405,7 @@ class Trainer:
             total += float(loss.detach()) / len(batches)
             for key, value in info.items():
                 extras[key] = extras.get(key, 0.0) + float(value) / len(batches)
-        params = [p for p in net.parameters() if p.requires_grad]
+        params = list(self._trained[role].values())
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         grad_norm = clip_grad_norm(params, max_norm)  # global over shards and ranks
         lr = opt.param_groups[0]["lr"]
@@ -638,6 +644,8 @@ class Trainer:
         if self.validator is None:
             raise ValueError("this Trainer has no validator; pass validator= to build one")
         start = time.perf_counter()
+        if "generator" in self.networks:  # a shared network runs as the generator
+            prepare_network(self.method, "generator")
         result = self.validator(self)
         if self.tracker is not None:
             images = getattr(result, "images", None) or {}
@@ -686,7 +694,18 @@ class Trainer:
             generators={_GENERATOR_NAME: self.rng},
             ema={"generator": self.ema} if self.ema is not None else {},
             data=self.data,  # its position, when it has state_dict / load_state_dict
+            parameters=self._partly_trained(),
         )
+
+    def _partly_trained(self) -> dict[str, list[str]]:
+        """Role -> the names it trains, for roles that train part of their network (e.g.
+        a LoRA adapter): their checkpoint holds those alone, the rest comes from the
+        model folder as when the run started."""
+        out = {}
+        for role, net in self.networks.items():
+            if len(self._trained[role]) < sum(1 for _ in net.parameters()):
+                out[role] = list(self._trained[role])
+        return out
 
     def _counters(self) -> dict[str, Any]:
         return {"method": self.method.name, "step": self.step, "history": self.history}
