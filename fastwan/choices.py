@@ -20,6 +20,9 @@ TASKS = ("t2v", "i2v", "ti2v")
 ATTENTION_KINDS = ("vsa", "dense")
 # torch.compile backends that fastwan's regional compile is tested with.
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# Activation checkpointing of the blocks: full recomputes all; selective keeps the attention
+# kernels' outputs (the costly part to recompute).
+CHECKPOINT_MODES = ("none", "selective", "full")
 # Inference samplers: dmd = the few-step DMD schedule, scheduler = the folder's own
 # diffusers scheduler, unipc = diffusers' UniPC multistep, euler = flow-matching Euler.
 SAMPLERS = ("dmd", "euler", "unipc", "scheduler")

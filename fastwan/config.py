@@ -57,6 +57,7 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from fastwan.choices import (
     ATTENTION_BACKENDS,
+    CHECKPOINT_MODES,
     COMPILE_BACKENDS,
     LORA_GATES,
     LORA_INITS,
@@ -608,7 +609,7 @@ class ParallelConfig:
     """Ranks a model's parameters are sharded over (FSDP2)."""
     sequence_parallel: int = 1
     """Ranks that split one sample's tokens (Ulysses)."""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal[CHECKPOINT_MODES] = "none"
     """Per block: none keeps every activation; full keeps only the block's inputs and
     recomputes the rest in backward; selective is full but keeps the attention outputs."""
     cpu_offload: bool = False
@@ -620,7 +621,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("world_size", "replicate", "shard", "sequence_parallel"):
             _check_int(self, name, 1)
-        _check_choice(self, "activation_checkpointing", ("none", "full", "selective"))
+        _check_choice(self, "activation_checkpointing", CHECKPOINT_MODES)
         _check_choice(self, "compile", ("none", *COMPILE_BACKENDS))
         if not isinstance(self.cpu_offload, bool):
             _fail(self, "cpu_offload", f"must be true or false, got {self.cpu_offload!r}")

@@ -27,14 +27,14 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from fastwan.choices import CHECKPOINT_MODES
+
 __all__ = [
-    "AC_MODES",
     "activation_checkpointing_mode",
     "apply_activation_checkpointing",
     "attention_ops",
 ]
 
-AC_MODES = ("none", "full", "selective")
 _MODE_ATTR = "_fastwan_ac_mode"
 _FASTWAN_NAMESPACE = "fastwan"  # VSA's custom ops (fastwan::vsa_fine_fwd, ...)
 
@@ -89,10 +89,9 @@ def _blocks(net: nn.Module) -> nn.ModuleList:
 def apply_activation_checkpointing(net: nn.Module, mode: str) -> nn.Module:
     """Set ``mode`` (``none`` / ``full`` / ``selective``) on every block of the Wan
     transformer ``net`` (in place; returned). Applying again switches the mode."""
-    if mode not in AC_MODES:
+    if mode not in CHECKPOINT_MODES:
         raise ValueError(
-            f"parallel.activation_checkpointing must be one of {', '.join(map(repr, AC_MODES))}; "
-            f"got {mode!r}"
+            f"parallel.activation_checkpointing must be one of {CHECKPOINT_MODES}; got {mode!r}"
         )
     for block in _blocks(net):
         if mode == "none":
