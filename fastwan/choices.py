@@ -44,6 +44,8 @@ VIDEO_BACKENDS = ("auto", "imageio-ffmpeg", "pyav")
 # Jobs of ``fastwan serve``: waiting, generating, and the finished states (expired: a
 # finished job past the server's --ttl, its video deleted).
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+# Image files a `fastwan serve` request may carry (PIL format names).
+REQUEST_IMAGE_FORMATS = ("PNG", "JPEG")
 # torch generators take 64-bit seeds.
 MAX_SEED = 2**63 - 1
 

@@ -19,23 +19,38 @@ every worker loads the model and runs the same ``generate`` call in lockstep:
 Under ``torchrun --nproc-per-node N`` the launched processes are the workers (no process
 is started); every rank returns the video. Results equal one device's up to float
 rounding (tested on CPU with gloo, 2 processes against 1).
+
+What a server's worker needs of a generator works here too (``fastwan serve
+--devices-per-worker N``): ``devices=`` chooses which devices the processes take;
+``check_inputs`` runs in the calling process on the model without its weights
+(:func:`fastwan.inputs.input_checker`), so a request is checked without waiting for a
+running video; ``set_attention`` and the LoRA methods run on every worker; and a
+``callback`` that raises stops the call at that step on every worker alike (rank 0 asks,
+one broadcast per step agrees), so the workers stay in step for the next call.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["MultiDeviceGenerator", "check_num_gpus", "cfg_parallel_guidance"]
+__all__ = ["MultiDeviceGenerator", "check_devices", "check_num_gpus", "cfg_parallel_guidance"]
 
-_READY, _DONE, _ERROR, _PROGRESS = "ready", "done", "error", "progress"
+_READY, _DONE, _ERROR, _PROGRESS, _CANCELLED = "ready", "done", "error", "progress", "cancelled"
+# The VideoGenerator methods every worker runs on a request of the parent (besides generate).
+_BROADCAST_METHODS = ("set_attention", "load_lora", "set_lora_scale", "unload_lora")
+
+
+class _Stopped(Exception):
+    """Raised on every worker at the same step: the parent's callback raised."""
 
 
 def check_num_gpus(num_gpus: Any, num_heads: int, *, cfg_parallel: bool = True) -> None:
@@ -95,11 +110,43 @@ class _Layout:
             self.branch = rank // h
 
 
-def _device_for(rank: int, device_type: str) -> torch.device:
-    if device_type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _device_for(name: str) -> torch.device:
+    """The worker's device (``cpu``, ``cuda:3``), made current for a CUDA one."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def check_devices(devices: Sequence[str], num_gpus: int) -> tuple[str, ...]:
+    """``devices`` as one torch device name per worker (``cuda:0``, ``cpu``), or a
+    ValueError naming the fix: one per process, all CPU or all distinct CUDA devices."""
+    if isinstance(devices, str):
+        devices = [devices]
+    try:
+        names = tuple(str(torch.device(d)) for d in devices)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"devices must be torch device names (cuda:0, cpu), got {devices!r}"
+        ) from None
+    if len(names) != num_gpus:
+        raise ValueError(
+            f"devices has {len(names)} entries for num_gpus={num_gpus}: pass one per process"
+        )
+    types = {torch.device(n).type for n in names}
+    if types == {"cpu"}:
+        return names
+    if types != {"cuda"} or any(torch.device(n).index is None for n in names):
+        raise ValueError(
+            f"devices must be all CPU or all indexed CUDA devices (cuda:0, cuda:1), got {names}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"devices lists a CUDA device twice: {names}; each process needs its own")
+    count = torch.cuda.device_count()
+    missing = [n for n in names if torch.device(n).index >= count]
+    if missing:
+        raise ValueError(f"devices {missing} do not exist ({count} CUDA devices are visible)")
+    return names
 
 
 def _load_worker_generator(load: dict, device: torch.device, fsdp: bool):
@@ -148,6 +195,14 @@ def _load_sharded(load: dict, device: torch.device):
     return VideoGenerator(components, device=device, vae_tiling=load.get("vae_tiling", False))
 
 
+def _uses_cfg(gen: Any, kwargs: dict) -> bool:
+    """Whether a call runs classifier-free guidance: its guidance scale (else the model's)
+    over 1. No other check here: ``generate`` checks every argument itself, once."""
+    scale = kwargs.get("guidance_scale")
+    scale = gen.preset.guidance_scale if scale is None else scale
+    return isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1.0
+
+
 def _run_on_rank(gen: Any, layout: _Layout, kwargs: dict) -> Any:
     """One ``generate`` call on this worker, sequence- and CFG-parallel."""
     from fastwan.distributed.sequence_parallel import (
@@ -155,8 +210,7 @@ def _run_on_rank(gen: Any, layout: _Layout, kwargs: dict) -> Any:
         enable_sequence_parallel,
     )
 
-    plan = gen.check_inputs(**{k: v for k, v in kwargs.items() if k != "callback"})
-    use_cfg = layout.cfg and plan["guidance_scale"] > 1.0
+    use_cfg = layout.cfg and _uses_cfg(gen, kwargs)
     group = layout.half if use_cfg else layout.all
     size = dist.get_world_size(group)
     if size > 1:
@@ -171,17 +225,20 @@ def _worker(
     rank: int,
     world: int,
     port: int,
-    device_type: str,
+    device_name: str,
     load: dict,
     cfg_parallel: bool,
     fsdp: bool,
     requests: Any,
     results: Any,
+    stop: Any,
 ) -> None:
-    """A worker process: join the group, load the model, then serve ``generate`` calls
-    (``None`` stops it). Rank 0 reports progress and returns the result."""
+    """A worker process: join the group, load the model, then serve the parent's requests
+    (``None`` stops it). Rank 0 reports progress and returns the results."""
     try:
-        device = _device_for(rank, device_type)
+        device = _device_for(device_name)
+        if device.type == "cpu":  # the processes share the cores, each its part
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
@@ -192,24 +249,49 @@ def _worker(
         )
         gen = _load_worker_generator(dict(load), device, fsdp)
         layout = _Layout(world, rank, cfg_parallel)
-        results.put((_READY, rank, None))
+        results.put((_READY, rank, gen.attention if rank == 0 else None))
     except Exception as err:  # noqa: BLE001 -- reported to the parent, which raises it
         results.put((_ERROR, rank, _portable(err)))
         return
     while True:
-        kwargs = requests.get()
-        if kwargs is None:
+        request = requests.get()
+        if request is None:
             break
+        op, args, kwargs = request
         try:
-            if rank == 0:
-                kwargs["callback"] = lambda info: results.put(
-                    (_PROGRESS, 0, {k: info[k] for k in ("i", "total", "t")})
-                )
-            out = _run_on_rank(gen, layout, kwargs)
-            results.put((_DONE, rank, out if rank == 0 else None))
+            if op == "generate":
+                out = _run_on_rank(gen, layout, _worker_callback(kwargs, gen, rank, results, stop))
+                results.put((_DONE, rank, out if rank == 0 else None))
+            else:  # one of _BROADCAST_METHODS: every rank changes its copy alike
+                value = getattr(gen, op)(*args, **kwargs)
+                results.put((_DONE, rank, (value, gen.attention) if rank == 0 else None))
+        except _Stopped:
+            results.put((_CANCELLED, rank, None))
         except Exception as err:  # noqa: BLE001
+            if device.type == "cuda" and "out of memory" in str(err).lower():
+                torch.cuda.empty_cache()  # the next call gets the memory back
             results.put((_ERROR, rank, _portable(err)))
     dist.destroy_process_group()
+
+
+def _worker_callback(kwargs: dict, gen: Any, rank: int, results: Any, stop: Any) -> dict:
+    """``kwargs`` with this worker's step callback: rank 0 reports each step; with
+    ``stoppable`` (the parent has a callback that may raise) every rank then learns from
+    rank 0 whether to stop, so all stop after the same step."""
+    stoppable = kwargs.pop("stoppable", False)
+
+    def on_step(info: dict) -> None:
+        if rank == 0:
+            results.put((_PROGRESS, 0, {k: info[k] for k in ("i", "total", "t")}))
+        if stoppable:
+            flag = torch.tensor([int(rank == 0 and stop.is_set())], device=gen.device)
+            dist.broadcast(flag, src=0)  # one int per step; every rank reads rank 0's
+            if flag.item():
+                raise _Stopped
+
+    if rank == 0 or stoppable:
+        kwargs["callback"] = on_step
+    return kwargs
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -235,7 +317,10 @@ class MultiDeviceGenerator:
 
     The workers start in ``__init__`` and stop with :meth:`close` (or ``with``). ``generate``
     takes :meth:`VideoGenerator.generate`'s arguments except ``callback_on_step_end`` (the
-    latents live in the workers); ``callback`` sees ``{"i", "total", "t"}`` per step.
+    latents live in the workers); ``callback`` sees ``{"i", "total", "t"}`` per step, and
+    an exception it raises stops the call on every worker after that step (then
+    ``generate`` raises it; the generator serves the next call). devices: the device of
+    each process (default ``cuda:0`` ... or ``cpu``); calls are serialised (one at a time).
     """
 
     def __init__(
@@ -244,26 +329,38 @@ class MultiDeviceGenerator:
         num_gpus: int,
         *,
         device: str | None = None,
+        devices: Sequence[str] | None = None,
         cfg_parallel: bool = True,
         fsdp: bool = False,
         **load: Any,
     ) -> None:
+        from fastwan.inputs import input_checker
         from fastwan.models.loading import identify_folder
 
-        device_type = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        ).type
-        if device_type == "cuda" and torch.cuda.device_count() < num_gpus:
-            raise ValueError(
-                f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA devices are visible; "
-                "pass a smaller num_gpus (or set CUDA_VISIBLE_DEVICES)"
-            )
         path, identity = identify_folder(path_or_id, preset=load.get("preset"))
         check_num_gpus(num_gpus, identity.preset.num_heads, cfg_parallel=cfg_parallel)
+        if devices is None:
+            device_type = torch.device(
+                device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+            ).type
+            if device_type == "cuda" and torch.cuda.device_count() < num_gpus:
+                raise ValueError(
+                    f"num_gpus={num_gpus} but {torch.cuda.device_count()} CUDA devices are "
+                    "visible; pass a smaller num_gpus (or set CUDA_VISIBLE_DEVICES)"
+                )
+            devices = [f"cuda:{i}" if device_type == "cuda" else "cpu" for i in range(num_gpus)]
+        elif device is not None:
+            raise ValueError(
+                "pass device= (a type: the first num_gpus devices) or devices=, not both"
+            )
+        self.devices = check_devices(devices, num_gpus)
+        self.device = torch.device(self.devices[0])  # rank 0's, which returns the results
         self.num_gpus, self.cfg_parallel, self.fsdp = num_gpus, cfg_parallel, fsdp
         self.identity = identity
         self._workers: list = []
         self._in_process = None
+        self._lock = threading.Lock()  # one call at a time through the queues
+        self._attention: dict = {}
         load = dict(load, path=str(path))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:  # torchrun: this process is one of the workers
@@ -272,31 +369,43 @@ class MultiDeviceGenerator:
                     f"num_gpus={num_gpus} but torchrun started {world} processes; pass "
                     f"num_gpus={world}"
                 )
-            self._in_process = self._join_torchrun(load, device_type)
+            self._in_process = self._join_torchrun(load, self.device.type)
+            self._checker = self._in_process[0]  # the loaded model checks its own inputs
             return
+        # The parent holds no weights: requests are checked on the weightless model.
+        self._checker = input_checker(
+            path, preset=load.get("preset"), strict=load.get("strict", False)
+        )
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         port = _free_port()
         self._results = ctx.Queue()
+        self._stop = ctx.Event()  # set: the workers stop the running call at the next step
         self._requests = [ctx.Queue() for _ in range(num_gpus)]
         for rank in range(num_gpus):
-            args = (rank, num_gpus, port, device_type, load, cfg_parallel, fsdp)
+            args = (rank, num_gpus, port, self.devices[rank], load, cfg_parallel, fsdp)
             proc = ctx.Process(
-                target=_worker, args=(*args, self._requests[rank], self._results), daemon=True
+                target=_worker,
+                args=(*args, self._requests[rank], self._results, self._stop),
+                daemon=True,
             )
             proc.start()
             self._workers.append(proc)
-        self._collect(_READY)
+        self._attention = self._collect(_READY)
 
     def _join_torchrun(self, load: dict, device_type: str):
         rank = int(os.environ["RANK"])
-        device = _device_for(int(os.environ.get("LOCAL_RANK", rank)), device_type)
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        name = "cpu" if device_type == "cpu" else f"cuda:{local % torch.cuda.device_count()}"
+        device = _device_for(name)
+        self.device = device
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         gen = _load_worker_generator(dict(load), device, self.fsdp)
         return gen, _Layout(dist.get_world_size(), rank, self.cfg_parallel)
 
+    # ----------------------------------------------------------------- the model
     @property
     def preset(self):
         return self.identity.preset
@@ -305,31 +414,111 @@ class MultiDeviceGenerator:
     def task(self) -> str:
         return self.identity.task
 
+    @property
+    def transformer(self):
+        """The weightless transformer (meta device): its config, not its weights."""
+        return self._checker.transformer
+
+    @property
+    def attention(self) -> dict:
+        """The workers' self-attention setting (``mode``, ``sparsity``, ...), as
+        :attr:`VideoGenerator.attention` gives it."""
+        if self._in_process is not None:
+            return self._in_process[0].attention
+        return dict(self._attention)
+
+    @property
+    def alive(self) -> bool:
+        """Whether every worker process runs (False once closed or one died)."""
+        if self._in_process is not None:
+            return True
+        return bool(self._workers) and all(p.is_alive() for p in self._workers)
+
+    def check_inputs(self, *args: Any, **kwargs: Any) -> dict:
+        """:meth:`VideoGenerator.check_inputs` in this process, without the workers: a
+        request is checked while a video is being made."""
+        return self._checker.check_inputs(*args, **kwargs)
+
+    def default_size_for_image(self, image: Any) -> tuple[int, int]:
+        return self._checker.default_size_for_image(image)
+
+    # ----------------------------------------------------------------- every worker
+    def _broadcast(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """Run method ``op`` on every worker's generator; rank 0's return value."""
+        if self._in_process is not None:
+            return getattr(self._in_process[0], op)(*args, **kwargs)
+        with self._lock:
+            self._check_open()
+            for q in self._requests:
+                q.put((op, args, kwargs))
+            value, self._attention = self._collect(_DONE)
+        return value
+
+    def set_attention(
+        self,
+        mode: str,
+        *,
+        sparsity: float | None = None,
+        tile_size: Sequence[int] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        """:meth:`VideoGenerator.set_attention` on every worker."""
+        self._broadcast(
+            "set_attention", mode, sparsity=sparsity, tile_size=tile_size, backend=backend
+        )
+
+    def load_lora(self, path: str, scale: float = 1.0, adapter_name: str | None = None) -> str:
+        """:meth:`VideoGenerator.load_lora` on every worker (each reads the file); the
+        adapter's name."""
+        return self._broadcast("load_lora", str(path), scale=scale, adapter_name=adapter_name)
+
+    def set_lora_scale(self, scale: float, adapter_name: str | None = None) -> None:
+        """:meth:`VideoGenerator.set_lora_scale` on every worker."""
+        self._broadcast("set_lora_scale", scale, adapter_name=adapter_name)
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """:meth:`VideoGenerator.unload_lora` on every worker."""
+        self._broadcast("unload_lora", adapter_name=adapter_name)
+
+    def _check_open(self) -> None:
+        if not self._workers:
+            raise ValueError("this generator is closed (or a worker died): load it again")
+
     def _collect(self, kind: str, callback: Callable | None = None) -> Any:
-        """Wait for every worker's ``kind`` message; the first error is raised (after all
-        workers answered, so none is left mid-call)."""
-        answered, result, error = 0, None, None
+        """Wait for every worker's answer to the current request; the first error is
+        raised (after all workers answered, so none is left mid-call). An exception from
+        ``callback`` asks the workers to stop at their next step and is raised once they
+        all stopped (or finished)."""
+        answered, result, error, raised = 0, None, None, None
         while answered < self.num_gpus:
             try:
                 what, rank, payload = self._results.get(timeout=5.0)
             except Exception:  # noqa: BLE001 -- queue.Empty: check the workers are alive
                 dead = [i for i, p in enumerate(self._workers) if not p.is_alive()]
                 if dead:
+                    codes = [self._workers[i].exitcode for i in dead]
                     self.close()
                     raise RuntimeError(
-                        f"worker process(es) {dead} exited (exit codes "
-                        f"{[self._workers[i].exitcode for i in dead]}); see their output above"
+                        f"worker process(es) {dead} exited (exit codes {codes}); see their "
+                        "output above"
                     ) from None
                 continue
             if what == _PROGRESS:
-                if callback is not None:
-                    callback(payload)
+                if callback is not None and raised is None:
+                    try:
+                        callback(payload)
+                    except BaseException as exc:  # noqa: BLE001 -- re-raised below
+                        raised = exc
+                        self._stop.set()
                 continue
             answered += 1
             if what == _ERROR and error is None:
                 error = payload
-            elif rank == 0:
+            elif what != _ERROR and rank == 0:
                 result = payload
+        self._stop.clear()
+        if raised is not None:
+            raise raised
         if error is not None:
             if kind == _READY:
                 self.close()
@@ -349,11 +538,18 @@ class MultiDeviceGenerator:
         if self._in_process is not None:
             gen, layout = self._in_process
             return _run_on_rank(gen, layout, dict(kwargs, callback=callback))
-        if not self._workers:
-            raise ValueError("this generator is closed")
-        for q in self._requests:
-            q.put(dict(kwargs))
-        return self._collect(_DONE, callback)
+        self._check_open()
+        # Checked here once (a ValueError before any worker is busy); the images go to the
+        # workers loaded, so no file is read twice.
+        plan = self._checker.check_inputs(**kwargs)
+        for key in ("image", "last_image"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = plan[key]
+        with self._lock:
+            self._check_open()
+            for q in self._requests:
+                q.put(("generate", (), dict(kwargs, stoppable=callback is not None)))
+            return self._collect(_DONE, callback)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -315,6 +317,54 @@ class VideoGenerator:
     @property
     def attention(self) -> dict:
         return get_attention(self.transformer)
+
+    # ----------------------------------------------------------------- LoRA
+    def load_lora(
+        self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None
+    ) -> str:
+        """Load a diffusers-format Wan LoRA (a ``.safetensors`` file, or a folder such as
+        ``fastwan export`` writes, whose VSA gates come with it; original-Wan and musubi
+        keys are converted as diffusers converts them) into the transformer at strength
+        ``scale`` (1 = as trained) and return its adapter name. ``adapter_name`` None:
+        one derived from the file or folder name, made unique, so loading two LoRAs never
+        clashes; their effects add up. Same result as diffusers' ``load_lora_weights`` +
+        ``set_adapters(name, scale)``. See :func:`fastwan.models.lora.load_lora`."""
+        from fastwan.models.lora import adapter_names, load_lora
+
+        taken = adapter_names(self.transformer)
+        if adapter_name is None:
+            adapter_name = _unique_adapter_name(Path(path), taken)
+        return load_lora(self.transformer, path, scale=scale, adapter_name=adapter_name)
+
+    def set_lora_scale(self, scale: float, adapter_name: str | None = None) -> None:
+        """Set adapter ``adapter_name``'s strength (every loaded adapter: None); 0 turns
+        it off without unloading it."""
+        from fastwan.models.lora import set_lora_scale
+
+        set_lora_scale(self.transformer, scale, adapter_name)
+
+    def unload_lora(self, adapter_name: str | None = None) -> None:
+        """Remove adapter ``adapter_name`` (every adapter: None) and the VSA gates its
+        folder brought: the generator computes what it did before loading it."""
+        from fastwan.models.lora import unload_lora
+
+        unload_lora(self.transformer, adapter_name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Loaded adapters, in load order: name -> scale (as :meth:`set_lora_scale` set
+        it; peft keeps ``scale x alpha / rank`` per layer)."""
+        from fastwan.models.lora import adapter_names, lora_layers
+
+        scales: dict[str, float] = {}
+        for _, layer in lora_layers(self.transformer):
+            for name in layer.lora_A.keys():
+                if name not in scales:
+                    rank = layer.r[name]
+                    root = math.sqrt(rank) if layer.use_rslora.get(name, False) else rank
+                    # undo peft's scale x alpha / rank; rounded: 0.7 stays 0.7
+                    scales[name] = round(layer.scaling[name] * root / layer.lora_alpha[name], 12)
+        return {n: scales[n] for n in adapter_names(self.transformer)}
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -927,6 +977,21 @@ class VideoGenerator:
         img = load_image(image, "image")
         last = load_image(last_image, "last_image") if last_image is not None else None
         return img, last, self.default_size_for_image(img)
+
+
+def _unique_adapter_name(path: Path, taken: Sequence[str]) -> str:
+    """An adapter name for the LoRA at ``path``: its folder's name for a folder or a file
+    with diffusers' default name, else the file's stem; characters peft does not allow in
+    a name (dots) become ``_``; ``_2``, ``_3``, ... when ``taken`` has it."""
+    from fastwan.models.lora import LORA_FILE
+
+    source = path.parent if path.name == LORA_FILE else path
+    stem = source.name[: -len(".safetensors")] if source.suffix == ".safetensors" else source.name
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "lora"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

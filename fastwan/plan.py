@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastwan.choices import CHECKPOINT_MODES
 from fastwan.shapes import latent_grid
 
 if TYPE_CHECKING:  # torch is imported only when a model is built
@@ -68,7 +69,6 @@ if TYPE_CHECKING:  # torch is imported only when a model is built
     from fastwan.config import Recipe
 
 GIB = 1024**3
-CHECKPOINT_MODES = ("none", "selective", "full")
 ROLES = ("student", "critic", "teacher")
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 DEFAULT_TEXT_LENGTH = 512  # Wan's UMT5 context length (text embeddings are padded to it)
@@ -558,13 +558,23 @@ def _lora_count(config_json: str, rank: int, targets: tuple[str, ...], gates: bo
     from fastwan.models.lora import adapter_parameters, add_adapter
     from fastwan.models.vsa import GATE_NAME, add_vsa_gates
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(json.loads(config_json))
-        add_vsa_gates(model)
-    add_adapter(
-        model, "plan", rank=rank, target_modules=[*targets, *([GATE_NAME] if gates else [])]
-    )
-    return sum(p.numel() for p in adapter_parameters(model, "plan").values())
+    config = json.loads(config_json)
+    layers = int(config.get("num_layers", 1))
+
+    def count(num_layers: int) -> int:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config({**config, "num_layers": num_layers})
+            add_vsa_gates(model)
+        add_adapter(
+            model, "plan", rank=rank, target_modules=[*targets, *([GATE_NAME] if gates else [])]
+        )
+        return sum(p.numel() for p in adapter_parameters(model, "plan").values())
+
+    # The blocks are identical: one block's adapter and the rest (outside the blocks),
+    # from a 1- and a 2-block model, give every depth exactly (a 40-block 14B is slow to
+    # inject into).
+    one = count(1)
+    return one + (layers - 1) * (count(2) - one) if layers > 1 else one
 
 
 def _model_config(source: str) -> dict[str, Any]:

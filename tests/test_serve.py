@@ -3,33 +3,50 @@ background thread of this process), the shipped toy student, a real HTTP client 
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 import fastwan.cli as cli
-from fastwan.serve.app import Server, check_bind
-from fastwan.serve.runtime import ServeOptions, field_of
+from fastwan.serve.app import MAX_BODY_BYTES, Server, check_bind
+from fastwan.serve.runtime import ServeOptions, field_of, parse_lora
+from fastwan.serve.schemas import MAX_IMAGE_CHARS, decode_image
 from fastwan.serve.store import MAX_ATTEMPTS, JobStore
 from fastwan.serve.worker import load_generator, parse_devices
 from fastwan.toy.assets import toy_model_path
-from fastwan.video_io import read_video
+from fastwan.video_io import read_video, save_video
 
 KEY = "test-key-0123456789abcdef"
 FINISHED = ("succeeded", "failed", "cancelled", "expired")
 TOY_SHAPE = (8, 16, 16, 3)  # the toy student's default video: frames, height, width, RGB
 
 
-def start_server(state_dir, *, api_key=None, queue_size=8, ttl=3600.0) -> Server:
+def image_b64(width: int = 96, height: int = 64, fmt: str = "PNG", seed: int = 0) -> str:
+    """A random RGB image file, base64-encoded as a request carries it."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def start_server(
+    state_dir, *, api_key=None, queue_size=8, ttl=3600.0, model=None, **options
+) -> Server:
     options = ServeOptions(
-        model=str(toy_model_path("student")),
+        model=str(model or toy_model_path("student")),
         state_dir=state_dir,
-        devices="cpu",
+        devices=options.pop("devices", "cpu"),
         queue_size=queue_size,
         ttl=ttl,
+        **options,
     )
     return Server(options, port=0, api_key=api_key, log_level="warning").start()
 
@@ -131,7 +148,17 @@ def test_twenty_concurrent_requests_complete_or_get_429(server, client):
         ({"prompt": "x", "attention": "sparse"}, "attention"),
         ({"prompt": "x", "sparsity": 1.0}, "sparsity"),
         ({"prompt": "x", "attention": "dense", "sparsity": 0.5}, "sparsity"),
-        ({"prompt": "x", "image": "/etc/passwd"}, "image"),  # unknown fields are refused
+        ({"prompt": "x", "image_path": "/etc/passwd"}, "image_path"),  # unknown: refused
+        ({"prompt": "x", "image": "/etc/passwd"}, "image"),  # not base64: never a path
+        ({"prompt": "x", "image": image_b64()}, "image"),  # a text-to-video model
+        ({"prompt": "x", "image": "aGVsbG8="}, "image"),  # base64 of 'hello': no image
+        ({"prompt": "x", "image": image_b64(fmt="GIF")}, "image"),  # PNG / JPEG only
+        ({"prompt": "x", "image": image_b64(4097, 1)}, "image"),  # over 4096 a side
+        ({"prompt": "x", "image": "A" * (MAX_IMAGE_CHARS + 4)}, "image"),  # over 8 MiB
+        ({"prompt": "x", "last_image": image_b64()}, "last_image"),  # needs image
+        ({"prompt": "x", "lora": "style"}, "lora"),  # no adapter registered by that name
+        ({"prompt": "x", "lora": "../x"}, "lora"),
+        ({"prompt": "x", "lora_scale": 0.5}, "lora_scale"),  # needs lora
     ],
 )
 def test_bad_inputs_are_422_naming_the_field(server, client, body, field):
@@ -148,9 +175,11 @@ def test_malformed_requests(client):
         "/v1/videos", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 422
-    big = b'{"prompt": "' + b"a" * 100_000 + b'"}'
+    big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
     r = client.post("/v1/videos", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413
+    r = client.post("/v1/videos", json={"prompt": "a" * 5000})  # within the body limit
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
     for bad in ("../../etc/passwd", "ABC", "0" * 31, "g" * 32):
         r = client.get(f"/v1/videos/{bad}/content")
         assert r.status_code in (404, 422), (bad, r.status_code)  # never a file
@@ -215,6 +244,7 @@ def test_metrics_health_and_docs(server, client):
         assert inf[1] == count[1]
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == "toy-student"
+    assert health["task"] == "t2v" and health["loras"] == []
     assert [w["device"] for w in health["workers"]] == ["cpu"]
     assert {"/v1/videos", "/v1/videos/{job_id}", "/v1/videos/{job_id}/content", "/health",
             "/metrics"} <= set(client.get("/openapi.json").json()["paths"])  # fmt: skip
@@ -317,6 +347,7 @@ def test_store_bounds_locks_and_cancels(tmp_path):
 def test_parse_devices_groups_and_errors():
     assert parse_devices("cpu") == [("cpu",)]
     assert parse_devices("cpu,cpu") == [("cpu",), ("cpu",)]
+    assert parse_devices("cpu,cpu", 2) == [("cpu", "cpu")]  # one worker of two processes
     assert parse_devices("0,1,2,3", 2, cuda_count=4) == [
         ("cuda:0", "cuda:1"),
         ("cuda:2", "cuda:3"),
@@ -326,14 +357,95 @@ def test_parse_devices_groups_and_errors():
         ("0,0", 1, "twice"),
         ("0,cpu", 1, "do not mix"),
         ("4", 1, "does not exist"),
-        ("cpu", 2, "CUDA devices"),
+        ("cpu", 2, "once per process"),
         ("", 1, "--devices"),
     ):
         with pytest.raises(ValueError, match=message):
             parse_devices(spec, per, cuda_count=4)
-    # A worker spanning several devices is refused (before anything loads), with the fix.
-    with pytest.raises(ValueError, match="--devices-per-worker 1"):
-        load_generator("toy-student", ("cuda:0", "cuda:1"))
+    # A worker spanning several devices runs without offload / compile (refused before
+    # anything loads, with the fix).
+    with pytest.raises(ValueError, match="--compile runs on one device per worker"):
+        load_generator("toy-student", ("cuda:0", "cuda:1"), compile=True)
+
+
+def test_image_fields_decode_and_are_refused_clearly():
+    img = decode_image(image_b64(20, 10, fmt="JPEG"), "image")
+    assert img.mode == "RGB" and img.size == (20, 10)
+    data_url = "data:image/png;base64," + image_b64(8, 4)
+    assert decode_image(data_url, "image").size == (8, 4)
+    truncated = base64.b64encode(base64.b64decode(image_b64())[:200]).decode()
+    with pytest.raises(ValueError, match="last_image: the image data is damaged"):
+        decode_image(truncated, "last_image")
+
+
+def test_lora_flag_parsing(tmp_path):
+    file = tmp_path / "style.safetensors"
+    file.write_bytes(b"")
+    assert parse_lora(f"style={file}") == ("style", str(file), 1.0)
+    assert parse_lora(f"style={file}:0.5") == ("style", str(file), 0.5)
+    odd = tmp_path / "a:b"
+    odd.mkdir()
+    assert parse_lora(f"x={odd}") == ("x", str(odd), 1.0)  # a ':' in the path stays
+    for spec, message in (
+        ("style", "NAME=PATH"),
+        (f"my.style={file}", "no dots"),
+        (f"style={file}:20", "SCALE must be in"),
+        ("style=/nowhere.safetensors", "does not exist"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_lora(spec)
+    rc = cli.main(["serve", "toy-student", "--lora", f"a={file}", "--lora", f"a={file}",
+                   "--state-dir", str(tmp_path / "s")])  # fmt: skip
+    assert rc == 2
+
+
+@pytest.fixture(scope="module")
+def ti2v_folder(tmp_path_factory):
+    """A tiny Wan2.2 TI2V folder whose defaults are tiny too (fastwan.json)."""
+    from _tiny_wan import build_tiny_wan
+
+    path = build_tiny_wan(tmp_path_factory.mktemp("ti2v") / "model", variant="wan2.2")
+    sampling = dict(height=64, width=96, num_frames=5, text_length=16, num_inference_steps=2)
+    (path / "fastwan.json").write_text(json.dumps({"format_version": 1, "sampling": sampling}))
+    return path
+
+
+def test_image_to_video_request(ti2v_folder, tmp_path):
+    from fastwan.pipeline import VideoGenerator
+
+    image = image_b64(96, 64, seed=4)
+    srv = start_server(tmp_path / "state", model=ti2v_folder)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/health").json()["task"] == "ti2v"
+            with_image = submit(c, image=image, seed=2, guidance_scale=1.0)
+            text_only = submit(c, seed=2, guidance_scale=1.0)
+            bad = c.post("/v1/videos", json={"prompt": "x", "image": image, "height": 64})
+            assert bad.status_code == 422, bad.text  # with an image: both sizes or neither
+            assert bad.json()["detail"][0]["loc"] == ["body", "image"]
+            flf = c.post("/v1/videos", json={"prompt": "x", "image": image, "last_image": image})
+            assert flf.status_code == 422 and "first frame only" in flf.text
+            done = wait_for(c, with_image)
+            assert done["status"] == "succeeded", done
+            info = done["request"]["image"]  # the view names the image, not its bytes
+            raw = base64.b64decode(image)
+            assert info["format"] == "PNG" and (info["width"], info["height"]) == (96, 64)
+            assert info["bytes"] == len(raw) and len(info["sha256"]) == 64
+            got = decode_mp4(c.get(done["content_url"]).content, tmp_path)
+            assert wait_for(c, text_only)["status"] == "succeeded"
+            plain = decode_mp4(c.get(f"/v1/videos/{text_only}/content").content, tmp_path)
+    finally:
+        srv.stop()
+    ref = VideoGenerator.from_pretrained(ti2v_folder, device="cpu").generate(
+        "a red ball moves right", image=Image.open(io.BytesIO(raw)), seed=2, guidance_scale=1.0
+    )
+    save_video(ref.video, tmp_path / "ref.mp4", fps=ref.fps)
+    want = read_video(tmp_path / "ref.mp4")[0]
+    assert got.shape == want.shape == (5, 64, 96, 3)
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.mean() < 1.0, diff.mean()  # the same video, up to float and codec rounding
+    # the first frame follows the image: text alone gives another video
+    assert np.abs(plain.astype(np.int16) - got.astype(np.int16)).mean() > 5 * diff.mean() + 1
 
 
 def test_model_errors_name_their_field():
@@ -354,3 +466,58 @@ def test_stop_while_idle_is_prompt(tmp_path):
     assert not any(w.is_alive() for w in srv.runtime.workers)
     with pytest.raises(httpx.ConnectError):  # the port is closed
         httpx.get(f"{srv.url}/health", timeout=5)
+
+
+def write_toy_lora(path, *, rank: int = 4, seed: int = 0):
+    """A diffusers-format LoRA of the toy student's self-attention (q and v projections
+    of every block), large enough to change its videos."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((toy_model_path("student") / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(config["num_layers"]):
+        for proj in ("to_q", "to_v"):
+            key = f"transformer.blocks.{i}.attn1.{proj}"
+            state[f"{key}.lora_A.weight"] = torch.randn(rank, dim, generator=g) / dim**0.5
+            state[f"{key}.lora_B.weight"] = torch.randn(dim, rank, generator=g)
+    save_file(state, str(path))
+    return path
+
+
+def test_lora_chosen_by_name(tmp_path):
+    from fastwan.pipeline import VideoGenerator
+
+    lora = write_toy_lora(tmp_path / "style.safetensors")
+    srv = start_server(tmp_path / "state", loras={"style": (str(lora), 1.0)})
+    body = {"prompt": "a red ball moves right", "seed": 5}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/health").json()["loras"] == ["style"]
+            ids = [
+                submit(c, **body),
+                submit(c, **body, lora="style"),
+                submit(c, **body, lora="style", lora_scale=0.0),
+                submit(c, **body),  # the adapter off again
+            ]
+            videos = []
+            for job_id in ids:
+                job = wait_for(c, job_id)
+                assert job["status"] == "succeeded", job
+                videos.append(decode_mp4(c.get(job["content_url"]).content, tmp_path))
+            assert c.get(f"/v1/videos/{ids[1]}").json()["request"]["lora"] == "style"
+            r = c.post("/v1/videos", json={**body, "lora": "other"})
+            assert r.status_code == 422 and "it has style" in r.text
+    finally:
+        srv.stop()
+    base, styled, zero, again = (v.astype(np.int16) for v in videos)
+    assert np.array_equal(base, zero) and np.array_equal(base, again)  # scale 0: the base
+    assert np.abs(styled - base).mean() > 2.0  # the adapter changes the video
+    gen = VideoGenerator.from_pretrained(toy_model_path("student"), device="cpu")
+    gen.load_lora(lora, adapter_name="style")
+    ref = gen.generate(body["prompt"], seed=5)
+    save_video(ref.video, tmp_path / "ref.mp4", fps=ref.fps)
+    want = read_video(tmp_path / "ref.mp4")[0].astype(np.int16)
+    assert np.abs(styled - want).mean() < 0.5  # as the library computes it

@@ -33,18 +33,23 @@ def register(subparsers) -> None:
     p = sub.add_parser("init", help="a fresh toy Wan folder with random weights")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--task", choices=("t2v", "ti2v"), default="t2v", help="ti2v: the image-to-video toy"
+    )
     p.set_defaults(func=_run_init)
     p = sub.add_parser("clips", help="video shards of training clips (for the teacher)")
     p.add_argument("--model", required=True, help="a toy folder (its VAE and text encoder)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-clips", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("t2v", "i2v"), default="t2v", help="i2v: i2v shards")
     p.set_defaults(func=_run_clips)
     p = sub.add_parser("prompts", help="text shards of training prompts (for distillation)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--num-prompts", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--task", choices=("t2v", "i2v"), default="t2v", help="i2v: prompts with images")
     p.set_defaults(func=_run_prompts)
     p = sub.add_parser("ship", help="copy an exported teacher/student into fastwan's weights")
     p.add_argument("model", help="an exported toy folder (fastwan export ... --out DIR)")
@@ -85,14 +90,16 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_init(args: argparse.Namespace) -> int:
     from fastwan.toy.assets import build_toy_pipeline
 
-    print(f"wrote {build_toy_pipeline(Path(args.out), seed=args.seed)}")
+    print(f"wrote {build_toy_pipeline(Path(args.out), seed=args.seed, task=args.task)}")
     return 0
 
 
 def _run_clips(args: argparse.Namespace) -> int:
     from fastwan.toy.data import write_clip_dataset
 
-    summary = write_clip_dataset(args.out, args.model, num_clips=args.num_clips, seed=args.seed)
+    summary = write_clip_dataset(
+        args.out, args.model, num_clips=args.num_clips, seed=args.seed, task=args.task
+    )
     print(f"{summary['rows_total']} clips in {args.out}")
     return 0
 
@@ -101,7 +108,7 @@ def _run_prompts(args: argparse.Namespace) -> int:
     from fastwan.toy.data import write_prompt_dataset
 
     summary = write_prompt_dataset(
-        args.out, args.model, num_prompts=args.num_prompts, seed=args.seed
+        args.out, args.model, num_prompts=args.num_prompts, seed=args.seed, task=args.task
     )
     print(f"{summary['rows_total']} prompts in {args.out}")
     return 0

@@ -131,8 +131,57 @@ def register(subparsers) -> None:
         default=False,
         help="refuse a checkpoint with incomplete VSA gates or unknown weights (default: warn)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="a diffusers-format Wan LoRA (.safetensors file, or a folder from fastwan export) "
+        "applied at SCALE (default --lora-scale); repeat for several, their effects add up",
+    )
+    p.add_argument(
+        "--lora-scale",
+        type=finite_float,
+        default=1.0,
+        help="strength of every --lora without its own :SCALE (1 = as trained; default 1)",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="one video on N devices: sequence parallel, and CFG parallel for an even N "
+        "(default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
+
+
+def parse_loras(entries: list[str] | None, default_scale: float) -> list[tuple[Path, float]]:
+    """``--lora PATH[:SCALE]`` entries as ``(path, scale)``, each path checked to exist (a
+    file or a folder). A path that exists as given is taken whole, so a file whose name
+    holds a colon still loads; otherwise the text after the last colon is the scale."""
+    out = []
+    for entry in entries or []:
+        path, scale = Path(entry), default_scale
+        if not path.exists() and ":" in entry:
+            head, _, tail = entry.rpartition(":")
+            try:
+                value = float(tail)
+            except ValueError:
+                value = None
+            if value is not None:
+                if not math.isfinite(value):
+                    raise ValueError(f"--lora {entry!r}: the scale must be a finite number")
+                path, scale = Path(head), value
+        if not path.exists():
+            raise ValueError(
+                f"--lora {str(path)!r} does not exist; pass a LoRA .safetensors file or its "
+                "folder (fastwan export writes one), optionally as PATH:SCALE"
+            )
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ValueError(f"--lora {str(path)!r} is not a .safetensors file")
+        out.append((path, scale))
+    return out
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -163,15 +212,14 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from fastwan.choices import MAX_SEED
     from fastwan.fsutil import ensure_writable_dir
     from fastwan.models.identity import check_video_size
     from fastwan.models.image_encoder import load_image
     from fastwan.models.loading import identify_folder
+    from fastwan.multi_device import check_num_gpus
     from fastwan.pipeline import VideoGenerator, image_video_size
-    from fastwan.video_io import MP4_SUFFIXES, save_video
+    from fastwan.video_io import MP4_SUFFIXES
 
     if args.output.suffix.lower() not in MP4_SUFFIXES + (".gif",):
         raise ValueError(f"--output must end in .mp4 or .gif, got {str(args.output)!r}")
@@ -199,12 +247,21 @@ def run(args: argparse.Namespace) -> int:
             "with --image pass both --height and --width, or neither (then they follow the "
             "image's aspect ratio)"
         )
+    loras = parse_loras(args.lora, args.lora_scale)
+    if args.num_gpus != 1 and (args.cpu_offload or args.compile):
+        raise ValueError(
+            "--num-gpus > 1 runs without --cpu-offload / --compile; drop them or pass --num-gpus 1"
+        )
     images = {}
     for flag, value in (("--image", args.image), ("--last-image", args.last_image)):
         if value is not None:
             images[flag] = load_image(value, flag)  # a ValueError naming the flag
     _, identity = identify_folder(args.model, preset=args.preset)
     p = identity.preset
+    try:
+        check_num_gpus(args.num_gpus, p.num_heads)
+    except ValueError as err:
+        raise ValueError(f"--num-gpus: {err}") from None
     if identity.task == "i2v" and args.image is None:
         raise ValueError(f"{p.name!r} is an image-to-video model: pass --image FIRST_FRAME.png")
     if identity.task == "t2v" and args.image is not None:
@@ -237,7 +294,24 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile or False,
         vae_tiling=args.vae_tiling,
         strict=args.strict,
+        num_gpus=args.num_gpus,
     )
+    try:
+        return _generate(args, generator, prompts, paths, images, height, width, timesteps, loras)
+    finally:
+        close = getattr(generator, "close", None)  # a multi-device generator's workers
+        if close is not None:
+            close()
+
+
+def _generate(args, generator, prompts, paths, images, height, width, timesteps, loras) -> int:
+    from tqdm import tqdm
+
+    from fastwan.video_io import save_video
+
+    for path, scale in loras:
+        name = generator.load_lora(path, scale=scale)
+        print(f"lora: {name} from {path} (scale {scale:g})")
     attn = generator.attention
     mode = attn["mode"] + (f" (sparsity {attn['sparsity']:g})" if attn["mode"] == "vsa" else "")
     extras = "".join(

@@ -16,7 +16,7 @@ API_KEY_ENV = "FASTWAN_API_KEY"
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="HTTP API: queue text-to-video jobs, poll them, download the MP4s",
+        help="HTTP API: queue text/image-to-video jobs, poll them, download the MP4s",
         description=(
             "Serve MODEL over HTTP: POST /v1/videos queues a job, GET /v1/videos/ID shows "
             "its progress, GET /v1/videos/ID/content is the MP4, DELETE cancels; /health, "
@@ -50,7 +50,16 @@ def register(subparsers) -> None:
         "--devices-per-worker",
         type=int,
         default=1,
-        help="devices each worker (one VideoGenerator) spans (default 1)",
+        help="devices each worker spans: one video on N devices (sequence / CFG parallel, "
+        "one process per device); default 1",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:SCALE]",
+        help="register a LoRA adapter (a .safetensors file or LoRA folder) that requests "
+        "choose by NAME (field lora; lora_scale overrides SCALE, default 1); repeatable",
     )
     p.add_argument(
         "--queue-size", type=int, default=16, help="jobs that may wait before 429 (default 16)"
@@ -87,7 +96,7 @@ def default_devices() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fastwan.serve.app import Server, check_bind
-    from fastwan.serve.runtime import ServeOptions
+    from fastwan.serve.runtime import ServeOptions, parse_lora
     from fastwan.serve.worker import parse_devices
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
@@ -96,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}")
     if args.ttl <= 0:
         raise ValueError(f"--ttl must be > 0 seconds, got {args.ttl:g}")
+    loras: dict[str, tuple[str, float]] = {}
+    for spec in args.lora:
+        name, path, scale = parse_lora(spec)
+        if name in loras:
+            raise ValueError(f"--lora {name} is given twice; each adapter needs its own NAME")
+        loras[name] = (path, scale)
     devices = args.devices if args.devices is not None else default_devices()
     cuda_count = None
     if devices.replace(",", "").replace("cpu", "").strip():  # CUDA indices: check them now
@@ -106,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if groups[0] == ("cpu",):
         import torch
 
-        # CPU workers share the cores: each gets its part, not every core each.
+        # CPU workers share the cores: each gets its part, not every core each (the
+        # processes of a multi-device worker set their own).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(groups)))
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -117,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         devices_per_worker=args.devices_per_worker,
         queue_size=args.queue_size,
         ttl=args.ttl,
+        loras=loras,
         load_options=dict(
             preset=args.preset,
             backend=args.vsa_backend,

@@ -269,6 +269,7 @@ def build_train_loader(
     latents_std: Sequence[float] | None = None,
     empty_embedding: Any = None,
     latent_shape: Sequence[int] | None = None,
+    image_condition: bool = False,
 ) -> ResumableLoader:
     """The trainer's loader from a :class:`fastwan.config.DataConfig`: the dataset at
     ``data.path`` (text-only, text length, CFG dropout, error policy, latent bound and
@@ -277,6 +278,8 @@ def build_train_loader(
     ``latents_std``: the VAE's (not needed text-only). ``latent_shape``: the recipe's
     ``[C, T, H, W]`` (:func:`fastwan.train.build.latent_shape_of`): longer latents are
     cropped in time, others skipped or refused (see :class:`LatentDataset`).
+    ``image_condition``: read the image condition of ``i2v`` / ``i2v_text`` shards
+    (image-to-video training; text-only, it is checked against ``latent_shape``).
 
     Under ``data.on_error: skip``, what is known to be skipped when the dataset opens --
     unreadable files, rows of another latent size -- is refused now when it exceeds
@@ -295,9 +298,11 @@ def build_train_loader(
         empty_embedding=empty_embedding,
         seed=seed,
         on_error=data.on_error,
-        latent_shape=None if data.text_only else latent_shape,
+        # text-only: no latents to check, but an image condition is checked when read
+        latent_shape=None if data.text_only and not image_condition else latent_shape,
         max_abs_latent=data.max_abs_latent,
         temporal_crop=data.temporal_crop,
+        image_condition=image_condition,
     )
     limit = float(data.max_skip_fraction)
     files = len(dataset.files) + len(dataset.skipped_files)

@@ -19,6 +19,14 @@ The student's x0 at ``t_k`` is the sample.
   the teacher's x0 with CFG, the critic's x0 without; :func:`dmd_generator_loss`
   (DMD eq. 7-8).
 
+Image-to-video (batches with ``first_frame_latent``, :func:`fastwan.methods.flow.
+image_condition_of`): teacher, critic and student see the same condition, and the teacher's
+CFG keeps it in both branches, only the text changing to the negative prompt (as diffusers'
+``WanImageToVideoPipeline``). For Wan2.2 TI2V the first latent frame is the clean given
+frame everywhere: the rollout's x0 at every step, the re-noised ``x_t`` of both losses (it
+is merged into every network input, timestep 0 on its tokens), and no loss is taken on it.
+With ``rollout: simulate`` the images come from the (text-only, ``i2v_text``) dataset.
+
 The schedule (:meth:`DMDMethod.updates`, DMD2's two time-scale update rule): the critic
 steps on every training step, the generator on every ``dmd.generator_update_interval``-th
 (steps 0, k, 2k, ...), before the critic and on the same micro-batches, so the critic
@@ -51,12 +59,16 @@ from torch import nn
 
 from fastwan.config import DMDConfig, LoRAConfig, VSAConfig
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
+from fastwan.diffusion.image_condition import ImageCondition
 from fastwan.methods.adapters import attach_adapter, freeze_except_adapters, role_parameters
 from fastwan.methods.flow import (
     _check_rng,
     _param_device,
     call_transformer,
     draw_noise,
+    generated_frames,
+    image_condition_of,
+    keep_given_frames,
     latents_of,
     text_condition,
 )
@@ -106,6 +118,8 @@ class DMDMethod:
         lora: train LoRA adapters instead of the networks (``rank > 0``; see the module
             docstring); ``lora_dtype``: the adapters' (and full gates') dtype (default:
             the base's); ``seed``: seeds their initialisation (``train.seed``).
+        vae_scale_temporal: pixel frames per latent frame of the folder's VAE (Wan2.1 I2V's
+            frame mask; 4 for Wan).
     """
 
     name = "dmd"
@@ -125,7 +139,17 @@ class DMDMethod:
         lora: LoRAConfig | None = None,
         lora_dtype: torch.dtype | None = None,
         seed: int = 0,
+        vae_scale_temporal: int = 4,
     ) -> None:
+        if (
+            isinstance(vae_scale_temporal, bool)
+            or not isinstance(vae_scale_temporal, int)
+            or (vae_scale_temporal < 1)
+        ):
+            raise ValueError(
+                f"vae_scale_temporal must be a positive int (Wan: 4), got {vae_scale_temporal!r}"
+            )
+        self.vae_scale_temporal = vae_scale_temporal
         for role, net in (("teacher", teacher), ("student", student), ("critic", critic)):
             if (net is not None or role == "teacher") and not isinstance(net, nn.Module):
                 raise ValueError(f"{role} must be a torch.nn.Module, got {type(net).__name__}")
@@ -340,18 +364,26 @@ class DMDMethod:
         return float(self.vsa.sparsity) if self.vsa.enabled else 0.0
 
     def _call(
-        self, name: str, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+        self,
+        name: str,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        image: ImageCondition | None = None,
     ) -> torch.Tensor:
         """Velocity of network ``name`` (``student``, ``critic``, ``teacher``; timesteps
-        ``t`` [B], per token for Wan2.2)."""
+        ``t`` [B], per token for Wan2.2) under the image condition ``image``, if any."""
         net = self._configure(name)
-        return call_transformer(net, x, t, cond, expand_timesteps=self.expand_timesteps)
+        return call_transformer(
+            net, x, t, cond, expand_timesteps=self.expand_timesteps, image=image
+        )
 
     # ------------------------------------------------------------------ pieces
     def _inputs(
         self, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(text condition [B, L, dim], negative [B, L', dim], data latents or None)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, ImageCondition | None]:
+        """(text condition [B, L, dim], negative [B, L', dim], data latents or None, the
+        image condition or None)."""
         device = self.device
         dtype = next(self.student.parameters()).dtype
         cond = text_condition(batch, device, dtype)  # [B, L, dim]
@@ -367,7 +399,15 @@ class DMDMethod:
             latents = latents_of(batch, device)  # [B, C, T, H, W]
             if latents.shape[0] != b:
                 raise ValueError(f"batch has {latents.shape[0]} latents but {b} text embeddings")
-        return cond, neg, latents
+        image = image_condition_of(
+            batch,
+            self.teacher,
+            self._latent_shape(batch, b),
+            expand_timesteps=self.expand_timesteps,
+            vae_scale_temporal=self.vae_scale_temporal,
+            device=device,
+        )
+        return cond, neg, latents, image
 
     def _latent_shape(self, batch: Mapping[str, Any], b: int) -> tuple[int, ...]:
         if batch.get("latents") is not None:
@@ -385,9 +425,11 @@ class DMDMethod:
         rng: torch.Generator,
         cond: torch.Tensor,
         latents: torch.Tensor | None,
+        image: ImageCondition | None = None,
     ) -> tuple[torch.Tensor, float]:
         """The student's x0 ``[B, C, T, H, W]`` at a random denoising timestep ``t_k``
-        (gradient flows only through the final student call); returns (x0, t_k)."""
+        (gradient flows only through the final student call); returns (x0, t_k). Under a
+        TI2V ``image`` every x0 of the rollout keeps the given first frame."""
         steps = self.dmd.denoising_timesteps
         device = self.device
         k = _same_on_all_ranks(
@@ -406,12 +448,14 @@ class DMDMethod:
                 for j in range(k):
                     s_j = steps[j] / NUM_TRAIN_TIMESTEPS
                     t_j = torch.full((b,), float(steps[j]), device=device)  # [B]
-                    x0 = x0_from_velocity(x, self._call("student", x, t_j, cond), s_j)
+                    v = self._call("student", x, t_j, cond, image)
+                    x0 = keep_given_frames(x0_from_velocity(x, v, s_j), image)
                     eps = draw_noise(x0.shape, rng, device)
                     x = add_noise(x0, eps, steps[j + 1] / NUM_TRAIN_TIMESTEPS)
         t_k = torch.full((b,), float(steps[k]), device=device)  # [B]
-        v = self._call("student", x, t_k, cond)  # [B, C, T, H, W]
-        return x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), float(steps[k])
+        v = self._call("student", x, t_k, cond, image)  # [B, C, T, H, W]
+        x0 = keep_given_frames(x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), image)
+        return x0, float(steps[k])
 
     def _dmd_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_dmd_timesteps(
@@ -429,14 +473,15 @@ class DMDMethod:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Critic (fake score) flow-matching loss on a fresh no-grad student sample."""
         _check_rng(rng)
-        cond, _neg, latents = self._inputs(batch)
+        cond, _neg, latents, image = self._inputs(batch)
         with torch.no_grad():
-            x0_gen, t_k = self.student_sample(batch, rng, cond, latents)  # [B, C, T, H, W]
+            x0_gen, t_k = self.student_sample(batch, rng, cond, latents, image)  # [B, C, T, H, W]
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
-        x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
-        v = self._call("critic", x_t, t, cond)  # [B, C, T, H, W]
-        loss = flow_matching_loss(v, x0_gen, eps)
+        x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W] (TI2V: clean frame 0 merged in)
+        v = self._call("critic", x_t, t, cond, image)  # [B, C, T, H, W]
+        # TI2V: no loss on the given first frame
+        loss = flow_matching_loss(*(generated_frames(y, image) for y in (v, x0_gen, eps)))
         return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
 
     def generator_step(
@@ -444,21 +489,24 @@ class DMDMethod:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Distribution-matching loss of the student (gradient only into the student)."""
         _check_rng(rng)
-        cond, neg, latents = self._inputs(batch)
-        x0_gen, t_k = self.student_sample(batch, rng, cond, latents)  # with grad
+        cond, neg, latents, image = self._inputs(batch)
+        x0_gen, t_k = self.student_sample(batch, rng, cond, latents, image)  # with grad
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         with torch.no_grad():
-            x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W]
-            x0_cond = x0_from_velocity(x_t, self._call("teacher", x_t, t, cond), s)
+            x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W] (TI2V: frame 0 merged)
+            x0_cond = x0_from_velocity(x_t, self._call("teacher", x_t, t, cond, image), s)
             w = self.dmd.guidance_scale
             if w == 1.0:
                 x0_real = x0_cond
-            else:
-                v_neg = self._call("teacher", x_t, t, neg)
+            else:  # the I2V pipeline's CFG: the same image in both branches, text negated
+                v_neg = self._call("teacher", x_t, t, neg, image)
                 x0_real = cfg_combine(x0_cond, x0_from_velocity(x_t, v_neg, s), w)
-            x0_fake = x0_from_velocity(x_t, self._call("critic", x_t, t, cond), s)
-        loss, g = dmd_generator_loss(x0_gen, x0_real, x0_fake, return_grad=True)
+            x0_fake = x0_from_velocity(x_t, self._call("critic", x_t, t, cond, image), s)
+        # TI2V: the distribution is matched on the generated frames, not the given one
+        loss, g = dmd_generator_loss(
+            *(generated_frames(y, image) for y in (x0_gen, x0_real, x0_fake)), return_grad=True
+        )
         return loss, {
             "rollout_timestep": t_k,
             "timestep": float(t.mean()),

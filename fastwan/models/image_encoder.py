@@ -113,7 +113,10 @@ def vae_condition_latents(
         if last_image is not None:
             parts.append(last_image.unsqueeze(2))
         frames = torch.cat(parts, dim=2)  # [B, 3, F, H, W]
-    param = next(vae.parameters())
+    # a VAE without weights (the toy world's pixel fold) has buffers only
+    param = next(vae.parameters(), None)
+    if param is None:
+        param = next(vae.buffers())
     latent = vae.encode(frames.to(param.device, param.dtype)).latent_dist.mode()
     z = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)

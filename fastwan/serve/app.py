@@ -32,11 +32,12 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fastwan.serve.runtime import QueueFullError, RequestError, ServeOptions, ServeRuntime
-from fastwan.serve.schemas import Health, Job, VideoRequest
+from fastwan.serve.schemas import MAX_IMAGE_CHARS, Health, Job, VideoRequest
 
 logger = logging.getLogger("fastwan.serve")
 
-MAX_BODY_BYTES = 64 * 1024  # a request is a few hundred bytes of JSON
+# A request is a few hundred bytes of JSON, plus up to two base64 images.
+MAX_BODY_BYTES = 2 * MAX_IMAGE_CHARS + 64 * 1024
 MIN_API_KEY_CHARS = 16
 # Module level: the routes' string annotations (``from __future__``) resolve here.
 BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")
@@ -126,7 +127,7 @@ def build_app(runtime: ServeRuntime, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI application over ``runtime``."""
     app = FastAPI(
         title="fastwan",
-        summary="Text-to-video jobs on a Wan / FastWan model",
+        summary="Text- and image-to-video jobs on a Wan / FastWan model",
         description=(
             f"Serving **{runtime.model_name}**. Submit a job with `POST /v1/videos`, poll "
             "`GET /v1/videos/{id}`, download `GET /v1/videos/{id}/content`."

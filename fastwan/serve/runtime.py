@@ -18,9 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastwan.serve.schemas import Health, Job, Progress, VideoRequest, WorkerInfo
+from fastwan.serve.schemas import (
+    LORA_NAME,
+    Health,
+    Job,
+    Progress,
+    RequestView,
+    VideoRequest,
+    WorkerInfo,
+)
 from fastwan.serve.store import STAGES, JobRecord, JobStore, QueueFull
-from fastwan.serve.worker import Worker, attention_of, load_generator, parse_devices
+from fastwan.serve.worker import (
+    Worker,
+    attention_of,
+    load_adapters,
+    load_generator,
+    parse_devices,
+)
 
 if TYPE_CHECKING:
     from fastwan.pipeline import VideoGenerator
@@ -59,6 +73,39 @@ class ServeOptions:
     ttl: float = 3600.0  # seconds a finished job's result is kept
     # VideoGenerator.from_pretrained options (preset, dtype, backend, compile, ...).
     load_options: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters a request may name: name -> (path, default scale); see parse_lora.
+    loras: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+
+def parse_lora(text: str) -> tuple[str, str, float]:
+    """``--lora NAME=PATH[:SCALE]`` -> (name, path, scale); a ValueError naming the flag
+    and the fix. PATH (a ``.safetensors`` file or a LoRA folder) must exist; SCALE
+    defaults to 1 (as trained)."""
+    from fastwan.serve.schemas import MAX_LORA_SCALE
+
+    name, sep, rest = str(text).partition("=")
+    if not sep or not rest:
+        raise ValueError(f"--lora must be NAME=PATH[:SCALE], got {text!r}")
+    if not re.fullmatch(LORA_NAME, name):
+        raise ValueError(
+            f"--lora name {name!r}: use letters, digits, '_' and '-' (at most 64, no dots); "
+            "requests choose the adapter by it"
+        )
+    path, scale = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:  # a ':' inside the path
+            pass
+    if not (math.isfinite(scale) and 0.0 <= scale <= MAX_LORA_SCALE):
+        raise ValueError(f"--lora {name}: SCALE must be in [0, {MAX_LORA_SCALE:g}], got {tail}")
+    if not Path(path).expanduser().exists():
+        raise ValueError(
+            f"--lora {name}: {path!r} does not exist; pass a LoRA .safetensors file or folder"
+        )
+    return name, str(Path(path).expanduser()), scale
 
 
 def field_of(message: str, fields: Sequence[str]) -> str | None:
@@ -86,6 +133,7 @@ class ServeRuntime:
         self.wake = threading.Event()
         self.workers: list[Worker] = []
         self.rejected = 0  # 429s since this server started
+        self._generators: list[Any] = []  # what close() closes (multi-device: processes)
         self._janitor: threading.Thread | None = None
         try:
             self.store.bind_model(str(options.model))
@@ -100,16 +148,20 @@ class ServeRuntime:
             backend = options.load_options.get("backend", "auto")
             for i, group in enumerate(groups):
                 gen = load_generator(options.model, group, **options.load_options)
+                self._generators.append(gen)
+                loras = load_adapters(gen, options.loras)
                 self.workers.append(
                     Worker(
                         f"w{i}", gen, self.store, stop=self.stop_event, wake=self.wake,
-                        backend=backend,
+                        backend=backend, loras=loras,
                     )
                 )  # fmt: skip
         except BaseException:
+            self._close_generators()
             self.store.close()
             raise
-        self.generator: VideoGenerator = self.workers[0].generator  # checks requests
+        # checks requests (a multi-device one on its weightless model, in this process)
+        self.generator: VideoGenerator = self.workers[0].generator
         self.default_attention = attention_of(self.generator)
         for worker in self.workers:
             worker.start()
@@ -142,15 +194,36 @@ class ServeRuntime:
         stuck = [w.worker_name for w in self.workers if w.is_alive()]
         if stuck:  # its job stays 'running' and is re-queued by the next start
             logger.warning("workers %s did not stop within %gs", stuck, timeout)
+        self._close_generators()
         self.store.close()
+
+    def _close_generators(self) -> None:
+        """Stop the worker processes of multi-device generators (idempotent)."""
+        for gen in self._generators:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # shutting down: log it, close the rest
+                    logger.exception("closing a generator failed")
 
     # ------------------------------------------------------------------ requests
     def check(self, request: VideoRequest) -> tuple[str, float | None, int]:
         """The model's checks of a request, before it is queued: (attention, sparsity,
         denoising steps); a :class:`RequestError` naming the field otherwise."""
-        kwargs = request.generate_kwargs()
+        if request.lora is not None and request.lora not in self.options.loras:
+            have = sorted(self.options.loras)
+            raise RequestError(
+                "lora",
+                f"lora {request.lora!r} is not an adapter of this server; "
+                + (
+                    f"it has {', '.join(have)}"
+                    if have
+                    else "it registers none (start it with --lora NAME=PATH)"
+                ),
+            )
         try:
-            plan = self.generator.check_inputs(**kwargs)
+            plan = self.generator.check_inputs(**request.generate_kwargs())
         except ValueError as err:
             fields = list(VideoRequest.model_fields)
             raise RequestError(field_of(str(err), fields), str(err)) from None
@@ -206,7 +279,7 @@ class ServeRuntime:
             expires_at=expires,
             attention=job.attention,
             sparsity=job.sparsity,
-            request=VideoRequest.model_validate(job.request),
+            request=RequestView.of(VideoRequest.model_validate(job.request)),
             timings=job.timings,
             error=job.error,
             content_url=f"/v1/videos/{job.id}/content" if job.status == "succeeded" else None,
@@ -226,13 +299,15 @@ class ServeRuntime:
 
     def health(self) -> Health:
         workers = [
-            WorkerInfo(name=w.worker_name, device=w.device, alive=w.is_alive(), job=w.job)
+            WorkerInfo(name=w.worker_name, device=w.device, alive=w.healthy, job=w.job)
             for w in self.workers
         ]
         ok = all(w.alive for w in workers) and not self.stop_event.is_set()
         return Health(
             status="ok" if ok else "unavailable",
             model=self.model_name,
+            task=self.generator.task,
+            loras=sorted(self.options.loras),
             workers=workers,
             queue_depth=self.store.counts()["queued"],
             queue_capacity=self.store.max_queued,

@@ -121,9 +121,13 @@ def latent_stats(num_clips: int = 256, seed: int = 0) -> tuple[list[float], list
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 
-def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
+def build_toy_pipeline(path: str | Path, *, seed: int = 0, task: str = "t2v") -> Path:
     """Write a fresh toy Wan folder (random transformer and text encoder drawn from
-    ``seed``) to ``path``: the starting point of the toy teacher's training."""
+    ``seed``) to ``path``: the starting point of the toy teacher's training. ``task``:
+    ``"t2v"``, or ``"ti2v"`` for the image-to-video toy (Wan2.2 TI2V's way,
+    ``expand_timesteps``: the given image is the clean first latent frame)."""
+    if task not in ("t2v", "ti2v"):
+        raise ValueError(f"task must be 't2v' or 'ti2v' (image-to-video), got {task!r}")
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
     preset = get_preset("toy-teacher")
@@ -147,7 +151,7 @@ def build_toy_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     index = {
         "_class_name": "WanPipeline",
         "_diffusers_version": _diffusers_version(),
-        "expand_timesteps": False,
+        "expand_timesteps": task == "ti2v",
         "tokenizer": ["transformers", type(tokenizer).__name__],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "transformer": ["diffusers", "WanTransformer3DModel"],

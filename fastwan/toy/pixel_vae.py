@@ -129,8 +129,13 @@ class ToyPixelVAE(ModelMixin, ConfigMixin):
 
     @staticmethod
     def coordinates(b: int, t: int, h: int, w: int) -> torch.Tensor:
-        """The coordinate channels ``[b, 3, t, h, w]``: frame, row, column ramps in [-1, 1]."""
+        """The coordinate channels ``[b, 3, t, h, w]``: frame, row, column ramps in [-1, 1].
+        A lone frame is a clip's first (frame coordinate -1), as a causal video VAE encodes
+        an image as the first latent frame: image-to-video's condition latent of a clip's
+        first frame is then that clip's first latent frame."""
         axes = [torch.linspace(-1, 1, n) if n > 1 else torch.zeros(1) for n in (t, h, w)]
+        if t == 1:
+            axes[0] = torch.full((1,), -1.0)
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # [3, t, h, w]
         return grid.expand(b, -1, -1, -1, -1)
 

@@ -160,11 +160,19 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 _SUPER = 4  # supersampling per axis, for smooth sub-pixel motion
 
 
-def render_clip(combo: Combo, seed: int, spread: float = 1.0) -> np.ndarray:
+def render_clip(
+    combo: Combo,
+    seed: int,
+    spread: float = 1.0,
+    start: tuple[float, float] | None = None,
+) -> np.ndarray:
     """One clip ``[NUM_FRAMES, SIZE, SIZE, 3]`` float32 in [0, 1]; the object's size,
     speed, start and colour/brightness jitter are drawn from ``seed``. ``spread`` scales
     the ranges of size, speed and start around their centres (1: the world's; the probe
-    trains on wider ones so that it reads imperfect generated clips fairly)."""
+    trains on wider ones so that it reads imperfect generated clips fairly). ``start``:
+    the object's centre ``(x, y)`` in pixels at frame 0 instead of the drawn one (the
+    image-to-video world places it independently of the motion, :mod:`fastwan.toy.i2v`);
+    the other draws are the same either way."""
     if not spread > 0:
         raise ValueError(f"spread must be > 0 (1 = the world's ranges), got {spread!r}")
     rng = np.random.default_rng(seed)
@@ -181,13 +189,15 @@ def render_clip(combo: Combo, seed: int, spread: float = 1.0) -> np.ndarray:
     travel = speed * (NUM_FRAMES - 1)
     margin = 1.2 * r + 0.5
 
-    def start(v: int) -> float:
+    def start_at(v: int) -> float:
         # Objects start on the side they move away from, centred on the other axis, with
         # half a pixel of jitter.
         centre = SIZE / 2 - v * travel / 2
         return float(np.clip(draw(centre, 0.5), margin, SIZE - margin))
 
-    x0, y0 = start(vx), start(vy)
+    x0, y0 = start_at(vx), start_at(vy)  # drawn even when given: the same later draws
+    if start is not None:
+        x0, y0 = float(start[0]), float(start[1])
     color = np.clip(np.array(_RGB[combo.color]) + rng.uniform(-0.04, 0.04, 3), 0, 1)
     bg = np.clip(_BG[combo.background] + rng.uniform(-0.04, 0.04), 0, 1)
 

@@ -16,6 +16,13 @@
 * the validator (:class:`~fastwan.train.validation.Validator`, with the folder's VAE) when
   ``train.validation_prompts`` is set, and the metric trackers of ``train.report_to``.
 
+Image-to-video (:func:`trains_image_to_video`): a Wan2.1 I2V folder always, a Wan2.2 TI2V
+folder when its data are image-to-video shards (``i2v``, or ``i2v_text`` for data-free
+``dmd.rollout: simulate``). The loader then reads each row's image condition
+(first-frame latent, CLIP features, frame), the methods condition teacher, critic and
+student on it, and each validation prompt is paired with the image of a training row
+(:func:`validation_images`), shown beside its videos.
+
 Before any model loads: the data path, ``train.output_dir`` (writable), the checkpoint to
 resume from (it exists and is complete, and the recipe's changes since it are safe:
 :func:`fastwan.train.trainer.check_resume`) and the data's latent sizes against the
@@ -40,7 +47,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +64,8 @@ __all__ = [
     "check_world_size",
     "expand_timesteps_of",
     "latent_shape_of",
+    "trains_image_to_video",
+    "validation_images",
 ]
 
 
@@ -93,8 +104,81 @@ def latent_shape_of(model_path: Path, recipe: Recipe) -> tuple[int, int, int, in
     ss = int(vae.get("scale_factor_spatial", 8))
     d = recipe.data
     grid = latent_grid(d.num_frames, d.height, d.width, (st, ss, ss), name=lambda f: f"data.{f}")
-    channels = int(transformer.get("in_channels", vae.get("z_dim", 16)))
+    # the generated latents: Wan2.1 I2V's input has condition channels beside them
+    channels = int(
+        transformer.get("out_channels") or transformer.get("in_channels", vae.get("z_dim", 16))
+    )
     return (channels, *grid)
+
+
+def _vae_scale_temporal(model_path: Path) -> int:
+    vae = json.loads((model_path / "vae" / "config.json").read_text())
+    return int(vae.get("scale_factor_temporal", 4))
+
+
+def trains_image_to_video(model_path: Path, data_path: str | Path) -> bool:
+    """Whether a run of the folder's model on ``data_path`` is image-to-video: always for a
+    Wan2.1 I2V folder (its data must be ``i2v`` / ``i2v_text`` shards), for a Wan2.2 TI2V
+    folder when the first parquet file holds an image condition (text-to-video otherwise),
+    never for a text-to-video model."""
+    import pyarrow.parquet as pq
+
+    from fastwan.data.parquet_io import list_parquet_files
+    from fastwan.data.schema import SchemaError, detect_kind
+    from fastwan.models.identity import task_of
+    from fastwan.models.loading import read_model_index
+
+    config = json.loads((model_path / "transformer" / "config.json").read_text())
+    task = task_of(read_model_index(model_path), config)
+    if task == "i2v":
+        return True
+    if task != "ti2v":
+        return False
+    for file in list_parquet_files(Path(data_path)):
+        try:
+            return detect_kind(pq.read_schema(file)) in ("i2v", "i2v_text")
+        except (OSError, SchemaError, ValueError):
+            continue  # an unreadable file: the dataset names it (or skips it)
+    return False
+
+
+def validation_images(
+    dataset: Any, count: int, vae: nn.Module | None = None
+) -> list[tuple[np.ndarray, torch.Tensor | None]]:
+    """The conditioning images of ``count`` validation prompts: prompt ``i`` gets row
+    ``i`` (mod the rows) of the image-to-video ``dataset``: its frame ``[H, W, 3]`` uint8
+    (``pil_image``; decoded with ``vae`` from the first latent frame when the row has
+    none) and its CLIP features ``[N, D]`` (or None)."""
+    from fastwan.pipeline import decode_latents
+    from fastwan.video_io import to_uint8_frames
+
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no rows to take validation images from")
+    out = []
+    for i in range(count):
+        row = dataset[i % len(dataset)]
+        if "first_frame_latent" not in row:
+            raise ValueError(
+                "validation of an image-to-video run needs image-to-video rows "
+                "(first_frame_latent); the data has none"
+            )
+        frame = row.get("pil_image")
+        if frame is None:
+            if vae is None:
+                raise ValueError(
+                    f"row {i} has no pil_image: pass the VAE to decode its first latent frame"
+                )
+            first = row["first_frame_latent"][None, :, :1].float()  # [1, C, 1, h, w]
+            # a VAE without weights (the toy world's pixel fold) has buffers only
+            held = next(vae.parameters(), None)
+            held = held if held is not None else next(vae.buffers(), None)
+            device = held.device if held is not None else torch.device("cpu")
+            frame = to_uint8_frames(decode_latents(vae, first, device=device)[0])[0]  # [H, W, 3]
+        else:
+            frame = np.asarray(frame.numpy() if isinstance(frame, torch.Tensor) else frame)
+        clip = row.get("clip_feature")
+        out.append((frame.astype(np.uint8), clip.float() if clip is not None else None))
+    return out
 
 
 def expand_timesteps_of(model_path: Path) -> bool:
@@ -215,6 +299,8 @@ def build_trainer(
     validation_embeddings = encoded  # one [L_i, dim] per validation prompt
     expand = expand_timesteps_of(model_path)
     latent_shape = latent_shape_of(model_path, recipe)  # [C, T, H, W] of data.* clips
+    image_to_video = trains_image_to_video(model_path, recipe.data.path)
+    scale_t = _vae_scale_temporal(model_path)
 
     mean = std = None
     if not recipe.data.text_only:
@@ -230,6 +316,7 @@ def build_trainer(
         latents_std=std,
         empty_embedding=empty,
         latent_shape=latent_shape,  # longer latents are cropped in time, others skipped
+        image_condition=image_to_video,
     )
 
     # LoRA: frozen bases in model.teacher_dtype, adapters (and full gates) in model.dtype
@@ -260,6 +347,7 @@ def build_trainer(
                 student=student,
                 critic=critic,
                 expand_timesteps=expand,
+                vae_scale_temporal=scale_t,
                 **lora_args,
             )
         else:
@@ -270,6 +358,7 @@ def build_trainer(
                 min_ratio=recipe.dmd.min_timestep_ratio,
                 max_ratio=recipe.dmd.max_timestep_ratio,
                 expand_timesteps=expand,
+                vae_scale_temporal=scale_t,
                 **lora_args,
             )
         parallelize_method(method, parallel, recipe)
@@ -280,15 +369,20 @@ def build_trainer(
     method = build_method()
     validator = None
     if validate:
+        vae = load_validation_vae(model_path, dev)
+        images = None
+        if image_to_video:  # each prompt with a training row's image
+            images = validation_images(loader.dataset, len(t.validation_prompts), vae)
         validator = Validator.from_recipe(
             recipe,
-            load_validation_vae(model_path, dev),
+            vae,
             validation_embeddings,
             negative_embedding=negative_embedding,
             latent_shape=latent_shape,
             model_path=model_path,
             expand_timesteps=expand,
             progress=progress and parallel.is_main,
+            images=images,
         )
         if parallel.distributed:  # all ranks generate (sharded forwards), rank 0 writes
             validator = DistributedValidator(validator, parallel)

@@ -17,6 +17,12 @@ validation video equals ``VideoGenerator.generate(prompt, seed=s)`` of the expor
 student with the same sampler. Written under ``<output_dir>/validation/step-<N>/``: one
 MP4 and one GIF per (prompt, seed), ``grid.png`` (rows: prompts, columns: seeds, each cell
 ``train.validation_grid_frames`` frames side by side) and ``index.json``.
+
+Image-to-video runs validate each prompt with a conditioning image (``images``: the first
+rows of the training data, their frame and CLIP features, see
+:func:`fastwan.train.build.validation_images`): the image is passed to ``generate`` as
+``image=`` (and ``image_embeds=``), written beside the videos as ``p<i>-image.png`` and
+shown as the first column of the grid.
 """
 
 from __future__ import annotations
@@ -159,6 +165,8 @@ class Validator:
         fps, grid_frames: the videos' frame rate; frames per grid cell.
         autocast_dtype: run the transformer under autocast to this dtype (e.g. bf16 on GPU).
         progress: a tqdm bar over the videos.
+        images: image-to-video: one ``(frame [H, W, 3] uint8, CLIP features [N, D] or
+            None)`` per prompt, the conditioning image of its videos.
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class Validator:
         grid_frames: int = 4,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
+        images: Sequence[tuple[np.ndarray, torch.Tensor | None]] | None = None,
     ) -> None:
         from fastwan.choices import SAMPLERS as SAMPLER_NAMES
 
@@ -214,6 +223,24 @@ class Validator:
                 f"train.validation_guidance_scale {guidance_scale} needs the negative prompt's "
                 "embedding (dmd.negative_prompt); set the scale to 1 for no CFG"
             )
+        if images is not None:
+            images = list(images)
+            if len(images) != len(prompts):
+                raise ValueError(
+                    f"need one conditioning image per validation prompt, got {len(images)} for "
+                    f"{len(prompts)} prompts"
+                )
+            for i, (frame, embeds) in enumerate(images):
+                frame = np.asarray(frame)
+                if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+                    raise ValueError(
+                        f"validation image {i} must be [H, W, 3] uint8, got {frame.shape} "
+                        f"{frame.dtype}"
+                    )
+                bad = not isinstance(embeds, torch.Tensor) or embeds.dim() != 2
+                if embeds is not None and bad:
+                    raise ValueError(f"validation image {i}'s CLIP features must be [N, D]")
+        self.images = images
         self.vae = vae
         self.prompts = prompts
         self.cond = torch.stack([_pad_text(e.detach().float(), text_length) for e in embeddings])
@@ -249,6 +276,7 @@ class Validator:
         scheduler: Any = None,
         expand_timesteps: bool = False,
         progress: bool = False,
+        images: Sequence[tuple[np.ndarray, torch.Tensor | None]] | None = None,
     ) -> Validator:
         """The validator of ``recipe`` (``train.validation_*``; ``dmd``: few-step on
         ``dmd.denoising_timesteps``; ``flow``: multi-step with CFG). The scheduler of the
@@ -290,6 +318,7 @@ class Validator:
             grid_frames=t.validation_grid_frames,
             autocast_dtype=autocast,
             progress=progress,
+            images=images,
             **options,
         )
 
@@ -345,6 +374,12 @@ class Validator:
                     if self.autocast_dtype is not None
                     else nullcontext()
                 )
+                image = {}
+                if self.images is not None:  # image-to-video: the prompt's image
+                    frame, embeds = self.images[i]
+                    image["image"] = frame
+                    if embeds is not None:
+                        image["image_embeds"] = embeds[None].to(device)  # [1, N, D]
                 with amp:  # the transformer only: the VAE decodes in its own dtype
                     out = gen.generate(
                         prompt_embeds=self.cond[i : i + 1],  # [1, L, dim]
@@ -356,6 +391,7 @@ class Validator:
                         output_type="latent",
                         **size,
                         **steps,
+                        **image,
                     )
                 x0 = out.latents  # [1, C, T, h, w] float32 CPU
                 latents.append(x0)
@@ -397,6 +433,16 @@ class Validator:
             for i in range(len(self.prompts))
         ]
         grid = make_grid(rows, self.grid_frames)
+        if self.images is not None:  # the conditioning image of each row, first
+            h, w = frames.shape[2:4]
+            column = np.full((grid.shape[0], w + GRID_PAD, 3), _GRID_BACKGROUND, np.uint8)
+            for i, (frame, _embeds) in enumerate(self.images):
+                img = Image.fromarray(np.asarray(frame)).resize((w, h), Image.BICUBIC)
+                img.save(out / f"p{i:02d}-image.png")
+                for e in index[i * len(self.seeds) : (i + 1) * len(self.seeds)]:
+                    e["image"] = f"p{i:02d}-image.png"
+                column[i * (h + GRID_PAD) : i * (h + GRID_PAD) + h, :w] = np.asarray(img)
+            grid = np.concatenate([column, grid], axis=1)
         grid_path = out / GRID_FILE
         Image.fromarray(grid).save(grid_path)
         meta = {
@@ -405,7 +451,11 @@ class Validator:
             "timesteps": self.timesteps,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
-            "grid": "rows: prompts, columns: seeds",
+            "grid": (
+                "rows: prompts, columns: the conditioning image, then seeds"
+                if self.images is not None
+                else "rows: prompts, columns: seeds"
+            ),
             "videos": index,
         }
         (out / INDEX_FILE).write_text(json.dumps(meta, indent=2))
