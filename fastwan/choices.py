@@ -37,6 +37,9 @@ LORA_INITS = ("default", "gaussian")
 # How a LoRA student trains its VSA gates: full = the gate weights themselves, lora = a
 # low-rank adapter on each gate (the gate's base stays frozen).
 LORA_GATES = ("full", "lora")
+# The embedded toy world's shipped models (fastwan/toy/weights/toy-<role>, each also a
+# preset): the text-to-video teacher and its 3-step VSA student, and the image-to-video pair.
+TOY_ROLES = ("teacher", "student", "i2v-teacher", "i2v-student")
 # VideoGenerator.generate(output_type=...): as diffusers' WanPipeline names them.
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 # Video writers of fastwan.video_io.

@@ -357,6 +357,11 @@ class MultiDeviceGenerator:
         self.device = torch.device(self.devices[0])  # rank 0's, which returns the results
         self.num_gpus, self.cfg_parallel, self.fsdp = num_gpus, cfg_parallel, fsdp
         self.identity = identity
+        from fastwan.models.compile import parse_compile
+
+        # as VideoGenerator reports them (each worker applies them to its own copy)
+        self.compile_backend = parse_compile(load.get("compile"))
+        self.vae_tiling = bool(load.get("vae_tiling", False))
         self._workers: list = []
         self._in_process = None
         self._lock = threading.Lock()  # one call at a time through the queues
@@ -413,6 +418,19 @@ class MultiDeviceGenerator:
     @property
     def task(self) -> str:
         return self.identity.task
+
+    @property
+    def components(self):
+        """The loaded folder's components as :attr:`VideoGenerator.components` (here the
+        weightless ones: ``path``, ``preset``, configs; the weights live in the workers)."""
+        if self._in_process is not None:
+            return self._in_process[0].components
+        return self._checker.components
+
+    @property
+    def sampling_sources(self) -> dict[str, str]:
+        """Where each sampling default came from, as :attr:`VideoGenerator.sampling_sources`."""
+        return dict(self.components.sampling_sources)
 
     @property
     def transformer(self):

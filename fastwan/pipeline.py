@@ -969,6 +969,12 @@ class VideoGenerator:
                 "frame needs a first-last-frame (FLF2V) checkpoint, whose transformer config "
                 "sets pos_embed_seq_len"
             )
+        if last_image is None and clip and self.transformer.config.get("pos_embed_seq_len"):
+            # diffusers fails deep inside (a position-embedding shape mismatch) here
+            raise ValueError(
+                f"last_image: {name!r} is a first-last-frame (FLF2V) model (its transformer "
+                "config sets pos_embed_seq_len): pass last_image= (the last frame) too"
+            )
         if image_embeds is not None:
             if not clip:
                 raise ValueError(f"image_embeds: {name!r} has no image cross-attention")

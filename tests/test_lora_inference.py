@@ -244,6 +244,24 @@ def test_generate_lora_flag_applies_it(main, fastwan21, fast_lora, tmp_path, cap
     assert np.abs(base.astype(float) - lora.astype(float)).mean() > 1.0  # not the base video
 
 
+def test_generate_lora_on_two_processes_equals_one(main, fastwan21, fast_lora, tmp_path, capsys):
+    """`fastwan generate --num-gpus 2` (two CPU workers, gloo) runs the whole command (the
+    report of what loaded, the LoRA in every worker) and makes the one-process video."""
+    lora = ("--lora", f"{fast_lora}:0.5", "--seed", "3")
+    assert _cli(main, fastwan21, tmp_path / "one.mp4", *lora) == 0
+    one_out = capsys.readouterr().out
+    assert _cli(main, fastwan21, tmp_path / "two.mp4", *lora, "--num-gpus", "2") == 0
+    two_out = capsys.readouterr().out
+    for out in (one_out, two_out):
+        assert f"lora: fast_style from {fast_lora} (scale 0.5)" in out
+        assert f"from {fastwan21}" in out  # the model line names the folder
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.shape == two.shape == (5, 32, 48, 3)
+    # the same video up to reduction order and the MP4's rounding
+    assert np.abs(one.astype(float) - two.astype(float)).mean() < 1.0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -437,3 +437,23 @@ def test_task_of_a_folder_and_the_i2v_presets():
     assert p480.num_inference_steps == p720.num_inference_steps == 40
     assert get_preset("wan2.2-ti2v-5b").task == "ti2v"
     assert get_preset("wan2.1-t2v-1.3b").task == "t2v"
+
+
+def test_sidecar_with_unknown_or_misplaced_keys_is_refused(tmp_path):
+    """A hand-edited fastwan.json whose setting sits beside "sampling" (or is misspelt)
+    would be ignored: it is refused with the key named instead."""
+    from fastwan.models.identity import read_sidecar
+
+    file = tmp_path / SIDECAR_NAME
+    good = {"format_version": 1, "sampling": {"timesteps": [1000, 757, 522]}}
+    file.write_text(json.dumps(good))
+    assert read_sidecar(tmp_path)["timesteps"] == (1000, 757, 522)
+    for bad, message in (
+        ({**good, "timesteps": [1000, 500]}, r"unknown top-level keys \['timesteps'\]"),
+        ({**good, "sampling": {"timestep": [1000]}}, r"unknown sampling fields \['timestep'\]"),
+        ([1, 2], "must hold a JSON object"),
+        ({**good, "format_version": 7}, "format_version 7"),
+    ):
+        file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            read_sidecar(tmp_path)

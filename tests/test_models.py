@@ -71,10 +71,14 @@ def test_presets_cover_the_supported_models_with_their_defaults():
         "fastwan2.2-ti2v-5b-fullattn",
         "toy-teacher",
         "toy-student",
+        "toy-i2v-teacher",
+        "toy-i2v-student",
     }
     toy = get_preset("toy-student")  # the embedded toy world: weights ship with fastwan
     assert toy.bundled and toy.tile_size == (2, 2, 2) and toy.text_length == 16
     assert toy.latent_shape() == (15, 8, 8, 8) and toy.few_step and toy.sparsity == 0.75
+    toy_i2v = get_preset("toy-i2v-student")
+    assert toy_i2v.expand_timesteps and toy_i2v.task == "ti2v" and toy_i2v.bundled
     fast = get_preset("FastVideo/FastWan2.1-T2V-1.3B-Diffusers")  # a hub id works too
     assert fast.name == "fastwan2.1-t2v-1.3b"
     assert fast.timesteps == (1000, 757, 522) and fast.attention == "vsa"

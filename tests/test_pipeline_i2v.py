@@ -81,6 +81,8 @@ def test_wan21_i2v_equals_diffusers(request, i2v_gen, last):
     size = dict(height=32, width=48)
     kw = dict(COMMON, image=_image(32, 48, 0), seed=3, **size)
     if last:
+        with pytest.raises(ValueError, match="last_image: .*FLF2V.*pass last_image"):
+            gen.generate(**kw)  # a first-last-frame model without its last frame
         kw["last_image"] = _image(32, 48, 1)
     ref = _diffusers_i2v(path, **kw)
     out = gen.generate(flow_shift=3.0, **kw)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastwan.choices import TOY_ROLES
+
 
 def register(subparsers) -> None:
     demo = subparsers.add_parser(
@@ -53,7 +55,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run_prompts)
     p = sub.add_parser("ship", help="copy an exported teacher/student into fastwan's weights")
     p.add_argument("model", help="an exported toy folder (fastwan export ... --out DIR)")
-    p.add_argument("--role", required=True, choices=("teacher", "student"))
+    p.add_argument("--role", required=True, choices=TOY_ROLES)
     p.set_defaults(func=_run_ship)
     p = sub.add_parser("probe", help="train the attribute probe on rendered clips")
     p.add_argument("--out", required=True, help="safetensors file to write")

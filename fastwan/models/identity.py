@@ -185,6 +185,14 @@ def read_sidecar(path: Path) -> dict[str, Any]:
         return {}
     fix = "delete it to sample with the folder's other files, or re-export the model"
     data = read_json(file, fix)
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object; {fix}")
+    extra = sorted(set(data) - {"format_version", "sampling"})
+    if extra:  # e.g. a hand-edited "timesteps" beside "sampling" would be silently ignored
+        raise ValueError(
+            f"{str(file)!r}: unknown top-level keys {extra} (only 'format_version' and "
+            f"'sampling'; sampling settings go inside 'sampling'); {fix}"
+        )
     version = data.get("format_version")
     if version != SIDECAR_VERSION:
         raise ValueError(

@@ -256,6 +256,27 @@ PRESETS: dict[str, WanPreset] = {
         ),
         WanPreset("toy-teacher", "", **_TOY, num_inference_steps=50, guidance_scale=2.0),
         WanPreset("toy-student", "", **_TOY, **_FEW_STEP, attention="vsa", sparsity=0.75),
+        # the image-to-video toy: Wan2.2 TI2V's way (the given frame is the clean first
+        # latent frame), same architecture and sampling as the text-to-video pair
+        WanPreset(
+            "toy-i2v-teacher",
+            "",
+            **_TOY,
+            num_inference_steps=50,
+            guidance_scale=2.0,
+            expand_timesteps=True,
+            task="ti2v",
+        ),
+        WanPreset(
+            "toy-i2v-student",
+            "",
+            **_TOY,
+            **_FEW_STEP,
+            attention="vsa",
+            sparsity=0.75,
+            expand_timesteps=True,
+            task="ti2v",
+        ),
     )
 }
 

@@ -4,7 +4,8 @@ A toy model is a Diffusers-format Wan folder like any other (``model_index.json`
 ``transformer/`` a ``WanTransformer3DModel``, ``text_encoder/`` a ``UMT5EncoderModel``,
 ``tokenizer/``, ``scheduler/``), only tiny, with :class:`~fastwan.toy.pixel_vae.ToyPixelVAE`
 as its ``vae/``. The shipped teacher and student live under ``fastwan/toy/weights/`` as
-``toy-teacher/`` and ``toy-student/`` (their folder names are their presets' names).
+``toy-<role>/`` for each of ``fastwan.choices.TOY_ROLES`` (their folder names are their
+presets' names).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastwan.choices import TOY_ROLES
 from fastwan.models.presets import get_preset, transformer_config
 from fastwan.toy import world
 
@@ -39,15 +41,18 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def toy_model_path(name: str) -> Path:
-    """The shipped toy model folder: ``"teacher"`` / ``"student"`` (or ``"toy-teacher"`` ...)."""
-    key = name if name.startswith("toy-") else f"toy-{name}"
-    if key not in ("toy-teacher", "toy-student"):
-        raise ValueError(f"toy model must be 'teacher' or 'student', got {name!r}")
-    path = WEIGHTS_DIR / key
+    """The shipped toy model folder of a role in ``fastwan.choices.TOY_ROLES`` (``"teacher"``,
+    ``"i2v-student"``, ...; ``"toy-teacher"`` ... too)."""
+    role = name[len("toy-") :] if name.startswith("toy-") else name
+    if role not in TOY_ROLES:
+        raise ValueError(f"toy model must be one of {', '.join(TOY_ROLES)}; got {name!r}")
+    path = WEIGHTS_DIR / f"toy-{role}"
     if not (path / "model_index.json").is_file():
+        i2v = role.startswith("i2v")
+        recipes = "toy_i2v_*.yaml" if i2v else "toy_teacher.yaml / toy_distill.yaml"
         raise ValueError(
-            f"the toy {key} weights are missing from {path}; reinstall fastwan, or rebuild them "
-            "with the commands in recipes/toy_teacher.yaml and recipes/toy_distill.yaml"
+            f"the toy toy-{role} weights are missing from {path}; reinstall fastwan, or "
+            f"rebuild them with the commands at the top of recipes/{recipes}"
         )
     return path
 
@@ -170,8 +175,8 @@ def ship_model(src: str | Path, role: str, *, dest_root: str | Path | None = Non
 
     from safetensors.torch import load_file, save_file
 
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    if role not in TOY_ROLES:
+        raise ValueError(f"role must be one of {', '.join(TOY_ROLES)}; got {role!r}")
     src = Path(src)
     if not (src / "model_index.json").is_file():
         raise ValueError(f"{str(src)!r} is not a pipeline folder (no model_index.json)")
