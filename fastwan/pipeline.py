@@ -459,38 +459,58 @@ class VideoGenerator:
         last_image: Any = None,
         image_embeds: torch.Tensor | None = None,
     ) -> ImageCondition:
-        """The :class:`ImageCondition` of ``image`` (and ``last_image``) for ``batch`` videos
-        of ``num_frames x height x width``: the VAE latent of the conditioning video (the
-        image resized as diffusers' ``VideoProcessor`` does) and, for Wan2.1 I2V, the CLIP
-        embeddings (``image_embeds`` when given)."""
+        """The :class:`ImageCondition` of ``image`` (and ``last_image``; each a list of one
+        per prompt, or one for all) for ``batch`` videos of ``num_frames x height x width``:
+        the VAE latent of the conditioning video (each image resized as diffusers'
+        ``VideoProcessor`` does) and, for Wan2.1 I2V, the CLIP embeddings (``image_embeds``
+        when given: ``[k, N, D]`` for all images or ``[len(images) * k, N, D]``, ``k`` = 2
+        with last frames)."""
         from fastwan.models.image_encoder import image_to_tensor, vae_condition_latents
 
         ti2v = self.task == "ti2v"
-        pixels = image_to_tensor(image, height, width)  # [1, 3, H, W] in [-1, 1]
-        last = image_to_tensor(last_image, height, width) if last_image is not None else None
-        with self._on_device(self.components.vae) as vae:
-            latent = vae_condition_latents(
-                vae,
-                pixels.to(self.device),
-                num_frames,
-                expand_timesteps=ti2v,
-                last_image=last.to(self.device) if last is not None else None,
-            )  # [1, C, 1 or T, h, w] float32
-        latent = latent.to(self.device).repeat(batch, 1, 1, 1, 1)
+        listed = isinstance(image, (list, tuple))
+        images = list(image) if listed else [image]
+        lasts = (
+            list(last_image) if listed and last_image is not None else [last_image] * len(images)
+        )
+        if batch % len(images):
+            raise ValueError(f"batch {batch} is not a multiple of the {len(images)} images")
+        per_image = batch // len(images)  # num_videos_per_prompt: prompt-major as the text
+        latents = []
+        for first, last in zip(images, lasts):
+            pixels = image_to_tensor(first, height, width)  # [1, 3, H, W] in [-1, 1]
+            end = image_to_tensor(last, height, width) if last is not None else None
+            with self._on_device(self.components.vae) as vae:
+                latents.append(
+                    vae_condition_latents(
+                        vae,
+                        pixels.to(self.device),
+                        num_frames,
+                        expand_timesteps=ti2v,
+                        last_image=end.to(self.device) if end is not None else None,
+                    )
+                )  # [1, C, 1 or T, h, w] float32
+        # [B, C, 1 or T, h, w]
+        latent = torch.cat(latents).to(self.device).repeat_interleave(per_image, dim=0)
         if ti2v:
             _, _, t, h, w = self.latent_shape(batch, height, width, num_frames)
             mask = first_frame_mask(t, h, w, device=self.device)
             return ImageCondition("ti2v", latent, mask=mask)
+        has_last = last_image is not None
         embeds = None
         if self.transformer.config.get("image_dim") is not None:
+            k = 2 if has_last else 1  # CLIP rows per video: first (and last) frame
             if image_embeds is None:
-                images = [image] if last_image is None else [image, last_image]
-                image_embeds = self.encode_image(images)  # [1 or 2, N, D]
-            # [B * k, N, D]; a first-last-frame transformer views each pair as [B, 2N, D]
-            embeds = image_embeds.to(self.device).repeat(batch, 1, 1)
-        channels = i2v_condition(
-            latent, num_frames, self.vae_scale[0], last_image=last_image is not None
-        )
+                frames = [im for pair in zip(images, lasts) for im in pair if im is not None]
+                image_embeds = self.encode_image(frames)  # [len(images) * k, N, D]
+            rows = image_embeds.to(self.device)
+            if rows.shape[0] == k:  # one embedding for every image
+                rows = rows.repeat(len(images), 1, 1)
+            # [B * k, N, D] in video order; a first-last-frame transformer views each pair
+            # as [B, 2N, D]
+            embeds = rows.unflatten(0, (len(images), k)).repeat_interleave(per_image, dim=0)
+            embeds = embeds.flatten(0, 1)
+        channels = i2v_condition(latent, num_frames, self.vae_scale[0], last_image=has_last)
         return ImageCondition("i2v", channels, image_embeds=embeds)
 
     @torch.no_grad()
@@ -564,9 +584,11 @@ class VideoGenerator:
         / ``WanImageToVideoPipeline.__call__`` arguments, plus fastwan's samplers).
 
         image / last_image: the first (and last) frame, for image-to-video models (a PIL
-        image, a file path, an ``[H, W, 3]`` array or a tensor); sizes then default to the
-        image's aspect ratio at the preset's pixel count (``out.height`` / ``out.width``),
-        and the image is resized to the size as diffusers' ``VideoProcessor`` does.
+        image, a file path, an ``[H, W, 3]`` array or a tensor), or a list of them, one per
+        prompt, to batch different images in one call (diffusers takes one); sizes then
+        default to the image's aspect ratio at the preset's pixel count (``out.height`` /
+        ``out.width``), and the image is resized to the size as diffusers'
+        ``VideoProcessor`` does.
         Sizes otherwise default to the preset's. ``timesteps`` -> few-step DMD;
         ``num_inference_steps`` -> multi-step (``sampler``: ``"scheduler"``, the checkpoint's
         diffusers scheduler, UniPC for Wan; ``"unipc"``; or ``"euler"``); neither -> the
@@ -791,7 +813,16 @@ class VideoGenerator:
                 f"callback_on_step_end_tensor_inputs: {bad} are not among "
                 f"{list(CALLBACK_TENSOR_INPUTS)}"
             )
-        image, last_image, image_size = self._check_images(image, last_image, image_embeds)
+        n_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        image, last_image, image_size = self._check_images(
+            image, last_image, image_embeds, n_prompts
+        )
+        if isinstance(image_size, set) and (height is None or width is None):
+            raise ValueError(
+                f"image: the listed images' aspect ratios give different sizes "
+                f"{sorted(image_size)}; pass height and width (each image is then resized "
+                "and cropped to them)"
+            )
         given = dict(
             height=height,
             width=width,
@@ -813,7 +844,7 @@ class VideoGenerator:
         height = p.height if height is None else height
         width = p.width if width is None else width
         num_frames = p.num_frames if num_frames is None else num_frames
-        batch = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * n
+        batch = n_prompts * n
         shape = self.latent_shape(batch, height, width, num_frames)
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
@@ -928,19 +959,21 @@ class VideoGenerator:
         ):
             raise ValueError("prompt must be a non-empty string or a list of them")
         if negative_prompt is not None:
+            # one string is every prompt's negative (diffusers); a list is one per prompt
             negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negs, (list, tuple)) or not all(isinstance(x, str) for x in negs):
                 raise ValueError("negative_prompt must be a string or a list of strings")
-            if len(negs) != len(prompts):
+            if not isinstance(negative_prompt, str) and len(negs) != len(prompts):
                 raise ValueError(
                     f"negative_prompt has {len(negs)} entries for {len(prompts)} prompts; pass "
                     "one string or one per prompt"
                 )
         return list(prompts)
 
-    def _check_images(self, image, last_image, image_embeds):
-        """(image, last_image) as PIL images (or None) and the default size of the image,
-        or a ValueError saying which model takes what."""
+    def _check_images(self, image, last_image, image_embeds, n_prompts: int):
+        """(image, last_image) as PIL images, lists of them (one per prompt) or None, and
+        the default size of the image(s) (a set of sizes when listed images disagree), or
+        a ValueError saying which model takes what."""
         from fastwan.models.image_encoder import load_image
 
         task, name = self.task, self.preset.name
@@ -980,6 +1013,35 @@ class VideoGenerator:
                 raise ValueError(f"image_embeds: {name!r} has no image cross-attention")
             if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3:
                 raise ValueError("image_embeds must be a [1, tokens, dim] tensor")
+        k = 1 if last_image is None else 2  # CLIP rows per video
+        if isinstance(image, (list, tuple)):
+            # one image per prompt: a batch of different first frames in one call
+            if len(image) != n_prompts:
+                raise ValueError(
+                    f"image: a list of {len(image)} images for {n_prompts} prompt(s); pass one "
+                    "image per prompt, or a single image for all of them"
+                )
+            if last_image is not None and (
+                not isinstance(last_image, (list, tuple)) or len(last_image) != n_prompts
+            ):
+                raise ValueError(
+                    f"last_image: with a list of images, pass a list of {n_prompts} last frames"
+                )
+            if image_embeds is not None and image_embeds.shape[0] not in (k, n_prompts * k):
+                raise ValueError(
+                    f"image_embeds: {image_embeds.shape[0]} rows; with {n_prompts} images pass "
+                    f"{n_prompts * k} (one per image{' and last frame' if k == 2 else ''}) or {k}"
+                )
+            imgs = [load_image(im, f"image[{i}]") for i, im in enumerate(image)]
+            lasts = (
+                [load_image(im, f"last_image[{i}]") for i, im in enumerate(last_image)]
+                if last_image is not None
+                else None
+            )
+            sizes = {self.default_size_for_image(im) for im in imgs}
+            return imgs, lasts, sizes.pop() if len(sizes) == 1 else sizes
+        if isinstance(last_image, (list, tuple)):
+            raise ValueError("last_image: a list of last frames needs a list of images")
         img = load_image(image, "image")
         last = load_image(last_image, "last_image") if last_image is not None else None
         return img, last, self.default_size_for_image(img)

@@ -122,6 +122,60 @@ def test_i2v_vsa_at_sparsity_zero_equals_dense(wan21_i2v, i2v_gen):
     )
 
 
+@pytest.mark.parametrize("kind", ["ti2v", "i2v", "flf2v"])
+def test_a_list_of_images_batches_what_one_call_per_image_gives(request, kind):
+    """image=[one per prompt] (x num_videos_per_prompt) in one call equals each image in its
+    own call from the same initial noise: every video keeps its own first frame."""
+    if kind == "ti2v":
+        gen, h, w = request.getfixturevalue("ti2v_gen"), 64, 96
+    elif kind == "i2v":
+        gen, h, w = request.getfixturevalue("i2v_gen"), 32, 48
+    else:
+        folder = request.getfixturevalue("flf2v")
+        gen, h, w = VideoGenerator.from_pretrained(folder, attention="dense", device="cpu"), 32, 48
+    prompts = ["a red cat runs on the road", "a blue bird flies over the sea"]
+    images = [_image(h, w, 10), _image(h, w, 11)]
+    lasts = [_image(h, w, 12), _image(h, w, 13)] if kind == "flf2v" else None
+    kw = {k: v for k, v in COMMON.items() if k != "prompt"}
+    kw.update(height=h, width=w, output_type="latent", num_inference_steps=2)
+    n = 2  # videos per prompt
+    noise = torch.randn(
+        gen.latent_shape(len(prompts) * n, h, w, 5), generator=torch.Generator().manual_seed(1)
+    )
+    batched = gen.generate(
+        prompts, image=images, last_image=lasts, num_videos_per_prompt=n, latents=noise, **kw
+    ).latents
+    for i, prompt in enumerate(prompts):
+        one = gen.generate(
+            prompt,
+            image=images[i],
+            last_image=lasts[i] if lasts else None,
+            num_videos_per_prompt=n,
+            latents=noise[i * n : (i + 1) * n],
+            **kw,
+        ).latents
+        torch.testing.assert_close(batched[i * n : (i + 1) * n], one, rtol=1e-4, atol=1e-4)
+    # the two images do condition differently
+    assert (batched[0] - batched[n]).abs().max() > 1e-3
+
+
+def test_listed_images_are_checked(ti2v_gen, flf2v):
+    kw = dict(COMMON, height=64, width=96, num_inference_steps=1, output_type="latent")
+    kw.pop("prompt")
+    with pytest.raises(ValueError, match="a list of 3 images for 2 prompt"):
+        ti2v_gen.generate(["a", "b"], image=[_image(64, 96, i) for i in range(3)], **kw)
+    gen = VideoGenerator.from_pretrained(flf2v, attention="dense", device="cpu")
+    with pytest.raises(ValueError, match="last_image: a list of last frames needs a list"):
+        gen.generate("a", image=_image(32, 48, 0), last_image=[_image(32, 48, 1)])
+    with pytest.raises(ValueError, match="last_image: with a list of images, pass a list of 2"):
+        gen.generate(["a", "b"], image=[_image(32, 48, 0)] * 2, last_image=_image(32, 48, 1))
+    with pytest.raises(ValueError, match=r"image\[1\]"):
+        ti2v_gen.generate(["a", "b"], image=[_image(64, 96, 0), 7], **kw)
+    kw.pop("height"), kw.pop("width")
+    with pytest.raises(ValueError, match="different sizes .*pass height and width"):
+        ti2v_gen.generate(["a", "b"], image=[_image(64, 96, 0), _image(96, 64, 1)], **kw)
+
+
 def test_default_size_follows_the_image_aspect(i2v_gen, ti2v_gen):
     # the preset's area (480 x 832 for an unmatched Wan2.1 folder) at the image's aspect
     h, w = i2v_gen.default_size_for_image(_image(90, 160, 0))

@@ -201,7 +201,9 @@ def test_shipped_models_load_by_preset_name_with_their_sampling(shipped):
     assert att["mode"] == "vsa" and att["sparsity"] >= 0.75 and att["tile_size"] == (2, 2, 2)
     assert student.preset.timesteps == (1000, 757, 522)
     size = sum(p.stat().st_size for p in toy_model_path("teacher").parent.rglob("*") if p.is_file())
-    assert size < 30 * 2**20  # everything shipped under fastwan/toy/weights
+    # everything shipped under fastwan/toy/weights: four toy models (~8 MB each in float16,
+    # T2V and I2V teacher and student) and the probe
+    assert size < 40 * 2**20
 
 
 def _held_out_generations(shipped, seeds: int = 2):
@@ -277,8 +279,65 @@ def test_demo_quick_writes_table_clips_plots_and_finite_numbers(tmp_path):
     with av.open(videos[0]) as container:
         frames = [f for f in container.decode(video=0)]
     assert len(frames) == world.NUM_FRAMES
-    for name in ("plots.png", "contact_sheet.png"):
+    for name in ("plots.png", "contact_sheet.png", "contact_sheet_i2v.png"):
         assert (out / name).stat().st_size > 1000
+    # image to video: the shipped toy I2V pair on held-out prompts, each with its first frame
+    i2v_rows = results["i2v_rows"]
+    assert [r["model"] for r in i2v_rows] == ["teacher", "student (shipped)"]
+    for row in i2v_rows:
+        keys = ("sec_per_clip", "speedup", "first_frame_attributes", "first_frame_psnr")
+        for key in (*keys, "direction_accuracy", "motion_ratio", "frechet", "diversity"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (row["model"], key)
+    goals = {g["goal"]: g for g in results["i2v_goals"]}
+    # the quality goals hold on any machine (the speedup is a timing: reported, not asserted)
+    for name in ("student_direction_ratio", "student_first_frame", "student_motion_error"):
+        assert goals[name]["met"], goals[name]
+    assert len(results["files"]["videos_i2v"]) == 2 * len(world.HELD_OUT)
+    assert results["files"]["contact_sheet_i2v"] == "contact_sheet_i2v.png"
+
+
+def test_demo_without_i2v_skips_it(tmp_path):
+    from fastwan.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--out", str(out), "--no-progress", "--live-steps", "0"]
+    assert main([*args, "--no-i2v"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["i2v_rows"] == [] and not (out / "contact_sheet_i2v.png").exists()
+
+
+def test_contact_sheet_has_a_labelled_row_per_model_and_the_given_frame(tmp_path):
+    from PIL import Image
+
+    from fastwan.toy.demo import contact_sheet
+
+    rng = np.random.default_rng(0)
+    clips = rng.random((2, world.NUM_FRAMES, world.SIZE, world.SIZE, 3))
+    columns = {"real clip": clips, "teacher": clips[::-1], "student": clips}
+    contact_sheet(tmp_path / "t2v.png", ["p one", "p two"], columns)
+    contact_sheet(tmp_path / "i2v.png", ["p one", "p two"], columns, given=clips[:, 0])
+    t2v, i2v = Image.open(tmp_path / "t2v.png"), Image.open(tmp_path / "i2v.png")
+    assert t2v.width == i2v.width
+    tile = (i2v.height - t2v.height) // 2  # the given-frame row: one tile per prompt
+    assert tile > 0 and (t2v.height - 2 * 3 * tile) % 2 == 0
+    # each clip's frames sit where its row says: find clips[1]'s first frame, scaled up
+    scale = tile // world.SIZE
+    x = t2v.width - world.NUM_FRAMES * tile  # the frames start right of the labels
+    want = (clips[1, 0] * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    sheet = np.asarray(t2v)
+    ys = [
+        y
+        for y in range(t2v.height - tile + 1)
+        if np.array_equal(sheet[y : y + tile, x : x + tile], want)
+    ]
+    per_prompt = t2v.height // 2
+    # prompt 1's teacher row (clips[::-1]) and prompt 2's real-clip and student rows
+    assert len(ys) == 3 and ys[0] < per_prompt <= ys[1] and ys[2] - ys[1] == 2 * tile, ys
+    assert ys[1] - per_prompt == ys[0] - tile, ys  # the same offset within each prompt
+    with pytest.raises(ValueError, match="given has 1 frames for 2 prompts"):
+        contact_sheet(tmp_path / "x.png", ["a", "b"], columns, given=clips[:1, 0])
+    with pytest.raises(ValueError, match="column 'teacher' has 1 clips for 2 prompts"):
+        contact_sheet(tmp_path / "x.png", ["a", "b"], dict(columns, teacher=clips[:1]))
 
 
 def test_demo_rejects_bad_settings_with_the_field_named(tmp_path):

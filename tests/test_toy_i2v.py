@@ -202,3 +202,25 @@ def test_toy_i2v_teacher_recipe_trains(toy_i2v, tmp_path):
         handle.remove()
     assert len(history) == 2 and all(math.isfinite(r["generator_loss"]) for r in history)
     assert seen and max(seen) == 0.0  # the 16 tokens of the given frame: timestep 0
+
+
+def test_the_shipped_toy_i2v_pair_loads_as_ti2v_models(tmp_path):
+    """Every toy role ships (choices.TOY_ROLES); the I2V pair are TI2V models (the first
+    latent frame is the image's), and shipping refuses an unknown role or a non-pipeline."""
+    from fastwan.choices import TOY_ROLES
+    from fastwan.pipeline import VideoGenerator
+    from fastwan.toy.assets import ship_model, toy_model_path
+
+    assert {toy_model_path(r).name for r in TOY_ROLES} == {f"toy-{r}" for r in TOY_ROLES}
+    gen = VideoGenerator.from_pretrained("toy-i2v-student", device="cpu")
+    assert gen.task == "ti2v" and gen.preset.few_step and gen.preset.attention == "vsa"
+    first = i2v.render_i2v_batch([COMBOS[0]], [3])[0, 0]  # [H, W, 3]
+    out = gen.generate(world.canonical_prompt(COMBOS[0]), image=first, seed=0)
+    assert out.frames.shape == (1, world.NUM_FRAMES, world.SIZE, world.SIZE, 3)
+    assert np.abs(out.frames[0, 0] - first).max() < 0.05  # the given frame is kept
+    with pytest.raises(ValueError, match="role must be one of teacher, student, i2v-teacher"):
+        ship_model(toy_model_path("i2v-student"), "i2v", dest_root=tmp_path)
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        ship_model(tmp_path, "i2v-student", dest_root=tmp_path)
+    shipped = ship_model(toy_model_path("i2v-student"), "i2v-student", dest_root=tmp_path)
+    assert shipped == tmp_path / "toy-i2v-student" and (shipped / "model_index.json").is_file()

@@ -562,6 +562,7 @@ def test_ui_command_warns_when_serving_beyond_loopback(main, model_dir, monkeypa
         (["--queue-size", "0"], "--queue-size must be >= 1"),
         (["--max-pixels", "10"], "max_pixels=10 is below the smallest size"),
         (["--examples", "no-such-file.txt"], "does not exist"),
+        (["--toy", "i2v"], "--toy picks the shipped toy models: pass it without --model"),
     ],
 )
 def test_ui_command_refuses_bad_flags(main, model_dir, capsys, flags, message):
@@ -805,3 +806,229 @@ def test_a_failed_video_write_reaches_the_api_client(api, monkeypatch, failure):
     with pytest.raises(Exception) as caught:
         api.predict(*api_args(), api_name="/generate")
     assert str(failure) in str(caught.value) and "internal error" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------- image to video
+@pytest.fixture(scope="module")
+def i2v_ui(tmp_path_factory):
+    """The shipped toy image-to-video pair (TI2V-style): student and teacher."""
+    return FastWanUI(
+        LazyModel("student", "toy-i2v-student", loader(None)),
+        LazyModel("teacher", "toy-i2v-teacher", loader(None)),
+        max_pixels=32 * 64,
+        output_dir=tmp_path_factory.mktemp("i2v-videos"),
+    )
+
+
+def toy_first_frame(tmp_path, seed: int = 3):
+    """A real toy I2V clip's first frame, as a PNG file, and the clip's prompt."""
+    from PIL import Image
+
+    from fastwan.toy import i2v, world
+
+    combo = sorted(world.HELD_OUT, key=world.canonical_prompt)[seed % len(world.HELD_OUT)]
+    frame = i2v.render_i2v_batch([combo], [seed])[0, 0]  # [H, W, 3] in [0, 1]
+    path = tmp_path / f"first-{seed}.png"
+    Image.fromarray((frame * 255).round().astype(np.uint8)).save(path)
+    return path, frame, world.canonical_prompt(combo)
+
+
+def i2v_args(prompt, **changes):
+    return gen_args(prompt=prompt, steps=3, sparsity=0.75, resolution="16x16", **changes)
+
+
+def test_image_to_video_starts_from_the_uploaded_frame(i2v_ui, tmp_path):
+    assert i2v_ui.takes_image
+    path, frame, prompt = toy_first_frame(tmp_path)
+    res = i2v_ui.image_to_video(path, *i2v_args(prompt, num_frames=8))
+    frames, _ = read_video(res.path)
+    assert frames.shape == (8, 16, 16, 3) and res.setup.endswith("from the image")
+    # the first frame is the given one (up to the MP4 codec), and later frames move on
+    assert np.abs(frames[0] / 255.0 - frame).mean() < 0.05
+    assert np.abs(frames[-1] / 255.0 - frame).mean() > np.abs(frames[0] / 255.0 - frame).mean()
+    other, _, _ = toy_first_frame(tmp_path, seed=4)
+    res2 = i2v_ui.image_to_video(other, *i2v_args(prompt, num_frames=8))
+    assert np.abs(read_video(res2.path)[0][0] / 255.0 - frame).mean() > 0.05
+    with pytest.raises(ValueError, match="image: upload the first frame"):
+        i2v_ui.image_to_video(None, *i2v_args(prompt))
+    with pytest.raises(ValueError, match="image: .* is not a file"):
+        i2v_ui.image_to_video(tmp_path / "missing.png", *i2v_args(prompt))
+
+
+def test_compare_takes_an_image_and_needs_an_i2v_teacher(i2v_ui, ui, tmp_path):
+    path, frame, prompt = toy_first_frame(tmp_path)
+    args = i2v_args(prompt, num_frames=8)
+    res = i2v_ui.compare(*args[:4], 4, *args[4:], image=path)
+    for video in (res.teacher, res.student):
+        first = read_video(video.path)[0][0] / 255.0
+        assert np.abs(first - frame).mean() < 0.05, video.setup
+    # a text-to-video student refuses an image; so does a text-to-video teacher
+    assert not ui.takes_image
+    with pytest.raises(ValueError, match="image: .* is a text-to-video model"):
+        ui.generate(*gen_args(num_frames=1), image=path)
+    mixed = FastWanUI(i2v_ui.student, ui.teacher, max_pixels=32 * 64, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="the teacher .* is a text-to-video model"):
+        mixed.compare(*args[:4], 4, *args[4:], image=path)
+
+
+def test_an_uploaded_image_picks_the_resolution_of_its_aspect(i2v_ui):
+    from PIL import Image
+
+    labels = i2v_ui.options.resolution_labels
+    sizes = [tuple(map(int, label.split("x"))) for label in labels]  # (width, height)
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+    for width, height in ((64, 32), (32, 64), (40, 40)):
+        label = i2v_ui.resolution_for_image(Image.new("RGB", (width, height)))
+        w, h = map(int, label.split("x"))
+        assert label in labels and (w > h) == (width > height) and (h > w) == (height > width)
+
+
+def test_only_uploads_are_read_from_the_page(tmp_path):
+    from gradio.utils import get_upload_folder
+
+    assert ui_app.uploaded_image(None) is None and ui_app.uploaded_image("") is None
+    with pytest.raises(ValueError, match="not an uploaded file"):
+        ui_app.uploaded_image({"path": str(tmp_path / "x.png")})
+    with pytest.raises(ValueError, match="not an uploaded file"):
+        ui_app.uploaded_image(os.path.join(get_upload_folder(), "..", "etc", "passwd"))
+    with pytest.raises(ValueError, match="image must be an uploaded image file"):
+        ui_app.uploaded_image({"url": "http://example.com/a.png"})
+    inside = os.path.join(get_upload_folder(), "abc", "a.png")
+    assert ui_app.uploaded_image({"path": inside}) == ui_app.Path(inside).resolve()
+
+
+def test_image_to_video_over_the_api(i2v_ui, tmp_path):
+    from gradio_client import handle_file
+
+    app = ui_app.build_app(i2v_ui, queue_size=4)
+    port = free_port()
+    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert set(endpoints) == {"/generate", "/image_to_video", "/compare", "/random_seed"}
+        names = [p["parameter_name"] for p in endpoints["/image_to_video"]["parameters"]]
+        assert names == ["image", *GEN_FIELDS]
+        path, frame, prompt = toy_first_frame(tmp_path)
+        args = dict(zip(GEN_FIELDS, i2v_args(prompt, num_frames="8", seed="3")))
+        video, seed, _, status = client.predict(
+            handle_file(str(path)), *args.values(), api_name="/image_to_video"
+        )
+        assert status.startswith("Generated 8 frames at 16x16") and seed == "3"
+        assert np.abs(read_video(video)[0][0] / 255.0 - frame).mean() < 0.05
+        # a path of the server's machine is not an upload: Gradio's own payload check refuses
+        # it before the handler (whose check, uploaded_image, is tested above)
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client's AppError
+            client.predict(str(path), *args.values(), api_name="/image_to_video")
+        video, *_ = client.predict(
+            handle_file(str(path)), *args.values(), api_name="/image_to_video"
+        )
+        assert read_video(video)[0].shape == (8, 16, 16, 3)  # and it keeps serving
+    finally:
+        app.close()
+
+
+def test_ui_command_serves_the_toy_i2v_pair_with_an_image_tab(main, monkeypatch):
+    served = {}
+    monkeypatch.setattr(ui_app, "launch", lambda app, **kw: served.update(app=app))
+    assert main(["ui", "--toy", "i2v", "--device", "cpu"]) == 0
+    config = served["app"].get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    assert {"image", "generate-image", "image-video", "compare-image"} <= ids
+    markdown = " ".join(str(c["props"].get("value")) for c in config["components"])
+    assert "toy-i2v-student" in markdown
+
+
+def test_a_wan21_i2v_student_has_no_text_to_video_tab(tmp_path):
+    from _tiny_wan import build_tiny_wan_i2v
+
+    folder = build_tiny_wan_i2v(tmp_path / "i2v")
+    i2v = FastWanUI(LazyModel("student", str(folder), loader(None)), output_dir=tmp_path / "v")
+    assert i2v.takes_image
+    config = ui_app.build_app(i2v).get_config_file()
+    tabs = {
+        c["props"].get("label"): c["props"] for c in config["components"] if c["type"] == "tabitem"
+    }
+    assert tabs["Generate"]["visible"] is False and tabs["Image to video"]["visible"] is not False
+    with pytest.raises(ValueError, match="is an image-to-video model: pass image="):
+        i2v.generate(*gen_args(prompt=PROMPT, resolution=i2v.options.resolution_labels[0]))
+
+
+# --------------------------------------------------------------------------- LoRA
+@pytest.fixture(scope="module")
+def lora_ui(model_dir, tmp_path_factory):
+    """The student with a LoRA folder (fastwan's export of a rank-4 adapter and its gates),
+    offered at scale 0.8."""
+    from test_lora_files import _adapted
+
+    from fastwan.models.lora import save_lora
+
+    lora = tmp_path_factory.mktemp("ui-loras") / "style_a"
+    save_lora(_adapted(model_dir, gates=True), lora, "generator")
+    return FastWanUI(
+        LazyModel("student", str(model_dir), loader(STUDENT_PRESET)),
+        LazyModel("teacher", str(model_dir), loader(TEACHER_PRESET)),
+        max_frames=9,
+        max_pixels=MAX_PIXELS,
+        max_sequence_length=16,
+        output_dir=tmp_path_factory.mktemp("lora-videos"),
+        loras=[(lora, 0.8)],
+    )
+
+
+def test_a_lora_is_picked_per_request_with_its_scale(lora_ui):
+    assert lora_ui.lora_defaults == {"style_a": 0.8}
+    model = lora_ui.student_model
+    base = lora_ui.generate(*gen_args(num_frames=1), lora="none")
+    assert model.loras == {"style_a": 0.0} and "LoRA" not in base.setup
+    styled = lora_ui.generate(*gen_args(num_frames=1), lora="style_a")  # its default scale
+    assert model.loras == {"style_a": 0.8} and styled.setup.endswith("LoRA style_a x0.8")
+    half = lora_ui.generate(*gen_args(num_frames=1), lora="style_a", lora_scale="0.5")
+    assert model.loras == {"style_a": 0.5}
+    frames = [read_video(r.path)[0].astype(np.float32) for r in (base, styled, half)]
+    # the LoRA changes the video (identical frames would encode identically)
+    assert np.abs(frames[1] - frames[0]).mean() > 0.1
+    # a scale between: a video between (up to the codec)
+    assert np.abs(frames[2] - frames[0]).mean() < np.abs(frames[1] - frames[0]).mean()
+    table = format_compare(lora_ui.compare(*compare_args(num_frames=1), lora="style_a"))
+    assert "student (VSA 0.5, 3 DMD steps, LoRA style_a x0.8)" in table
+    assert "LoRA" not in table.split("student (")[0]  # the teacher runs without it
+
+
+@pytest.mark.parametrize(
+    "lora, scale, message",
+    [
+        ("other", None, "lora must be one of ['none', 'style_a'], got 'other'"),
+        ("style_a", 3, "lora_scale must be a number in [0, 2], got 3"),
+        ("style_a", "lots", "lora_scale must be a number in [0, 2], got 'lots'"),
+        ("style_a", float("nan"), "lora_scale must be a number in [0, 2]"),
+    ],
+)
+def test_bad_lora_requests_name_the_field(lora_ui, lora, scale, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lora_ui.generate(*gen_args(num_frames=1), lora=lora, lora_scale=scale)
+
+
+def test_a_ui_without_loras_refuses_one_and_its_api_has_none(ui, lora_ui):
+    with pytest.raises(ValueError, match="started without LoRAs.*--lora PATH"):
+        ui.generate(*gen_args(num_frames=1), lora="style_a")
+    app = ui_app.build_app(lora_ui, queue_size=4)
+    port = free_port()
+    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        names = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+        assert names == [*GEN_FIELDS, "lora", "lora_scale"]
+        *_, status = client.predict(*api_args(), "style_a", 0.5, api_name="/generate")
+        assert status.startswith("Generated 1 frames") and "LoRA style_a x0.5" in status
+        with pytest.raises(Exception, match="lora must be one of"):
+            client.predict(*api_args(), "nope", 0.5, api_name="/generate")
+    finally:
+        app.close()
+
+
+def test_ui_command_checks_each_lora_before_loading(main, model_dir, capsys, tmp_path):
+    argv = ["ui", "--model", str(model_dir), "--preset", STUDENT_PRESET, "--device", "cpu"]
+    assert main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -274,3 +274,83 @@ def test_compare_shows_teacher_and_student_side_by_side_with_the_speedup(server,
         wait.until(lambda d, v=video: d.execute_script("return arguments[0].readyState", v) >= 1)
         sources.append(video.get_attribute("src"))
     assert sources[0] != sources[1] and all(src.startswith(server) for src in sources)
+
+
+@pytest.fixture(scope="module")
+def i2v_server(tmp_path_factory):
+    """The page of the shipped toy image-to-video pair, with more sizes than its native."""
+
+    def load(src):
+        return VideoGenerator.from_pretrained(src, device="cpu")
+
+    ui = FastWanUI(
+        LazyModel("student", "toy-i2v-student", load),
+        LazyModel("teacher", "toy-i2v-teacher", load),
+        max_pixels=32 * 64,
+        output_dir=tmp_path_factory.mktemp("ui-i2v-videos"),
+    )
+    app = build_app(ui, queue_size=4)
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", ui
+    finally:
+        app.close()
+
+
+def test_upload_an_image_and_generate_a_video_that_starts_from_it(
+    i2v_server, browser, tmp_path, tmp_path_factory
+):
+    import numpy as np
+    from PIL import Image
+
+    from fastwan.toy import i2v, world
+
+    server, ui = i2v_server
+    combo = sorted(world.HELD_OUT, key=world.canonical_prompt)[0]
+    frame = i2v.render_i2v_batch([combo], [5])[0, 0]  # [16, 16, 3] in [0, 1]
+    # a 2:1 picture: the page picks the offered size of that aspect
+    picture = Image.fromarray((frame * 255).round().astype(np.uint8)).resize((64, 32))
+    path = tmp_path / "first.png"
+    picture.save(path)
+    want = ui.resolution_for_image(picture)
+    w, h = map(int, want.split("x"))
+    assert w == 2 * h
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server)
+    prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+    prompt.send_keys(world.canonical_prompt(combo))
+    tab = wait.until(
+        lambda d: next(
+            (b for b in d.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+             if "Image to video" in b.text),
+            False,
+        )
+    )  # fmt: skip
+    tab.click()
+    upload = wait.until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "#image input[type='file']"))
+    )
+    upload.send_keys(str(path))
+    wait.until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, "#resolution input").get_attribute("value") == want
+        )
+    )
+    click(wait, "#generate-image")
+    video = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image-video video[src]")))
+    wait.until(lambda d: "Generated" in status_text(d))
+    assert f"at {want}" in status_text(browser) and "from the image" in status_text(browser)
+    file = tmp_path / "downloaded.mp4"
+    with urllib.request.urlopen(video.get_attribute("src"), timeout=30) as resp:
+        file.write_bytes(resp.read())
+    with av.open(str(file)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert frames[0].shape == (h, w, 3)
+    # the first frame is the uploaded picture at the video's size (up to the MP4 codec)
+    given = np.asarray(picture.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255
+    assert np.abs(frames[0] / 255.0 - given).mean() < 0.08
+    artifacts = tmp_path_factory.getbasetemp() / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(artifacts / "fastwan-ui-i2v.png"))

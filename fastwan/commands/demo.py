@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         description=(
             "Teacher (50 steps, dense, CFG) vs the shipped 3-step VSA student on held-out "
             "prompts: speed, attribute accuracy, Frechet distance, diversity; then a short "
-            "live sparse distillation from the teacher. Writes clips, plots and JSON."
+            "live sparse distillation from the teacher; then image to video (the toy I2V "
+            "teacher and student given a first frame). Writes clips, plots and JSON."
         ),
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default %(default)s)")
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--no-i2v", action="store_true", help="skip the image-to-video part (step 4)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_run_demo)
 
@@ -83,6 +85,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         seeds_per_prompt=args.seeds,
         live_steps=args.live_steps,
         seed=args.seed,
+        i2v=not args.no_i2v,
         progress=not args.no_progress,
     )
     run_demo(settings)

@@ -36,7 +36,22 @@ def register(subparsers) -> None:
         help="teacher for compare mode (default: the toy teacher when --model is not given; "
         "otherwise compare mode is off)",
     )
+    p.add_argument(
+        "--toy",
+        choices=("t2v", "i2v"),
+        default=None,
+        help="without --model: the shipped toy text-to-video pair (t2v, the default) or the "
+        "image-to-video pair (i2v: an image-to-video tab, and compare with an image)",
+    )
     p.add_argument("--preset", default=None, help="the model's preset (default: recognised)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="a diffusers-format Wan LoRA (.safetensors file or fastwan export folder) the "
+        "page offers for the student, by name, starting at SCALE (default 1); repeatable",
+    )
     p.add_argument("--teacher-preset", default=None, help="the teacher's preset")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=7860)
@@ -63,9 +78,9 @@ def register(subparsers) -> None:
 
 
 def toy_model(role: str) -> str:
-    """The shipped toy model folder for ``role`` ("student" / "teacher"), or a ValueError
-    asking for --model / --teacher where the toy world is not available."""
-    flag = "--model" if role == "student" else "--teacher"
+    """The shipped toy model folder for ``role`` ("student", "teacher", "i2v-student", ...),
+    or a ValueError asking for --model / --teacher where the toy world is not available."""
+    flag = "--model" if role.endswith("student") else "--teacher"
     try:
         from fastwan.toy.assets import toy_model_path
     except ImportError as err:
@@ -109,6 +124,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--queue-size must be >= 1, got {args.queue_size}")
     if not args.host.strip():
         raise ValueError("--host must not be empty (e.g. 127.0.0.1)")
+    if args.toy is not None and args.model is not None:
+        raise ValueError("--toy picks the shipped toy models: pass it without --model")
 
 
 def is_loopback(host: str) -> bool:
@@ -157,12 +174,14 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastwan.commands.generate import read_prompts
+    from fastwan.commands.generate import parse_loras, read_prompts
     from fastwan.ui.app import FastWanUI, LazyModel, build_app, launch
 
     check_args(args)
     examples = read_prompts(args.examples) if args.examples is not None else None
+    loras = parse_loras(args.lora, 1.0)  # each file checked before any model loads
     use_toy = args.model is None
+    toy = "i2v-" if args.toy == "i2v" else ""  # the toy roles' prefix (choices.TOY_ROLES)
 
     def loader(preset):
         def load(source: str):
@@ -183,13 +202,15 @@ def run(args: argparse.Namespace) -> int:
         return load
 
     student = LazyModel(
-        "student", toy_model("student") if use_toy else args.model, loader(args.preset)
+        "student", toy_model(toy + "student") if use_toy else args.model, loader(args.preset)
     )
     teacher = None
     if args.teacher is not None:
         teacher = LazyModel("teacher", args.teacher, loader(args.teacher_preset))
     elif use_toy:  # looked up on first use: a missing toy teacher is a message in the page
-        teacher = LazyModel("teacher", lambda: toy_model("teacher"), loader(args.teacher_preset))
+        teacher = LazyModel(
+            "teacher", lambda: toy_model(toy + "teacher"), loader(args.teacher_preset)
+        )
     if examples is None and use_toy:
         examples = toy_examples()
     # From here on SIGTERM / SIGINT stop the server and remove its videos and temporary
@@ -204,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 vsa_backend=args.vsa_backend,
                 max_sequence_length=args.max_sequence_length,
                 examples=examples,
+                loras=loras,
             )
         except KeyboardInterrupt:  # stopped while the student loaded: nothing written yet
             print("fastwan ui: stopped", file=sys.stderr)

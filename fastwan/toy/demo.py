@@ -5,8 +5,13 @@
    probe: attribute accuracy, Frechet distance, diversity.
 2. A short live sparse distillation from the teacher (recipes/toy_distill.yaml, fewer
    steps, the same trainer): the 3-step VSA student's scores before and after.
-3. Side-by-side clips (MP4 + GIF), a contact sheet and plots (PNG), all numbers (JSON) in
-   the output folder.
+3. Side-by-side clips (MP4 + GIF), a labelled contact sheet (real clip, teacher, student
+   per prompt) and plots (PNG), all numbers (JSON) in the output folder.
+4. Image to video: the shipped toy I2V teacher (50 steps, dense, CFG) and its 3-step VSA
+   student are given the first frame of a real clip of each held-out item and the prompt;
+   scored on keeping that frame, moving as the prompt says and as far as real clips move
+   (fastwan.toy.i2v), against :data:`fastwan.toy.i2v.I2V_GOALS`; a contact sheet with the
+   given frame above each model's clip.
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ import torch
 
 from fastwan.toy import world
 
-__all__ = ["DemoSettings", "GOALS", "check_goals", "run_demo", "format_table", "TABLE_COLUMNS"]
+__all__ = [
+    "DemoSettings",
+    "GOALS",
+    "I2V_COLUMNS",
+    "TABLE_COLUMNS",
+    "check_goals",
+    "contact_sheet",
+    "format_i2v_table",
+    "format_table",
+    "run_demo",
+]
 
 TABLE_COLUMNS = (
     "model",
@@ -86,6 +101,9 @@ class DemoSettings:
     seed: int = 0
     teacher: str = "toy-teacher"
     student: str = "toy-student"
+    i2v: bool = True  # also the image-to-video part (the shipped toy I2V pair)
+    i2v_teacher: str = "toy-i2v-teacher"
+    i2v_student: str = "toy-i2v-student"
     progress: bool = True
 
     @classmethod
@@ -172,29 +190,63 @@ def _write_side_by_side(
     return written
 
 
-def _contact_sheet(path: Path, prompts: Sequence[str], columns: dict[str, np.ndarray]) -> None:
-    """A PNG: per prompt, one row of frames per model."""
-    from PIL import Image
+def contact_sheet(
+    path: Path,
+    prompts: Sequence[str],
+    columns: dict[str, np.ndarray],
+    given: np.ndarray | None = None,
+    scale: int = 4,
+) -> None:
+    """A labelled PNG: per prompt, a header with the prompt, then one row of frames per
+    model (``columns``: name -> clips ``[N, T, H, W, 3]``, one clip per prompt), each row
+    named on its left; ``given`` ``[N, H, W, 3]``: the image-to-video condition, shown as a
+    first row ("given frame")."""
+    from PIL import Image, ImageDraw
 
-    rows = []
-    for i in range(len(prompts)):
-        for clips in columns.values():
-            rows.append(np.concatenate(list(np.clip(clips[i], 0, 1)), axis=1))  # [H, T W, 3]
-    sheet = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
-    img = Image.fromarray(sheet)
-    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
-    img.save(path)
+    if given is not None and len(given) != len(prompts):
+        raise ValueError(f"given has {len(given)} frames for {len(prompts)} prompts")
+    for name, clips in columns.items():
+        if len(clips) != len(prompts):
+            raise ValueError(f"column {name!r} has {len(clips)} clips for {len(prompts)} prompts")
+    label_w, header, gap = 130, 18, 6
+    tile = world.SIZE * scale
+    width = label_w + tile * world.NUM_FRAMES
+    rows_per_prompt = len(columns) + (given is not None)
+    height = len(prompts) * (header + rows_per_prompt * tile + gap)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def paste_row(y: int, name: str, frames: np.ndarray) -> None:
+        draw.text((4, y + tile // 2 - 6), name, fill=(60, 60, 60))
+        for f, frame in enumerate(frames):
+            img = Image.fromarray((np.clip(frame, 0, 1) * 255).astype(np.uint8))
+            sheet.paste(img.resize((tile, tile), Image.NEAREST), (label_w + f * tile, y))
+
+    y = 0
+    for i, prompt in enumerate(prompts):
+        draw.text((4, y + 3), f"{i + 1}. {prompt}", fill=(0, 0, 0))
+        y += header
+        if given is not None:
+            paste_row(y, "given frame", given[i][None])
+            y += tile
+        for name, clips in columns.items():
+            paste_row(y, name, clips[i])
+            y += tile
+        y += gap
+    sheet.save(path)
 
 
-def _plot(path: Path, rows: list[dict], history: list[dict]) -> None:
-    """Loss curves of the live distillation and speed vs quality of every model."""
+def _plot(path: Path, rows: list[dict], history: list[dict], i2v_rows: list[dict]) -> None:
+    """Loss curves of the live distillation, speed vs quality of every model and, with
+    ``i2v_rows``, the image-to-video measures of the I2V teacher and student."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     from fastwan.train.plots import loss_series
 
-    fig = Figure(figsize=(11, 4.2), dpi=110)
-    ax_loss, ax_sq = fig.subplots(1, 2)
+    fig = Figure(figsize=(16.5 if i2v_rows else 11, 4.2), dpi=110)
+    axes = fig.subplots(1, 3 if i2v_rows else 2)
+    ax_loss, ax_sq = axes[0], axes[1]
     if history:
         for key, (steps, values) in loss_series(history).items():
             if values:
@@ -215,7 +267,24 @@ def _plot(path: Path, rows: list[dict], history: list[dict]) -> None:
     ax_sq.xaxis.set_minor_formatter(NullFormatter())
     ax_sq.set_xlabel("seconds per clip (log)")
     ax_sq.set_ylabel("mean attribute accuracy")
-    ax_sq.set_title("speed vs quality (held-out prompts)")
+    ax_sq.set_title("text to video: speed vs quality (held-out prompts)")
+    if i2v_rows:
+        ax = axes[2]
+        measures = [
+            ("direction_accuracy", "direction\naccuracy"),
+            ("first_frame_attributes", "first frame\nkept"),
+            ("motion_ratio", "motion /\nreal clips"),
+        ]
+        width = 0.8 / len(i2v_rows)
+        for j, row in enumerate(i2v_rows):
+            xs = [i + (j - (len(i2v_rows) - 1) / 2) * width for i in range(len(measures))]
+            label = f"{row['model']} ({row['steps']} steps, {row['sec_per_clip']:.3f} s/clip)"
+            ax.bar(xs, [row[k] for k, _ in measures], width, label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(range(len(measures)), [name for _, name in measures])
+        ax.set_ylabel("fraction (motion: ratio; 1 = as real clips)")
+        ax.set_title("image to video (held-out prompts)")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -251,6 +320,116 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+I2V_COLUMNS = (
+    "model",
+    "steps",
+    "attention",
+    "sec_per_clip",
+    "speedup",
+    "first_frame_attributes",
+    "first_frame_psnr",
+    "direction_accuracy",
+    "motion_ratio",
+    "frechet",
+    "diversity",
+)
+
+
+def format_i2v_table(rows: list[dict]) -> str:
+    """The demo's image-to-video table as text."""
+    header = ["model", "steps", "attention", "s/clip", "speedup", "first frame", "PSNR dB",
+              "direction", "motion/real", "Frechet", "diversity"]  # fmt: skip
+    lines = [
+        [
+            r["model"],
+            str(r["steps"]),
+            r["attention"],
+            f"{r['sec_per_clip']:.4f}",
+            f"{r['speedup']:.1f}x",
+            f"{r['first_frame_attributes']:.3f}",
+            f"{r['first_frame_psnr']:.1f}",
+            f"{r['direction_accuracy']:.3f}",
+            f"{r['motion_ratio']:.3f}",
+            f"{r['frechet']:.2f}",
+            f"{r['diversity']:.2f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def _log_goals(goals: list[dict], log: Callable[[str], None]) -> None:
+    for g in goals:
+        mark = "met" if g["met"] else "NOT met"
+        log(f"  {g['goal']:<24} {g['value']:8.3f}  (goal {g['cmp']} {g['target']:g})  {mark}")
+
+
+def _image_to_video(
+    settings: DemoSettings, probe, log: Callable[[str], None]
+) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """The shipped toy I2V teacher and student on held-out prompts, each item's first frame
+    given from a real image-to-video clip of it (fastwan.toy.i2v): their rows, the
+    :data:`~fastwan.toy.i2v.I2V_GOALS` checked, and the files written."""
+    from PIL import Image
+
+    from fastwan.pipeline import VideoGenerator
+    from fastwan.toy import i2v
+
+    held_out = sorted(world.HELD_OUT, key=world.canonical_prompt)
+    rng = np.random.default_rng(settings.seed + 2024)
+    combos = [c for c in held_out for _ in range(settings.seeds_per_prompt)]
+    groups = [g for g in range(len(held_out)) for _ in range(settings.seeds_per_prompt)]
+    real = i2v.render_i2v_batch(combos, rng.integers(0, 2**31, len(combos)))  # [N, T, H, W, 3]
+    given = real[:, 0]  # [N, H, W, 3]: the first frames the models are given
+    images = [Image.fromarray((g * 255).round().astype(np.uint8)) for g in given]
+    prompts = [world.canonical_prompt(c) for c in combos]
+    models = (
+        ("teacher", settings.i2v_teacher, "toy-i2v-teacher"),
+        ("student (shipped)", settings.i2v_student, "toy-i2v-student"),
+    )
+    rows, clips_by_model = [], {}
+    for name, source, preset in models:
+        gen = VideoGenerator.from_pretrained(source, preset=preset, device="cpu")
+        p = gen.preset
+        warm = {} if p.few_step else {"num_inference_steps": 2}
+        gen.generate(prompts[0], image=images[0], seed=0, **warm)  # warm-up, untimed
+        start = time.perf_counter()
+        # one batched call: each prompt with its own first frame
+        clips = gen.generate(prompts, image=images, seed=settings.seed).frames
+        seconds = time.perf_counter() - start
+        scores = i2v.score_i2v(
+            clips, combos, given, real, probe=probe, groups=groups, real_groups=groups
+        )
+        steps = len(p.timesteps) if p.few_step else p.num_inference_steps
+        attention = (
+            f"VSA {p.sparsity:g}" if p.attention == "vsa" else f"dense, CFG {p.guidance_scale:g}"
+        )
+        rows.append(
+            dict(
+                model=name,
+                steps=steps,
+                attention=attention,
+                sec_per_clip=seconds / len(prompts),
+                **scores,
+            )
+        )
+        clips_by_model[name] = clips
+        log(f"      {name} {seconds:.1f}s for {len(prompts)} clips")
+    for row in rows:
+        row["speedup"] = rows[0]["sec_per_clip"] / row["sec_per_clip"]
+    first = [g * settings.seeds_per_prompt for g in range(len(held_out))]
+    columns = {"real clip": real[first]}
+    columns.update({name: clips[first] for name, clips in clips_by_model.items()})
+    first_prompts = [prompts[i] for i in first]
+    out = settings.out_dir
+    contact_sheet(out / "contact_sheet_i2v.png", first_prompts, columns, given=given[first])
+    videos = _write_side_by_side(out / "clips_i2v", first_prompts, columns, fps=8)
+    files = {"contact_sheet_i2v": "contact_sheet_i2v.png", "videos_i2v": videos}
+    return rows, i2v.check_i2v_goals(rows[0], rows[1]), files
+
+
 def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``results.json``) every number."""
     from fastwan.pipeline import VideoGenerator
@@ -261,8 +440,9 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     combos, prompts, groups = _eval_set(settings)
+    n_steps = 4 if settings.i2v else 3
     log(
-        f"[1/3] held-out evaluation: {len(set(prompts))} prompts never seen in training x "
+        f"[1/{n_steps}] held-out evaluation: {len(set(prompts))} prompts never seen in training x "
         f"{settings.seeds_per_prompt} seeds"
     )
     probe = load_probe()
@@ -309,7 +489,7 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
     history: list[dict] = []
     if settings.live_steps > 0:
         log(
-            f"[2/3] live sparse distillation: {settings.live_steps} DMD steps "
+            f"[2/{n_steps}] live sparse distillation: {settings.live_steps} DMD steps "
             "(recipes/toy_distill.yaml)"
         )
         before = VideoGenerator.from_pretrained(
@@ -326,20 +506,29 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
         rows.append(row(name, len(p_s.timesteps), sparse, a_sec, a_clips))
         clips_by_model["live"] = a_clips
     else:
-        log("[2/3] live distillation skipped (--live-steps 0)")
+        log(f"[2/{n_steps}] live distillation skipped (--live-steps 0)")
 
     for row in rows:
         row["speedup"] = t_row["sec_per_clip"] / row["sec_per_clip"]
         row["accuracy"] = row["accuracy_mean"]
 
     # 3. Pictures and numbers.
-    log(f"[3/3] writing clips, plots and numbers to {out}")
+    log(f"[3/{n_steps}] writing clips, plots and numbers to {out}")
     first = [g * settings.seeds_per_prompt for g in range(len(set(groups)))]
-    columns = {name: clips[first] for name, clips in clips_by_model.items()}
+    real_first = [g * settings.real_seeds_per_prompt for g in range(len(held_out))]
+    columns = {"real clip": real[real_first]}
+    columns.update({name: clips[first] for name, clips in clips_by_model.items()})
     first_prompts = [prompts[i] for i in first]
     videos = _write_side_by_side(out / "clips", first_prompts, columns, fps=p_t.fps)
-    _contact_sheet(out / "contact_sheet.png", first_prompts, columns)
-    _plot(out / "plots.png", rows, history)
+    contact_sheet(out / "contact_sheet.png", first_prompts, columns)
+    files = {"videos": videos, "contact_sheet": "contact_sheet.png", "plots": "plots.png"}
+    i2v_rows: list[dict] = []
+    i2v_goals: list[dict] = []
+    if settings.i2v:
+        log("[4/4] image to video: the given first frame kept, the prompt's motion made")
+        i2v_rows, i2v_goals, i2v_files = _image_to_video(settings, probe, log)
+        files.update(i2v_files)
+    _plot(out / "plots.png", rows, history, i2v_rows)
     results = {
         "settings": {
             "quick": settings.quick,
@@ -348,21 +537,28 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
             "live_steps": settings.live_steps,
             "seed": settings.seed,
             "threads": torch.get_num_threads(),
+            "models": [settings.teacher, settings.student]
+            + ([settings.i2v_teacher, settings.i2v_student] if settings.i2v else []),
         },
         "held_out_prompts": sorted(set(prompts)),
         "rows": rows,
         "goals": check_goals(t_row, s_row),
+        "i2v_rows": i2v_rows,
+        "i2v_goals": i2v_goals,
         "live_history": history,
-        "files": {"videos": videos, "contact_sheet": "contact_sheet.png", "plots": "plots.png"},
+        "files": files,
         "seconds": time.perf_counter() - t_start,
     }
     (out / "results.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
     log("")
     log(format_table(rows))
     log("\nshipped models against the goals:")
-    for g in results["goals"]:
-        mark = "met" if g["met"] else "NOT met"
-        log(f"  {g['goal']:<24} {g['value']:8.3f}  (goal {g['cmp']} {g['target']:g})  {mark}")
+    _log_goals(results["goals"], log)
+    if i2v_rows:
+        log("\nimage to video (held-out prompts, the given frame from a real clip):")
+        log(format_i2v_table(i2v_rows))
+        log("\nshipped image-to-video models against the goals:")
+        _log_goals(i2v_goals, log)
     log(f"\ndone in {results['seconds']:.0f}s; results in {out}")
     return results
 

@@ -5,7 +5,8 @@ generate, write the MP4, time it); it knows nothing of Gradio, so it is tested d
 :func:`build_app` lays out the Gradio ``Blocks`` page and wires its events to the handlers
 through small adapters that turn errors into a message in the page (the server keeps
 serving). Nothing the browser sends is used as a file path: inputs are text and numbers,
-checked against the allowed values, and videos are written to a folder the server owns.
+checked against the allowed values, and videos are written to a folder the server owns; an
+image (image to video) is read only from Gradio's own upload folder, where uploads land.
 
 Every input reaches the handlers as sent (the events skip Gradio's own preprocessing), so a
 bad value from the page or from the API (``gradio_client``) is refused by the checks here
@@ -42,6 +43,7 @@ ATTENTION_CHOICES = ("vsa", "dense")
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1  # the seeds fastwan.pipeline takes (its MAX_SEED): 0 .. 2**63 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # the random-seed button draws short, readable seeds
+MAX_LORA_SCALE = 2.0  # the LoRA scale slider's top
 MAX_MULTI_STEPS = 100  # the steps slider of a many-step model
 # (numerator, denominator) aspect ratios offered in both orientations.
 ASPECTS = ((1, 1), (4, 3), (16, 9))
@@ -302,6 +304,20 @@ def check_sparsity(attention: Any, sparsity: Any) -> tuple[str, float | None]:
     return "vsa", value
 
 
+def check_lora_scale(value: Any, name: str = "lora_scale") -> float:
+    """A LoRA strength in [0, MAX_LORA_SCALE] (0 = off, 1 = as trained)."""
+    message = f"{name} must be a number in [0, {MAX_LORA_SCALE:g}], got {_shown(value)}"
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(message)
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale) or not 0 <= scale <= MAX_LORA_SCALE:
+        raise ValueError(message)
+    return scale
+
+
 def step_range(model: VideoGenerator) -> tuple[int, int, int]:
     """(min, max, default) steps: a few-step model runs a prefix of its DMD timesteps,
     a many-step model its scheduler with that many steps."""
@@ -346,6 +362,7 @@ class FastWanUI:
         keep_videos: int = 64,
         examples: Sequence[str] | None = None,
         teacher_unavailable: str | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
     ) -> None:
         model = student.get()  # the page's sizes come from the student
         p = model.preset
@@ -380,6 +397,12 @@ class FastWanUI:
         self._closed = False
         self._seed_rng = torch.Generator()
         self._seed_rng.seed()  # the random-seed button: fresh entropy, not a fixed seed
+        # The student's LoRAs, loaded once; a request picks one (or none) and its scale.
+        self.lora_defaults: dict[str, float] = {}
+        for path, scale in loras:
+            check_lora_scale(scale, "--lora scale")
+            self.lora_defaults[model.load_lora(path, scale=scale)] = float(scale)
+        self.lora_fields: tuple[str, ...] = LORA_FIELDS if self.lora_defaults else ()
 
     # ---------------------------------------------------------------- defaults
     @property
@@ -409,6 +432,27 @@ class FastWanUI:
     def random_seed(self) -> int:
         return int(torch.randint(0, RANDOM_SEED_MAX + 1, (1,), generator=self._seed_rng))
 
+    @property
+    def takes_image(self) -> bool:
+        """Whether the student is an image-to-video model (Wan2.2 TI2V, Wan2.1 I2V): the page
+        then has an image-to-video tab and the compare tab takes an image."""
+        return self.student_model.task != "t2v"
+
+    def resolution_for_image(self, image: Any) -> str:
+        """The offered resolution nearest ``image``'s aspect ratio (then nearest the size
+        the model picks for it, :meth:`VideoGenerator.default_size_for_image`): its label."""
+        from fastwan.models.image_encoder import load_image
+
+        img = load_image(image, "image")
+        th, tw = self.student_model.default_size_for_image(img)
+        aspect = img.width / img.height
+
+        def distance(hw: tuple[int, int]) -> tuple[float, int]:
+            h, w = hw
+            return abs(math.log((w / h) / aspect)), abs(h * w - th * tw)
+
+        return resolution_label(*min(self.options.resolutions, key=distance))
+
     # ---------------------------------------------------------------- handlers
     def generate(
         self,
@@ -421,14 +465,33 @@ class FastWanUI:
         resolution: Any,
         num_frames: Any,
         callback: Callable[[dict], None] | None = None,
+        image: Any = None,
+        lora: Any = None,
+        lora_scale: Any = None,
     ) -> VideoResult:
-        """Generate one video with the student; ValueError on any invalid input."""
-        args = self._check(prompt, negative_prompt, seed, resolution, num_frames)
+        """Generate one video with the student (from ``image``, its first frame, when given:
+        a path, PIL image or array; with ``lora`` at ``lora_scale``, one of the LoRAs the UI
+        was started with, or ``"none"``); ValueError on any invalid input."""
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image)
+        args["lora"] = self._lora_choice(lora, lora_scale)
         mode, sp = check_sparsity(attention, sparsity)
         model = self.student.get()
         kwargs = sampling_args(model, steps)
         setup = _setup(mode, sp, kwargs)
         return self._run(model, "student", args, kwargs, setup, callback, attention=(mode, sp))
+
+    def image_to_video(
+        self,
+        image: Any,
+        *values: Any,
+        callback: Callable[[dict], None] | None = None,
+        **lora: Any,
+    ) -> VideoResult:
+        """:meth:`generate` (``values`` in its order, ``lora`` / ``lora_scale`` by name)
+        from ``image``, which is required."""
+        if image is None:
+            raise ValueError("image: upload the first frame of the video (image to video)")
+        return self.generate(*values, callback=callback, image=image, **lora)
 
     def compare(
         self,
@@ -442,32 +505,64 @@ class FastWanUI:
         resolution: Any,
         num_frames: Any,
         callback: Callable[[dict], None] | None = None,
+        image: Any = None,
+        lora: Any = None,
+        lora_scale: Any = None,
     ) -> CompareResult:
         """Teacher (its own attention and sampler, ``teacher_steps``; 0 = its default) and
-        student on the same prompt, seed and size."""
+        student on the same prompt, seed and size (and ``image``, the first frame, when
+        given: both must be image-to-video models); the student with ``lora``."""
         if self.teacher is None:
             raise ValueError(self.teacher_unavailable)
-        args = self._check(prompt, negative_prompt, seed, resolution, num_frames)
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image)
+        args["lora"] = self._lora_choice(lora, lora_scale)
         mode, sp = check_sparsity(attention, sparsity)
         student = self.student.get()
         s_kwargs = sampling_args(student, steps)
         teacher = self.teacher.get()
+        if args["image"] is not None and teacher.task == "t2v":
+            raise ValueError(
+                f"image: the teacher {teacher.preset.name!r} is a text-to-video model; compare "
+                "with an image needs an image-to-video teacher (--teacher), or clear the image"
+            )
         t_kwargs = sampling_args(teacher, teacher_steps, "teacher_steps")
         teacher.latent_shape(1, args["height"], args["width"], args["num_frames"])
         t_attn = teacher.attention
         t_setup = _setup(t_attn["mode"], t_attn["sparsity"], t_kwargs)
         if teacher.preset.guidance_scale > 1:
             t_setup += f", CFG {teacher.preset.guidance_scale:g}"
-        t_res = self._run(teacher, "teacher", args, t_kwargs, t_setup, callback)
+        t_res = self._run(teacher, "teacher", {**args, "lora": None}, t_kwargs, t_setup, callback)
         s_res = self._run(
             student, "student", args, s_kwargs, _setup(mode, sp, s_kwargs), callback, (mode, sp)
         )
         return CompareResult(teacher=t_res, student=s_res)
 
     # ---------------------------------------------------------------- internals
-    def _check(self, prompt, negative_prompt, seed, resolution, num_frames) -> dict[str, Any]:
+    def _lora_choice(self, lora: Any, lora_scale: Any) -> tuple[str, float] | None:
+        """``(name, scale)`` of the requested LoRA, or None for none."""
+        if lora is None or lora in ("", "none"):
+            return None
+        if not self.lora_defaults:
+            raise ValueError(
+                f"lora: this UI was started without LoRAs, got {_shown(lora)}; start it with "
+                "--lora PATH[:SCALE]"
+            )
+        if lora not in self.lora_defaults:
+            raise ValueError(
+                f"lora must be one of {['none', *self.lora_defaults]}, got {_shown(lora)}"
+            )
+        if lora_scale is None:
+            return lora, self.lora_defaults[lora]
+        return lora, check_lora_scale(lora_scale)
+
+    def _check(
+        self, prompt, negative_prompt, seed, resolution, num_frames, image=None
+    ) -> dict[str, Any]:
+        from fastwan.models.image_encoder import load_image
+
         height, width = self.options.parse_resolution(resolution)
         return dict(
+            image=load_image(image, "image") if image is not None else None,
             prompt=check_prompt(prompt),
             negative_prompt=check_prompt(negative_prompt, "negative_prompt", required=False),
             seed=check_seed(seed),
@@ -493,6 +588,11 @@ class FastWanUI:
         with self._lock:
             if attention is not None:  # the student's attention is per request
                 model.set_attention(attention[0], sparsity=attention[1], backend=self.vsa_backend)
+            if role == "student":  # and so are its LoRA and scale: the others off
+                chosen = args.get("lora")
+                for name in self.lora_defaults:
+                    on = chosen is not None and name == chosen[0]
+                    model.set_lora_scale(chosen[1] if on else 0.0, name)
             out = model.generate(
                 args["prompt"],
                 args["negative_prompt"],
@@ -500,6 +600,7 @@ class FastWanUI:
                 width=args["width"],
                 num_frames=args["num_frames"],
                 seed=args["seed"],
+                image=args["image"],
                 callback=callback,
                 **kwargs,
             )
@@ -507,6 +608,10 @@ class FastWanUI:
         save_video(out.video, path, fps=out.fps)
         self._keep(path)
         f, h, w, _ = out.video.shape
+        if args.get("lora") is not None:
+            setup += f", LoRA {args['lora'][0]} x{args['lora'][1]:g}"
+        if args["image"] is not None:
+            setup += ", from the image"
         return VideoResult(path, args["seed"], dict(out.timings), h, w, f, out.fps, setup)
 
     def _keep(self, path: Path) -> None:
@@ -628,13 +733,51 @@ def _progress_callback(progress: Any, label: str) -> Callable[[dict], None] | No
     return on_step
 
 
-def run_generate(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
-    """Event adapter of Generate: ``(video path, seed used, timings, status)``; any failure
-    is raised as a ``gr.Error`` carrying the message (what to fix); the server lives."""
+def uploaded_image(value: Any) -> Path | None:
+    """The image the page or an API client sent (Gradio's file payload ``{"path": ...}`` or
+    its path): the upload's path, which must lie in Gradio's upload folder (no other file is
+    read); ``None`` when there is none."""
+    from gradio.utils import get_upload_folder
+
+    if value is None or value == "":
+        return None
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"image must be an uploaded image file, got {_shown(value)}")
+    root = Path(get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(
+            "image: not an uploaded file; upload the image (the UI reads only its own uploads)"
+        )
+    return resolved
+
+
+def run_generate(ui: FastWanUI, *values: Any, progress: Any = None, **lora: Any) -> tuple:
+    """Event adapter of Generate (``lora`` / ``lora_scale`` by name): ``(video path, seed
+    used, timings, status)``; any failure is raised as a ``gr.Error`` carrying the message
+    (what to fix); the server lives."""
     try:
-        res = ui.generate(*values, callback=_progress_callback(progress, "denoising"))
+        res = ui.generate(*values, callback=_progress_callback(progress, "denoising"), **lora)
     except Exception as err:  # noqa: BLE001 - any failure becomes a message; the server lives
         raise _user_error(err) from err
+    return _generated(res)
+
+
+def run_image_to_video(
+    ui: FastWanUI, image: Any, *values: Any, progress: Any = None, **lora: Any
+) -> tuple:
+    """Event adapter of Image to video (``image``: the upload, :func:`uploaded_image`; then
+    Generate's values): what :func:`run_generate` returns."""
+    try:
+        callback = _progress_callback(progress, "denoising")
+        res = ui.image_to_video(uploaded_image(image), *values, callback=callback, **lora)
+    except Exception as err:  # noqa: BLE001
+        raise _user_error(err) from err
+    return _generated(res)
+
+
+def _generated(res: VideoResult) -> tuple:
     status = (
         f"Generated {res.num_frames} frames at {res.width}x{res.height} "
         f"in {res.timings['total']:.2f} s ({res.setup})."
@@ -642,11 +785,14 @@ def run_generate(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
     return str(res.path), res.seed, format_timings(res), status
 
 
-def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
+def run_compare(
+    ui: FastWanUI, *values: Any, progress: Any = None, image: Any = None, **lora: Any
+) -> tuple:
     """Event adapter of Compare: ``(teacher video, student video, seed used, table, status)``;
     a failure is a ``gr.Error`` as in :func:`run_generate`."""
     try:
-        res = ui.compare(*values, callback=_progress_callback(progress, "denoising"))
+        callback = _progress_callback(progress, "denoising")
+        res = ui.compare(*values, callback=callback, image=uploaded_image(image), **lora)
     except Exception as err:  # noqa: BLE001
         raise _user_error(err) from err
     pace = (
@@ -662,6 +808,58 @@ def run_compare(ui: FastWanUI, *values: Any, progress: Any = None) -> tuple:
         format_compare(res),
         status,
     )
+
+
+GENERATE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "attention",
+    "sparsity",
+    "resolution",
+    "num_frames",
+)  # the inputs of Generate, in the page's and the API's order
+LORA_FIELDS = ("lora", "lora_scale")  # after them, when the UI was started with LoRAs
+
+
+def _event_handler(
+    name: str,
+    names: Sequence[str],
+    run: Callable[[dict[str, Any], Any], Any],
+    errors: _LastErrors,
+    tracker: Any,
+) -> Callable:
+    """A Gradio event function taking the inputs ``names`` (what the API lists, in order)
+    and calling ``run(values by name, progress)``; its ``gr.Error`` is also recorded for
+    the status line. Gradio reads the signature: each input by name, then the request (by
+    annotation) and the progress tracker (by default), inserted after the inputs."""
+    import inspect
+
+    import gradio as gr
+
+    n = len(names)
+
+    def handler(*args: Any) -> Any:
+        values = dict(zip(names, args[:n]))
+        request = args[n] if len(args) > n else None
+        progress = args[n + 1] if len(args) > n + 1 else None
+        try:
+            return run(values, progress)
+        except gr.Error as err:
+            errors.put(getattr(request, "session_hash", None), err.message)
+            raise
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(name, kind) for name in names]
+    params += [
+        inspect.Parameter("request", kind, default=None),
+        inspect.Parameter("progress", kind, default=tracker),
+    ]
+    handler.__name__ = handler.__qualname__ = name
+    handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
 
 
 class _LastErrors:
@@ -701,11 +899,13 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
     lo, hi, default_steps = step_range(model)
     mode, sparsity = ui.default_attention
     teacher_note = "" if ui.teacher is not None else f"\n\n*{ui.teacher_unavailable}*"
+    takes_image = ui.takes_image
 
     with gr.Blocks(title="fastwan", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         kind = "few-step DMD" if model.preset.few_step else "multi-step"
         gr.Markdown(
-            f"# fastwan\nText to video with `{model.preset.name}` ({kind}; by default "
+            f"# fastwan\n{'Text and image' if takes_image else 'Text'} to video with "
+            f"`{model.preset.name}` ({kind}; by default "
             f"{_setup(mode, sparsity, sampling_args(model, None))})."
         )
         with gr.Row():
@@ -768,12 +968,48 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                         label="Frames",
                         elem_id="frames",
                     )
+                lora_in = lora_scale_in = None
+                if ui.lora_defaults:
+                    first, first_scale = next(iter(ui.lora_defaults.items()))
+                    with gr.Row():
+                        lora_in = gr.Dropdown(
+                            ["none", *ui.lora_defaults],
+                            value=first,
+                            label="LoRA (the student's; the teacher runs without)",
+                            elem_id="lora",
+                        )
+                        lora_scale_in = gr.Slider(
+                            0.0,
+                            MAX_LORA_SCALE,
+                            value=first_scale,
+                            step=0.05,
+                            label="LoRA scale",
+                            elem_id="lora-scale",
+                        )
                 gr.Examples([[e] for e in ui.examples], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=1):
-                with gr.Tab("Generate"):
+                # Wan2.1 I2V needs an image: no text-to-video tab (its API says so if called)
+                with gr.Tab("Generate", visible=model.task != "i2v"):
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     video = gr.Video(label="Video", interactive=False, elem_id="video")
                     timings = gr.Markdown(elem_id="timings")
+                if takes_image:
+                    with gr.Tab("Image to video"):
+                        gr.Markdown(
+                            "The video starts from the uploaded image; uploading one sets the "
+                            "resolution to the offered size nearest its aspect ratio."
+                        )
+                        image = gr.Image(
+                            label="First frame", type="filepath", sources=["upload"],
+                            elem_id="image",
+                        )  # fmt: skip
+                        image_btn = gr.Button(
+                            "Generate from image", variant="primary", elem_id="generate-image"
+                        )
+                        image_video = gr.Video(
+                            label="Video", interactive=False, elem_id="image-video"
+                        )
+                        image_timings = gr.Markdown(elem_id="image-timings")
                 with gr.Tab("Compare teacher vs student"):
                     gr.Markdown(
                         "The teacher (its own sampler and dense attention) and the student "
@@ -787,6 +1023,12 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                         maximum=1000,
                         elem_id="teacher-steps",
                     )
+                    compare_image = None
+                    if takes_image:
+                        compare_image = gr.Image(
+                            label="First frame (optional: compare image to video)",
+                            type="filepath", sources=["upload"], elem_id="compare-image",
+                        )  # fmt: skip
                     compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
                     with gr.Row():
                         teacher_video = gr.Video(
@@ -801,51 +1043,57 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
 
         common = [prompt, negative, seed, steps]
         tail = [attention, sparsity_in, resolution, frames]
+        if lora_in is not None:
+            tail += [lora_in, lora_scale_in]
+        gen_names = [*GENERATE_FIELDS, *ui.lora_fields]
+        compare_names = [*GENERATE_FIELDS[:4], "teacher_steps", *GENERATE_FIELDS[4:]]
+        compare_names += [*ui.lora_fields, *(["image"] if takes_image else [])]
 
         tracker = gr.Progress()  # Gradio hands a live one to a handler defaulting to it
         errors = _LastErrors()
 
-        # Named parameters: the API lists each input by its field's name.
-        def on_generate(
-            prompt,
-            negative_prompt,
-            seed,
-            steps,
-            attention,
-            sparsity,
-            resolution,
-            num_frames,
-            request=None,
-            progress=tracker,
-        ):
-            values = (prompt, negative_prompt, seed, steps)
-            values += (attention, sparsity, resolution, num_frames)
-            try:
-                return run_generate(ui, *values, progress=progress)
-            except gr.Error as err:
-                errors.put(getattr(request, "session_hash", None), err.message)
-                raise
+        def lora_kwargs(v: dict) -> dict:
+            return {k: v[k] for k in ui.lora_fields}
 
-        def on_compare(
-            prompt,
-            negative_prompt,
-            seed,
-            steps,
-            teacher_steps,
-            attention,
-            sparsity,
-            resolution,
-            num_frames,
-            request=None,
-            progress=tracker,
-        ):
-            values = (prompt, negative_prompt, seed, steps, teacher_steps)
-            values += (attention, sparsity, resolution, num_frames)
+        def gen_values(v: dict) -> list:
+            return [v[k] for k in GENERATE_FIELDS]
+
+        on_generate = _event_handler(
+            "on_generate",
+            gen_names,
+            lambda v, p: run_generate(ui, *gen_values(v), progress=p, **lora_kwargs(v)),
+            errors,
+            tracker,
+        )
+        on_image_to_video = _event_handler(
+            "on_image_to_video",
+            ["image", *gen_names],
+            lambda v, p: run_image_to_video(
+                ui, v["image"], *gen_values(v), progress=p, **lora_kwargs(v)
+            ),
+            errors,
+            tracker,
+        )
+        on_compare = _event_handler(
+            "on_compare",
+            compare_names,
+            lambda v, p: run_compare(
+                ui,
+                *[v[k] for k in compare_names[:9]],
+                progress=p,
+                image=v.get("image"),
+                **lora_kwargs(v),
+            ),
+            errors,
+            tracker,
+        )
+
+        def on_image_upload(image):
+            """An uploaded image sets the resolution to the offered size of its aspect."""
             try:
-                return run_compare(ui, *values, progress=progress)
-            except gr.Error as err:
-                errors.put(getattr(request, "session_hash", None), err.message)
-                raise
+                return ui.resolution_for_image(uploaded_image(image))
+            except Exception as err:  # noqa: BLE001
+                raise _user_error(err) from err
 
         def failure_handler(blank: tuple) -> Callable:
             def on_failure(request=None):
@@ -859,7 +1107,7 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
         on_generate_failure = failure_handler((None, "", ""))
         on_compare_failure = failure_handler((None, None, "", ""))
         # Gradio finds gr.Request by annotation; this module's annotations are strings.
-        for fn in (on_generate, on_compare, on_generate_failure, on_compare_failure):
+        for fn in (on_generate_failure, on_compare_failure):
             fn.__annotations__["request"] = gr.Request
 
         # One worker for both buttons: requests queue instead of running side by side.
@@ -878,13 +1126,33 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
         compare_out = [teacher_video, student_video, seed_used, compare_table, status]
         compare_btn.click(
             on_compare,
-            inputs=common + [teacher_steps] + tail,
+            inputs=common + [teacher_steps] + tail + ([compare_image] if takes_image else []),
             outputs=compare_out,
             concurrency_limit=1,
             concurrency_id="model",
             preprocess=False,
             api_name="compare",
         ).failure(on_compare_failure, outputs=compare_out, queue=False, api_visibility="private")
+        if takes_image:
+            image_out = [image_video, seed_used, image_timings, status]
+            image_btn.click(
+                on_image_to_video,
+                inputs=[image] + common + tail,
+                outputs=image_out,
+                concurrency_limit=1,
+                concurrency_id="model",
+                preprocess=False,
+                api_name="image_to_video",
+            ).failure(on_generate_failure, outputs=image_out, queue=False, api_visibility="private")
+            for source in (image, compare_image):
+                source.upload(
+                    on_image_upload,
+                    inputs=source,
+                    outputs=resolution,
+                    queue=False,
+                    preprocess=False,
+                    api_visibility="private",
+                )
         dice.click(ui.random_seed, outputs=seed, queue=False, api_name="random_seed")
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
