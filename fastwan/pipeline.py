@@ -477,10 +477,10 @@ class VideoGenerator:
             raise ValueError(f"batch {batch} is not a multiple of the {len(images)} images")
         per_image = batch // len(images)  # num_videos_per_prompt: prompt-major as the text
         latents = []
-        for first, last in zip(images, lasts):
-            pixels = image_to_tensor(first, height, width)  # [1, 3, H, W] in [-1, 1]
-            end = image_to_tensor(last, height, width) if last is not None else None
-            with self._on_device(self.components.vae) as vae:
+        with self._on_device(self.components.vae) as vae:  # moved once for all the images
+            for first, last in zip(images, lasts):
+                pixels = image_to_tensor(first, height, width)  # [1, 3, H, W] in [-1, 1]
+                end = image_to_tensor(last, height, width) if last is not None else None
                 latents.append(
                     vae_condition_latents(
                         vae,

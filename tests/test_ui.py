@@ -8,6 +8,7 @@ the shipped toy models to check that SIGTERM / SIGINT leave no temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -63,17 +64,22 @@ def model_dir(tmp_path_factory):
     return build_tiny_wan(tmp_path_factory.mktemp("ui") / "tiny", gates="fastvideo")
 
 
-@pytest.fixture(scope="module")
-def ui(model_dir, tmp_path_factory):
+def tiny_ui(model_dir, output_dir, **kwargs) -> FastWanUI:
+    """The tiny folder as a few-step VSA student and as a many-step dense teacher."""
     return FastWanUI(
         LazyModel("student", str(model_dir), loader(STUDENT_PRESET)),
         LazyModel("teacher", str(model_dir), loader(TEACHER_PRESET)),
         max_frames=9,
         max_pixels=MAX_PIXELS,
         max_sequence_length=16,
-        output_dir=tmp_path_factory.mktemp("videos"),
-        keep_videos=4,
+        output_dir=output_dir,
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def ui(model_dir, tmp_path_factory):
+    return tiny_ui(model_dir, tmp_path_factory.mktemp("videos"), keep_videos=4)
 
 
 def gen_args(**changes):
@@ -664,6 +670,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def served(ui: FastWanUI):
+    """``ui``'s page served on a free loopback port: a gradio_client Client on it."""
+    app = ui_app.build_app(ui, queue_size=4)
+    port = free_port()
+    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
 def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -721,13 +739,8 @@ def test_fastwan_ui_removes_its_temporary_folder_when_stopped(tmp_path, stop):
 @pytest.fixture(scope="module")
 def api(ui):
     """The page served on a free loopback port, and a gradio_client Client on it."""
-    app = ui_app.build_app(ui, queue_size=4)
-    port = free_port()
-    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        app.close()
+    with served(ui) as client:
+        yield client
 
 
 GEN_FIELDS = (
@@ -900,11 +913,7 @@ def test_only_uploads_are_read_from_the_page(tmp_path):
 def test_image_to_video_over_the_api(i2v_ui, tmp_path):
     from gradio_client import handle_file
 
-    app = ui_app.build_app(i2v_ui, queue_size=4)
-    port = free_port()
-    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(i2v_ui) as client:
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert set(endpoints) == {"/generate", "/image_to_video", "/compare", "/random_seed"}
         names = [p["parameter_name"] for p in endpoints["/image_to_video"]["parameters"]]
@@ -924,8 +933,6 @@ def test_image_to_video_over_the_api(i2v_ui, tmp_path):
             handle_file(str(path)), *args.values(), api_name="/image_to_video"
         )
         assert read_video(video)[0].shape == (8, 16, 16, 3)  # and it keeps serving
-    finally:
-        app.close()
 
 
 def test_ui_command_serves_the_toy_i2v_pair_with_an_image_tab(main, monkeypatch):
@@ -965,15 +972,7 @@ def lora_ui(model_dir, tmp_path_factory):
 
     lora = tmp_path_factory.mktemp("ui-loras") / "style_a"
     save_lora(_adapted(model_dir, gates=True), lora, "generator")
-    return FastWanUI(
-        LazyModel("student", str(model_dir), loader(STUDENT_PRESET)),
-        LazyModel("teacher", str(model_dir), loader(TEACHER_PRESET)),
-        max_frames=9,
-        max_pixels=MAX_PIXELS,
-        max_sequence_length=16,
-        output_dir=tmp_path_factory.mktemp("lora-videos"),
-        loras=[(lora, 0.8)],
-    )
+    return tiny_ui(model_dir, tmp_path_factory.mktemp("lora-videos"), loras=[(lora, 0.8)])
 
 
 def test_a_lora_is_picked_per_request_with_its_scale(lora_ui):
@@ -1012,11 +1011,7 @@ def test_bad_lora_requests_name_the_field(lora_ui, lora, scale, message):
 def test_a_ui_without_loras_refuses_one_and_its_api_has_none(ui, lora_ui):
     with pytest.raises(ValueError, match="started without LoRAs.*--lora PATH"):
         ui.generate(*gen_args(num_frames=1), lora="style_a")
-    app = ui_app.build_app(lora_ui, queue_size=4)
-    port = free_port()
-    ui_app.launch(app, host="127.0.0.1", port=port, block=False)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with served(lora_ui) as client:
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         names = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
         assert names == [*GEN_FIELDS, "lora", "lora_scale"]
@@ -1024,8 +1019,6 @@ def test_a_ui_without_loras_refuses_one_and_its_api_has_none(ui, lora_ui):
         assert status.startswith("Generated 1 frames") and "LoRA style_a x0.5" in status
         with pytest.raises(Exception, match="lora must be one of"):
             client.predict(*api_args(), "nope", 0.5, api_name="/generate")
-    finally:
-        app.close()
 
 
 def test_ui_command_checks_each_lora_before_loading(main, model_dir, capsys, tmp_path):

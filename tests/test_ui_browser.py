@@ -10,6 +10,7 @@ installed; ``.ci/run`` installs them.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import shutil
@@ -79,6 +80,18 @@ def outside_connections():
         yield seen
 
 
+@contextlib.contextmanager
+def serve(ui: FastWanUI):
+    """``ui``'s page on a free loopback port, from a thread of this process: its URL."""
+    app = build_app(ui, queue_size=4)
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, outside_connections):
     model_dir = build_tiny_wan(tmp_path_factory.mktemp("ui-browser") / "tiny", gates="fastvideo")
@@ -94,13 +107,8 @@ def server(tmp_path_factory, outside_connections):
         max_sequence_length=16,
         output_dir=tmp_path_factory.mktemp("ui-videos"),
     )
-    app = build_app(ui, queue_size=4)
-    port = free_port()
-    launch(app, host="127.0.0.1", port=port, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/", ui
-    finally:
-        app.close()
+    with serve(ui) as url:
+        yield url, ui
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +297,8 @@ def i2v_server(tmp_path_factory):
         max_pixels=32 * 64,
         output_dir=tmp_path_factory.mktemp("ui-i2v-videos"),
     )
-    app = build_app(ui, queue_size=4)
-    port = free_port()
-    launch(app, host="127.0.0.1", port=port, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/", ui
-    finally:
-        app.close()
+    with serve(ui) as url:
+        yield url, ui
 
 
 def test_upload_an_image_and_generate_a_video_that_starts_from_it(

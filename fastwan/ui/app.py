@@ -402,7 +402,6 @@ class FastWanUI:
         for path, scale in loras:
             check_lora_scale(scale, "--lora scale")
             self.lora_defaults[model.load_lora(path, scale=scale)] = float(scale)
-        self.lora_fields: tuple[str, ...] = LORA_FIELDS if self.lora_defaults else ()
 
     # ---------------------------------------------------------------- defaults
     @property
@@ -431,6 +430,11 @@ class FastWanUI:
 
     def random_seed(self) -> int:
         return int(torch.randint(0, RANDOM_SEED_MAX + 1, (1,), generator=self._seed_rng))
+
+    @property
+    def lora_fields(self) -> tuple[str, ...]:
+        """The LoRA inputs the page and the API take after Generate's: none without LoRAs."""
+        return LORA_FIELDS if self.lora_defaults else ()
 
     @property
     def takes_image(self) -> bool:
@@ -1110,40 +1114,32 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
         for fn in (on_generate_failure, on_compare_failure):
             fn.__annotations__["request"] = gr.Request
 
-        # One worker for both buttons: requests queue instead of running side by side.
+        # One worker for every button: requests queue instead of running side by side.
         # preprocess=False: the handlers get the values as sent and check each one, so a bad
         # value is a message naming its field, not Gradio's generic error.
-        generate_out = [video, seed_used, timings, status]
-        generate_btn.click(
-            on_generate,
-            inputs=common + tail,
-            outputs=generate_out,
-            concurrency_limit=1,
-            concurrency_id="model",
-            preprocess=False,
-            api_name="generate",
-        ).failure(on_generate_failure, outputs=generate_out, queue=False, api_visibility="private")
-        compare_out = [teacher_video, student_video, seed_used, compare_table, status]
-        compare_btn.click(
-            on_compare,
-            inputs=common + [teacher_steps] + tail + ([compare_image] if takes_image else []),
-            outputs=compare_out,
-            concurrency_limit=1,
-            concurrency_id="model",
-            preprocess=False,
-            api_name="compare",
-        ).failure(on_compare_failure, outputs=compare_out, queue=False, api_visibility="private")
-        if takes_image:
-            image_out = [image_video, seed_used, image_timings, status]
-            image_btn.click(
-                on_image_to_video,
-                inputs=[image] + common + tail,
-                outputs=image_out,
+        def wire(button, fn, inputs, outputs, on_failure, api_name):
+            button.click(
+                fn,
+                inputs=inputs,
+                outputs=outputs,
                 concurrency_limit=1,
                 concurrency_id="model",
                 preprocess=False,
-                api_name="image_to_video",
-            ).failure(on_generate_failure, outputs=image_out, queue=False, api_visibility="private")
+                api_name=api_name,
+            ).failure(on_failure, outputs=outputs, queue=False, api_visibility="private")
+
+        generate_out = [video, seed_used, timings, status]
+        wire(
+            generate_btn, on_generate, common + tail, generate_out, on_generate_failure, "generate"
+        )
+        compare_in = common + [teacher_steps] + tail + ([compare_image] if takes_image else [])
+        compare_out = [teacher_video, student_video, seed_used, compare_table, status]
+        wire(compare_btn, on_compare, compare_in, compare_out, on_compare_failure, "compare")
+        if takes_image:
+            image_out = [image_video, seed_used, image_timings, status]
+            image_in = [image] + common + tail
+            on_failure = on_generate_failure
+            wire(image_btn, on_image_to_video, image_in, image_out, on_failure, "image_to_video")
             for source in (image, compare_image):
                 source.upload(
                     on_image_upload,
