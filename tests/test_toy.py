@@ -240,7 +240,10 @@ def test_shipped_student_is_much_faster_than_the_teacher(held_out):
 def test_shipped_teacher_meets_its_quality_bar(held_out):
     combos, t_frames, _, _, _ = held_out
     t_acc = attribute_accuracy(load_probe(), t_frames, combos)
-    assert t_acc["mean"] >= 0.9, t_acc
+    # the demo's goals are 0.97 and 0.9 on 48 clips (measured 1.00 and 1.00); these 24 leave
+    # room for a clip or two that other SIMD widths tip the other way
+    assert t_acc["mean"] >= 0.95, t_acc
+    assert t_acc["shape"] >= 0.85, t_acc
     assert min(t_acc["color"], t_acc["direction"], t_acc["background"]) >= 0.9, t_acc
 
 
@@ -352,14 +355,16 @@ def test_demo_rejects_bad_settings_with_the_field_named(tmp_path):
 def test_goals_are_floors_except_the_frechet_ceiling():
     from fastwan.toy.demo import GOALS, check_goals
 
-    teacher = dict(accuracy=0.92, frechet=10.0, diversity=1.0, sec_per_clip=1.0)
-    good = dict(accuracy=0.90, frechet=14.0, diversity=0.8, sec_per_clip=0.05)
+    teacher = dict(accuracy=0.98, accuracy_shape=0.93, frechet=10.0, diversity=1.0, sec_per_clip=1)
+    good = dict(accuracy=0.96, frechet=14.0, diversity=0.8, sec_per_clip=0.05)
     result = {g["goal"]: g for g in check_goals(teacher, good)}
     assert set(result) == set(GOALS) and all(g["met"] for g in result.values())
     assert result["student_speedup"]["value"] == pytest.approx(20.0)
-    assert result["student_accuracy_ratio"]["value"] == pytest.approx(0.90 / 0.92)
+    assert result["student_accuracy_ratio"]["value"] == pytest.approx(0.96 / 0.98)
+    assert result["teacher_shape_accuracy"]["value"] == pytest.approx(0.93)
     assert result["student_frechet_ratio"]["cmp"] == "<="
     assert result["student_speedup"]["cmp"] == ">="
     bad = dict(accuracy=0.80, frechet=16.0, diversity=0.2, sec_per_clip=0.1)
-    result = {g["goal"]: g["met"] for g in check_goals(dict(teacher, accuracy=0.85), bad)}
+    weak = dict(teacher, accuracy=0.95, accuracy_shape=0.8)
+    result = {g["goal"]: g["met"] for g in check_goals(weak, bad)}
     assert not any(result.values())

@@ -49,7 +49,7 @@ def toy_model_path(name: str) -> Path:
     path = WEIGHTS_DIR / f"toy-{role}"
     if not (path / "model_index.json").is_file():
         i2v = role.startswith("i2v")
-        recipes = "toy_i2v_*.yaml" if i2v else "toy_teacher.yaml / toy_distill.yaml"
+        recipes = "toy_i2v_*.yaml" if i2v else "toy_teacher*.yaml / toy_distill.yaml"
         raise ValueError(
             f"the toy toy-{role} weights are missing from {path}; reinstall fastwan, or "
             f"rebuild them with the commands at the top of recipes/{recipes}"

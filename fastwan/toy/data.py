@@ -2,7 +2,8 @@
 
 * :func:`write_clip_dataset`: ``video`` shards of rendered clips (pixel-VAE latents + prompt
   embeddings) from the *training* combinations only -- what the teacher learns from with
-  ``fastwan finetune recipes/toy_teacher.yaml``;
+  ``fastwan finetune recipes/toy_teacher.yaml`` (and its stages ``toy_teacher_refine.yaml``,
+  ``toy_teacher_anchor.yaml``);
 * :func:`write_prompt_dataset`: ``text`` shards of training prompts -- what the data-free
   distillation ``fastwan distill recipes/toy_distill.yaml`` needs.
 
