@@ -318,6 +318,20 @@ class DMDConfig:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """The teacher's CFG uncond text (encoded once at start; also the negative of flow
     validation with CFG); default Wan's, "" for none."""
+    gan_generator_weight: float = 0.0
+    """DMD2's GAN term (Sec. 4.3): its weight in the generator's loss (0: off; DMD2 used
+    3e-3 to 5e-3). A classifier head on the critic's features tells noised real latents
+    from noised student samples; needs real latents (data.text_only: false)."""
+    gan_critic_weight: float = 0.0
+    """The GAN term's weight in the critic's loss (DMD2: 1e-2); > 0 exactly when
+    gan_generator_weight is."""
+    gan_max_timestep_ratio: float | None = None
+    """Upper clamp of the GAN term's own noise levels (x 1000; null: the GAN reads the
+    critic calls of the DMD and flow-matching losses, at their levels). Lower values show
+    the classifier fine detail that high noise hides, at one more critic call per step."""
+    gan_feature_block: int | None = None
+    """The critic block whose output feeds the GAN head (0-based; null: the middle
+    block, DMD2's bottleneck)."""
 
     def __post_init__(self) -> None:
         steps = self.denoising_timesteps
@@ -363,6 +377,37 @@ class DMDConfig:
                 "negative_prompt",
                 f'must be a string, got {self.negative_prompt!r}; use "" for no negative prompt',
             )
+        _check_range(self, "gan_generator_weight", 0.0, None, fix=" (0: no GAN term)")
+        _check_range(self, "gan_critic_weight", 0.0, None, fix=" (0: no GAN term)")
+        if (self.gan_generator_weight > 0) != (self.gan_critic_weight > 0):
+            on, off = (
+                ("gan_generator_weight", "gan_critic_weight")
+                if self.gan_generator_weight > 0
+                else ("gan_critic_weight", "gan_generator_weight")
+            )
+            _fail(
+                self,
+                off,
+                f"is 0 but {on} is {getattr(self, on)}: the GAN term needs both (the critic "
+                "trains the classifier the generator is scored by); set both > 0 (DMD2: "
+                "gan_generator_weight 5e-3, gan_critic_weight 1e-2) or both 0",
+            )
+        if self.gan_max_timestep_ratio is not None:
+            _check_range(self, "gan_max_timestep_ratio", 0.0, 1.0)
+            if self.gan_max_timestep_ratio <= self.min_timestep_ratio:
+                _fail(
+                    self,
+                    "gan_max_timestep_ratio",
+                    f"must be > min_timestep_ratio ({self.min_timestep_ratio}), got "
+                    f"{self.gan_max_timestep_ratio}; e.g. 0.3, or null",
+                )
+        if self.gan_feature_block is not None:
+            _check_int(self, "gan_feature_block", 0, fix=" (null: the middle block)")
+
+    @property
+    def gan(self) -> bool:
+        """Whether DMD2's GAN term is on."""
+        return self.gan_generator_weight > 0
 
 
 @dataclass
@@ -851,7 +896,7 @@ class Recipe:
                 raise ConfigError(
                     f.name, f"must be a {expected.__name__}, got {type(value).__name__}"
                 )
-        t, p = self.train, self.parallel
+        t, p, lora = self.train, self.parallel, self.lora
         dp = p.data_parallel_size
         expected_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp
         if t.global_batch_size != expected_batch:
@@ -877,6 +922,32 @@ class Recipe:
                 "which a text-only dataset lacks; set dmd.rollout: simulate",
                 "dmd",
             )
+        if t.method == "dmd" and self.dmd.gan:
+            if self.data.text_only:
+                raise ConfigError(
+                    "text_only",
+                    "is true but dmd.gan_generator_weight > 0: the GAN term tells real video "
+                    "latents from the student's, so it needs a dataset with latents "
+                    "(data.text_only: false), or set dmd.gan_generator_weight and "
+                    "dmd.gan_critic_weight to 0",
+                    "data",
+                )
+            if lora.enabled:
+                raise ConfigError(
+                    "gan_generator_weight",
+                    "> 0 is not supported with LoRA (lora.rank > 0) yet: the GAN head trains "
+                    "with a full critic; set dmd.gan_generator_weight and dmd.gan_critic_weight "
+                    "to 0, or lora.rank: 0",
+                    "dmd",
+                )
+            if p.world_size > 1:
+                raise ConfigError(
+                    "gan_generator_weight",
+                    f"> 0 is supported on one process only for now (parallel.world_size is "
+                    f"{p.world_size}): the GAN head is not sharded; set dmd.gan_generator_weight "
+                    "and dmd.gan_critic_weight to 0 for multi-GPU runs",
+                    "dmd",
+                )
         if t.method == "flow" and self.data.text_only:
             raise ConfigError(
                 "text_only",
@@ -898,7 +969,6 @@ class Recipe:
                 f"{t.ema_start_step} exceeds max_steps ({t.max_steps}): EMA would never start",
                 "train",
             )
-        lora = self.lora
         if lora.enabled and t.method == "dmd" and lora.shared_base:
             for role in ("student", "critic"):
                 if getattr(self.model, role) is not None:

@@ -32,6 +32,19 @@ steps on every training step, the generator on every ``dmd.generator_update_inte
 (steps 0, k, 2k, ...), before the critic and on the same micro-batches, so the critic
 learns on the updated generator.
 
+DMD2's GAN term (``dmd.gan_generator_weight`` > 0, DMD2 Sec. 4.3): a classifier head
+(:class:`GANHead`, registered in the critic as ``gan_head``, so the critic's optimizer,
+checkpoint and resume carry it) reads the output of one critic block
+(``dmd.gan_feature_block``, default the middle one). The critic step adds
+``gan_critic_weight x`` :func:`gan_critic_loss` on noised real latents (the batch's) and on
+the noised student sample its flow-matching loss already ran on (same noise levels); the
+generator step adds ``gan_generator_weight x`` :func:`gan_generator_loss`, its critic call
+taken with gradient so that the noised student sample receives it (that one call also
+gives the critic's x0 for the DMD loss). It needs batches with latents, also under
+``rollout: simulate``. With ``dmd.gan_max_timestep_ratio`` the GAN draws noise levels of
+its own, at most that high, and makes its own critic calls (two per critic step, one per
+generator step).
+
 All noise comes from the ``torch.Generator`` ``rng`` passed to each call (the
 "generator" of DMD is the student network).
 
@@ -76,12 +89,49 @@ from fastwan.methods.losses import (
     cfg_combine,
     dmd_generator_loss,
     flow_matching_loss,
+    gan_critic_loss,
+    gan_generator_loss,
     sample_dmd_timesteps,
 )
 from fastwan.models.lora import init_lora_weights, use_adapter
 from fastwan.models.vsa import set_attention, transformer_blocks
 
-__all__ = ["DMDMethod"]
+__all__ = ["DMDMethod", "GANHead"]
+
+
+class GANHead(nn.Module):
+    """DMD2's GAN classifier on critic features: ``[B, S, D]`` block output -> ``[B]``
+    logits (a per-token MLP, averaged over the S tokens; > 0 reads "real")."""
+
+    def __init__(
+        self,
+        dim: int,
+        seed: int = 0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, **kw)
+        self.proj = nn.Linear(dim, dim, **kw)
+        self.out = nn.Linear(dim, 1, **kw)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int) -> None:
+        """PyTorch's default ``nn.Linear`` draw (uniform in +-1/sqrt(fan_in)), from ``seed``."""
+        rng = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for lin in (self.proj, self.out):
+                if lin.weight.is_meta:
+                    continue
+                bound = lin.in_features**-0.5
+                for p in (lin.weight, lin.bias):
+                    draw = torch.rand(p.shape, generator=rng, dtype=torch.float32) * 2 - 1
+                    p.copy_(draw * bound)
+
+    def forward(self, h_bsd: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h_bsd.to(self.proj.weight.dtype))  # [B, S, D]
+        return self.out(nn.functional.silu(self.proj(x)))[..., 0].float().mean(1)  # [B]
 
 
 def _same_on_all_ranks(value: int, device: torch.device) -> int:
@@ -117,7 +167,8 @@ class DMDMethod:
             ``[B, S]`` (the folder's ``model_index.json`` ``expand_timesteps``).
         lora: train LoRA adapters instead of the networks (``rank > 0``; see the module
             docstring); ``lora_dtype``: the adapters' (and full gates') dtype (default:
-            the base's); ``seed``: seeds their initialisation (``train.seed``).
+            the base's); ``seed``: seeds their initialisation and the GAN head's
+            (``train.seed``).
         vae_scale_temporal: pixel frames per latent frame of the folder's VAE (Wan2.1 I2V's
             frame mask; 4 for Wan).
     """
@@ -180,7 +231,7 @@ class DMDMethod:
         if lora is not None and not isinstance(lora, LoRAConfig):
             raise ValueError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
         self.lora = lora if lora is not None and lora.enabled else None
-        self._lora_seed = int(seed)
+        self._seed = int(seed)
         # role -> (module, its adapter or None, its self-attention processors): LoRA only
         self._configs: dict[str, tuple[nn.Module, str | None, list]] = {}
         if self.lora is not None:
@@ -207,6 +258,48 @@ class DMDMethod:
         self.teacher = teacher
         set_attention(self.teacher, "dense")
         self.teacher.requires_grad_(False).eval()
+        self._gan_block: nn.Module | None = None
+        if dmd.gan:
+            self._attach_gan_head()
+
+    def _attach_gan_head(self) -> None:
+        blocks = transformer_blocks(self.critic)
+        k = self.dmd.gan_feature_block
+        k = len(blocks) // 2 if k is None else k
+        if k >= len(blocks):
+            raise ValueError(
+                f"dmd.gan_feature_block is {k} but the critic has {len(blocks)} blocks "
+                f"(0 to {len(blocks) - 1}); set it lower, or null for the middle block"
+            )
+        self._gan_block = blocks[k]
+        if not isinstance(getattr(self.critic, "gan_head", None), GANHead):
+            ref = next(self.critic.parameters())
+            dim = self.critic.config.num_attention_heads * self.critic.config.attention_head_dim
+            head = GANHead(dim, seed=self._seed, device=ref.device, dtype=ref.dtype)
+            self.critic.add_module("gan_head", head)
+
+    def _critic_with_logits(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        image: ImageCondition | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's velocity ``[B, C, T, H, W]`` and its GAN head's logits ``[B]`` from
+        the same call (the head reads the output of ``dmd.gan_feature_block``)."""
+        assert self._gan_block is not None
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):  # the first call only (not a checkpoint recompute)
+            if not captured:
+                captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._gan_block.register_forward_hook(keep)
+        try:
+            v = self._call("critic", x, t, cond, image)
+        finally:
+            handle.remove()
+        return v, self.critic.gan_head(captured[0])  # [B, C, T, H, W], [B]
 
     def _build_lora(
         self,
@@ -326,7 +419,7 @@ class DMDMethod:
         if self.lora is None:
             raise ValueError("this DMDMethod trains no LoRA adapters (lora.rank is 0)")
         for role, net in self.networks().items():
-            init_lora_weights(net, role, init=self.lora.init, seed=self._lora_seed)
+            init_lora_weights(net, role, init=self.lora.init, seed=self._seed)
 
     def prepare(self, role: str) -> None:
         """Switch the (shared) network of ``role`` to run as that role (validation)."""
@@ -395,7 +488,7 @@ class DMDMethod:
                 f"have {cond.shape[-1]}; encode both with the same text encoder"
             )
         latents = None
-        if self.dmd.rollout == "data":
+        if self.dmd.rollout == "data" or self.dmd.gan:  # the GAN term's real latents
             latents = latents_of(batch, device)  # [B, C, T, H, W]
             if latents.shape[0] != b:
                 raise ValueError(f"batch has {latents.shape[0]} latents but {b} text embeddings")
@@ -467,6 +560,17 @@ class DMDMethod:
             self.device,
         )  # s [B], t [B]
 
+    def _gan_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.dmd.gan_max_timestep_ratio is not None
+        return sample_dmd_timesteps(
+            b,
+            rng,
+            self.dmd.flow_shift,
+            self.dmd.min_timestep_ratio,
+            self.dmd.gan_max_timestep_ratio,
+            self.device,
+        )  # s [B], t [B]
+
     # ------------------------------------------------------------------ losses
     def critic_step(
         self, batch: Mapping[str, Any], rng: torch.Generator
@@ -479,10 +583,33 @@ class DMDMethod:
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         x_t = add_noise(x0_gen, eps, s)  # [B, C, T, H, W] (TI2V: clean frame 0 merged in)
-        v = self._call("critic", x_t, t, cond, image)  # [B, C, T, H, W]
+        info = {"rollout_timestep": t_k, "timestep": float(t.mean())}
+        gan = None
+        if not self.dmd.gan:
+            v = self._call("critic", x_t, t, cond, image)  # [B, C, T, H, W]
+        else:
+            assert latents is not None
+            if self.dmd.gan_max_timestep_ratio is None:  # the GAN reads this very call
+                v, logits_fake = self._critic_with_logits(x_t, t, cond, image)
+            else:  # the GAN's own (lower) noise levels
+                v = self._call("critic", x_t, t, cond, image)
+                s, t = self._gan_noise(x0_gen.shape[0], rng)  # [B], [B]
+                x_fake = add_noise(x0_gen, draw_noise(x0_gen.shape, rng, self.device), s)
+                _, logits_fake = self._critic_with_logits(x_fake, t, cond, image)  # [B]
+                info["gan_timestep"] = float(t.mean())
+            x_real = add_noise(latents, draw_noise(latents.shape, rng, self.device), s)
+            _, logits_real = self._critic_with_logits(x_real, t, cond, image)  # [B]
+            gan = gan_critic_loss(logits_real, logits_fake)
+            info.update(
+                gan_loss=float(gan.detach()),
+                gan_real_accuracy=float((logits_real > 0).float().mean()),
+                gan_fake_accuracy=float((logits_fake < 0).float().mean()),
+            )
         # TI2V: no loss on the given first frame
         loss = flow_matching_loss(*(generated_frames(y, image) for y in (v, x0_gen, eps)))
-        return loss, {"rollout_timestep": t_k, "timestep": float(t.mean())}
+        if gan is not None:
+            loss = loss + self.dmd.gan_critic_weight * gan
+        return loss, info
 
     def generator_step(
         self, batch: Mapping[str, Any], rng: torch.Generator
@@ -493,6 +620,17 @@ class DMDMethod:
         x0_gen, t_k = self.student_sample(batch, rng, cond, latents, image)  # with grad
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
+        gan = v_fake = None
+        if self.dmd.gan and self.dmd.gan_max_timestep_ratio is None:
+            # one critic call with grad: the GAN logits and the DMD loss's x0
+            x_t_grad = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
+            v_fake, logits = self._critic_with_logits(x_t_grad, t, cond, image)
+            gan = gan_generator_loss(logits)
+        elif self.dmd.gan:  # the GAN's own (lower) noise levels
+            s_g, t_g = self._gan_noise(x0_gen.shape[0], rng)  # [B], [B]
+            x_g = add_noise(x0_gen, draw_noise(x0_gen.shape, rng, self.device), s_g)
+            gan = gan_generator_loss(self._critic_with_logits(x_g, t_g, cond, image)[1])
+            gan_timestep = float(t_g.mean())
         with torch.no_grad():
             x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W] (TI2V: frame 0 merged)
             x0_cond = x0_from_velocity(x_t, self._call("teacher", x_t, t, cond, image), s)
@@ -502,13 +640,21 @@ class DMDMethod:
             else:  # the I2V pipeline's CFG: the same image in both branches, text negated
                 v_neg = self._call("teacher", x_t, t, neg, image)
                 x0_real = cfg_combine(x0_cond, x0_from_velocity(x_t, v_neg, s), w)
-            x0_fake = x0_from_velocity(x_t, self._call("critic", x_t, t, cond, image), s)
+            if v_fake is None:
+                v_fake = self._call("critic", x_t, t, cond, image)
+            x0_fake = x0_from_velocity(x_t, v_fake.detach(), s)
         # TI2V: the distribution is matched on the generated frames, not the given one
         loss, g = dmd_generator_loss(
             *(generated_frames(y, image) for y in (x0_gen, x0_real, x0_fake)), return_grad=True
         )
-        return loss, {
+        info = {
             "rollout_timestep": t_k,
             "timestep": float(t.mean()),
             "dmd_grad_abs": float(g.abs().mean()),
         }
+        if gan is not None:
+            info["gan_loss"] = float(gan.detach())
+            if self.dmd.gan_max_timestep_ratio is not None:
+                info["gan_timestep"] = gan_timestep
+            loss = loss + self.dmd.gan_generator_weight * gan
+        return loss, info

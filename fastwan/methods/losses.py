@@ -27,6 +27,8 @@ __all__ = [
     "dmd_generator_loss",
     "dmd_gradient",
     "flow_matching_loss",
+    "gan_critic_loss",
+    "gan_generator_loss",
     "sample_dmd_timesteps",
     "standard_to_fastvideo_guidance",
     "fastvideo_to_standard_guidance",
@@ -296,3 +298,37 @@ def flow_matching_loss(
             "broadcastable to v_pred"
         )
     return weighted.mean()
+
+
+def gan_critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's side of DMD2's GAN loss (DMD2 Sec. 4.3, in its non-saturating
+    form): ``mean(softplus(-D(real))) + mean(softplus(D(fake)))``, i.e. the binary
+    cross-entropy of "real" (logit > 0) on noised real latents and "fake" on noised
+    generator samples. Minimised by the critic (its features and the classifier head).
+
+    Args:
+        logits_real: [B] logits of noised real latents.
+        logits_fake: [B'] logits of noised (stop-gradient) generator samples.
+
+    Returns:
+        scalar loss in float32 or better; ``2 log 2`` when both logits are 0.
+    """
+    dtype = _compute_dtype(logits_real, logits_fake)
+    real = torch.nn.functional.softplus(-logits_real.to(dtype)).mean()
+    fake = torch.nn.functional.softplus(logits_fake.to(dtype)).mean()
+    return real + fake
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The generator's side of DMD2's GAN loss (DMD2 Sec. 4.3, non-saturating):
+    ``mean(softplus(-D(G(z)_t)))`` = ``-mean(log sigmoid(D))``; the gradient reaches the
+    generator through the noised sample its logits were computed on.
+
+    Args:
+        logits_fake: [B] logits of noised generator samples (with grad).
+
+    Returns:
+        scalar loss in float32 or better.
+    """
+    dtype = _compute_dtype(logits_fake)
+    return torch.nn.functional.softplus(-logits_fake.to(dtype)).mean()

@@ -321,7 +321,7 @@ def build_trainer(
 
     # LoRA: frozen bases in model.teacher_dtype, adapters (and full gates) in model.dtype
     lora = recipe.lora if recipe.lora.enabled else None
-    lora_args = {"lora": lora, "lora_dtype": torch_dtype(m.dtype), "seed": t.seed} if lora else {}
+    lora_args = {"lora": lora, "lora_dtype": torch_dtype(m.dtype)} if lora else {}
 
     def build_method():  # the networks, wrapped for this rank (FSDP2: its shards only)
         if t.method == "dmd":
@@ -348,6 +348,7 @@ def build_trainer(
                 critic=critic,
                 expand_timesteps=expand,
                 vae_scale_temporal=scale_t,
+                seed=t.seed,
                 **lora_args,
             )
         else:
@@ -359,6 +360,7 @@ def build_trainer(
                 max_ratio=recipe.dmd.max_timestep_ratio,
                 expand_timesteps=expand,
                 vae_scale_temporal=scale_t,
+                seed=t.seed,
                 **lora_args,
             )
         parallelize_method(method, parallel, recipe)
