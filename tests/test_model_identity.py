@@ -457,3 +457,22 @@ def test_sidecar_with_unknown_or_misplaced_keys_is_refused(tmp_path):
         file.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             read_sidecar(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("shipped", "text_to_video"),
+    [("toy-i2v-teacher", "toy-teacher"), ("toy-i2v-student", "toy-student")],
+)
+def test_a_renamed_image_to_video_folder_matches_its_own_preset(tmp_path, shipped, text_to_video):
+    # the toy I2V pair has the text-to-video pair's architecture; expand_timesteps tells them
+    # apart (by architecture alone a renamed I2V folder was taken for its T2V twin)
+    import shutil
+
+    from fastwan.toy.assets import WEIGHTS_DIR
+
+    folder = shutil.copytree(WEIGHTS_DIR / shipped, tmp_path / "my-model")
+    _, ident = identify_folder(folder)
+    assert ident.matched == f"{shipped} (matched by its architecture)"
+    assert ident.preset.expand_timesteps and ident.task == "ti2v"
+    twin = shutil.copytree(WEIGHTS_DIR / text_to_video, tmp_path / "my-t2v-model")
+    assert identify_folder(twin)[1].matched == f"{text_to_video} (matched by its architecture)"

@@ -155,10 +155,13 @@ def match_preset(
     *,
     few_step: bool,
     has_gates: bool,
+    expand_timesteps: bool = False,
 ) -> tuple[WanPreset, str] | None:
     """The known preset of a folder and how it was matched: by the name the user gave, the
-    folder's name, its hub-cache name, or its architecture (preferring a few-step preset for
-    a DMD folder and a VSA preset for a gated one); None when nothing matches."""
+    folder's name, its hub-cache name, or its architecture (preferring, in this order, a
+    preset with the folder's ``expand_timesteps`` (a TI2V folder, e.g. the toy image-to-video
+    pair, shares its architecture with a text-to-video one), a few-step preset for a DMD
+    folder and a VSA preset for a gated one); None when nothing matches."""
     for name, how in (
         (source, "the name given"),
         (path.name, "the folder name"),
@@ -172,8 +175,13 @@ def match_preset(
     if not candidates:
         return None
 
-    def rank(p: WanPreset) -> tuple[bool, bool, bool]:
-        return (p.few_step != few_step, (p.attention == "vsa") != has_gates, p.bundled)
+    def rank(p: WanPreset) -> tuple[bool, bool, bool, bool]:
+        return (
+            p.expand_timesteps != expand_timesteps,
+            p.few_step != few_step,
+            (p.attention == "vsa") != has_gates,
+            p.bundled,
+        )
 
     return min(candidates, key=rank), "its architecture"
 
@@ -289,7 +297,14 @@ def identify(
         get_preset(preset)  # raises the "unknown preset" error
     found = (explicit, "given") if explicit is not None else None
     if found is None:
-        found = match_preset(source, path, tconfig, few_step=few_step_hint, has_gates=has_gates)
+        found = match_preset(
+            source,
+            path,
+            tconfig,
+            few_step=few_step_hint,
+            has_gates=has_gates,
+            expand_timesteps=bool(index.get("expand_timesteps", False)),
+        )
     matched = None
     base = None
     if found is not None:
