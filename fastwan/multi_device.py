@@ -337,6 +337,13 @@ class MultiDeviceGenerator:
         from fastwan.inputs import input_checker
         from fastwan.models.loading import identify_folder
 
+        if fsdp and (load.get("compile") or load.get("cpu_offload")):
+            on = "compile" if load.get("compile") else "cpu_offload"
+            raise ValueError(
+                f"{on}={load[on]!r} is not supported with fsdp=True (the sharded transformer "
+                f"is neither compiled nor offloaded); pass {on}=False, or fsdp=False (each "
+                "device then holds the whole model)"
+            )
         path, identity = identify_folder(path_or_id, preset=load.get("preset"))
         check_num_gpus(num_gpus, identity.preset.num_heads, cfg_parallel=cfg_parallel)
         if devices is None:

@@ -156,6 +156,10 @@ def test_callback_stop_and_checks_in_the_parent(fastwan21, one, tmp_path):
     assert np.abs(b.frames - a.frames).max() > 1e-2  # the adapter ran
     with pytest.raises(ValueError, match="one per process"):
         MultiDeviceGenerator(fastwan21, 2, devices=["cpu"])
+    # settings the sharded (fsdp) load cannot honour are refused, not silently dropped
+    for setting in ("compile", "cpu_offload"):
+        with pytest.raises(ValueError, match=rf"^{setting}=True is not supported with fsdp"):
+            MultiDeviceGenerator(fastwan21, 2, device="cpu", fsdp=True, **{setting: True})
 
 
 def _wait(client, job_id, until=("succeeded", "failed", "cancelled"), timeout=120.0):
