@@ -122,8 +122,6 @@ class GANHead(nn.Module):
         rng = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for lin in (self.proj, self.out):
-                if lin.weight.is_meta:
-                    continue
                 bound = lin.in_features**-0.5
                 for p in (lin.weight, lin.bias):
                     draw = torch.rand(p.shape, generator=rng, dtype=torch.float32) * 2 - 1
@@ -550,26 +548,32 @@ class DMDMethod:
         x0 = keep_given_frames(x0_from_velocity(x, v, steps[k] / NUM_TRAIN_TIMESTEPS), image)
         return x0, float(steps[k])
 
-    def _dmd_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dmd_noise(
+        self, b: int, rng: torch.Generator, max_ratio: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise levels s [B] and timesteps t [B] of the losses (``max_ratio``: another
+        upper clamp than ``dmd.max_timestep_ratio``, the GAN's own)."""
         return sample_dmd_timesteps(
             b,
             rng,
             self.dmd.flow_shift,
             self.dmd.min_timestep_ratio,
-            self.dmd.max_timestep_ratio,
+            self.dmd.max_timestep_ratio if max_ratio is None else max_ratio,
             self.device,
         )  # s [B], t [B]
 
-    def _gan_noise(self, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.dmd.gan_max_timestep_ratio is not None
-        return sample_dmd_timesteps(
-            b,
-            rng,
-            self.dmd.flow_shift,
-            self.dmd.min_timestep_ratio,
-            self.dmd.gan_max_timestep_ratio,
-            self.device,
-        )  # s [B], t [B]
+    def _gan_own_levels(
+        self,
+        x0: torch.Tensor,
+        rng: torch.Generator,
+        cond: torch.Tensor,
+        image: ImageCondition | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GAN logits [B] of ``x0`` noised at levels of the GAN's own (at most
+        ``dmd.gan_max_timestep_ratio``), with those levels s [B] and timesteps t [B]."""
+        s, t = self._dmd_noise(x0.shape[0], rng, self.dmd.gan_max_timestep_ratio)
+        x_t = add_noise(x0, draw_noise(x0.shape, rng, self.device), s)  # [B, C, T, H, W]
+        return self._critic_with_logits(x_t, t, cond, image)[1], s, t
 
     # ------------------------------------------------------------------ losses
     def critic_step(
@@ -593,9 +597,7 @@ class DMDMethod:
                 v, logits_fake = self._critic_with_logits(x_t, t, cond, image)
             else:  # the GAN's own (lower) noise levels
                 v = self._call("critic", x_t, t, cond, image)
-                s, t = self._gan_noise(x0_gen.shape[0], rng)  # [B], [B]
-                x_fake = add_noise(x0_gen, draw_noise(x0_gen.shape, rng, self.device), s)
-                _, logits_fake = self._critic_with_logits(x_fake, t, cond, image)  # [B]
+                logits_fake, s, t = self._gan_own_levels(x0_gen, rng, cond, image)
                 info["gan_timestep"] = float(t.mean())
             x_real = add_noise(latents, draw_noise(latents.shape, rng, self.device), s)
             _, logits_real = self._critic_with_logits(x_real, t, cond, image)  # [B]
@@ -621,16 +623,16 @@ class DMDMethod:
         s, t = self._dmd_noise(x0_gen.shape[0], rng)  # [B], [B]
         eps = draw_noise(x0_gen.shape, rng, self.device)  # [B, C, T, H, W]
         gan = v_fake = None
+        info: dict[str, float] = {}
         if self.dmd.gan and self.dmd.gan_max_timestep_ratio is None:
             # one critic call with grad: the GAN logits and the DMD loss's x0
             x_t_grad = add_noise(x0_gen, eps, s)  # [B, C, T, H, W]
             v_fake, logits = self._critic_with_logits(x_t_grad, t, cond, image)
             gan = gan_generator_loss(logits)
         elif self.dmd.gan:  # the GAN's own (lower) noise levels
-            s_g, t_g = self._gan_noise(x0_gen.shape[0], rng)  # [B], [B]
-            x_g = add_noise(x0_gen, draw_noise(x0_gen.shape, rng, self.device), s_g)
-            gan = gan_generator_loss(self._critic_with_logits(x_g, t_g, cond, image)[1])
-            gan_timestep = float(t_g.mean())
+            logits, _, t_gan = self._gan_own_levels(x0_gen, rng, cond, image)
+            gan = gan_generator_loss(logits)
+            info["gan_timestep"] = float(t_gan.mean())
         with torch.no_grad():
             x_t = add_noise(x0_gen.detach(), eps, s)  # [B, C, T, H, W] (TI2V: frame 0 merged)
             x0_cond = x0_from_velocity(x_t, self._call("teacher", x_t, t, cond, image), s)
@@ -647,14 +649,10 @@ class DMDMethod:
         loss, g = dmd_generator_loss(
             *(generated_frames(y, image) for y in (x0_gen, x0_real, x0_fake)), return_grad=True
         )
-        info = {
-            "rollout_timestep": t_k,
-            "timestep": float(t.mean()),
-            "dmd_grad_abs": float(g.abs().mean()),
-        }
+        info.update(
+            rollout_timestep=t_k, timestep=float(t.mean()), dmd_grad_abs=float(g.abs().mean())
+        )
         if gan is not None:
             info["gan_loss"] = float(gan.detach())
-            if self.dmd.gan_max_timestep_ratio is not None:
-                info["gan_timestep"] = gan_timestep
             loss = loss + self.dmd.gan_generator_weight * gan
         return loss, info
