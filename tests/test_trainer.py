@@ -394,6 +394,38 @@ def test_teacher_cfg_uses_negative_prompt_and_mask_hides_padding(wan_path, tmp_p
     assert not torch.equal(loss(3.0, neg, token), loss(3.0, neg))
 
 
+def test_teacher_cfg_pads_a_short_negative_as_the_pipeline_does(wan_path, tmp_path):
+    """The recipe path hands DMD the negative prompt's valid tokens only; the teacher's
+    uncond branch must see them zero-padded to the batch's text length, as the pipeline
+    and the data pad every prompt (Wan's cross-attention has no mask: an unpadded context
+    is another prompt)."""
+    batch = _collate([_RandomSamples(2)[i] for i in range(2)])
+    n = 3
+    short = _negative()[:n]  # [n, dim]
+    padded = torch.cat([short, torch.zeros(MAX_TEXT_LEN - n, TEXT_DIM)])  # [L, dim]
+
+    def loss(negative: torch.Tensor) -> torch.Tensor:
+        recipe = _recipe("dmd", tmp_path, steps=1)  # guidance 3
+        method = DMDMethod(_teacher(wan_path), recipe.dmd, recipe.vsa, negative)
+        return method.generator_step(batch, torch.Generator().manual_seed(9))[0]
+
+    torch.testing.assert_close(loss(short), loss(padded), rtol=1e-6, atol=1e-8)
+    # the padding matters to the network, so the check above can fail
+    teacher = _teacher(wan_path)
+    x = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        v_short, v_padded = (
+            teacher(hidden_states=x, timestep=t, encoder_hidden_states=e[None])[0]
+            for e in (short, padded)
+        )
+    assert not torch.allclose(v_short, v_padded, atol=1e-4)
+    # a negative longer than the text length is refused, naming the fix
+    too_long = torch.randn(MAX_TEXT_LEN + 1, TEXT_DIM)
+    with pytest.raises(ValueError, match="data.text_length"):
+        loss(too_long)
+
+
 def test_dmd_losses_match_hand_computation(wan_path, tmp_path):
     """generator_step / critic_step against the DMD formulas written out with raw
     diffusers calls and the same draws from the generator (rollout index, noise, s, noise)."""

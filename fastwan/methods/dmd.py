@@ -69,6 +69,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from fastwan.config import DMDConfig, LoRAConfig, VSAConfig
 from fastwan.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
@@ -154,7 +155,8 @@ class DMDMethod:
         dmd: timesteps, timestep range, CFG scale, rollout, flow shift.
         vsa: the student's sparse attention (``enabled`` false: a dense student).
         negative_embedding: the negative prompt's embedding ``[L, dim]`` or ``[1, L, dim]``
-            (the teacher's "uncond" branch).
+            (the teacher's "uncond" branch); its valid tokens alone will do: it is
+            zero-padded to the batch's text length, as the pipeline pads it.
         negative_mask: its token mask ``[L]`` or ``[1, L]`` (padding is zeroed); optional.
         latent_shape: ``(C, T, H, W)`` of the latents the student generates; needed by
             ``dmd.rollout: simulate`` on text-only batches (batches with latents give it).
@@ -479,12 +481,21 @@ class DMDMethod:
         dtype = next(self.student.parameters()).dtype
         cond = text_condition(batch, device, dtype)  # [B, L, dim]
         b = cond.shape[0]
-        neg = self.negative.to(device=device, dtype=dtype).expand(b, -1, -1)  # [B, L', dim]
+        neg = self.negative.to(device=device, dtype=dtype)  # [1, L', dim]
         if neg.shape[-1] != cond.shape[-1]:
             raise ValueError(
                 f"negative_embedding has dim {neg.shape[-1]} but the batch's text embeddings "
                 f"have {cond.shape[-1]}; encode both with the same text encoder"
             )
+        n_neg, n_text = neg.shape[1], cond.shape[1]
+        if n_neg > n_text:
+            raise ValueError(
+                f"the negative prompt has {n_neg} tokens, more than the batch's {n_text} "
+                "(data.text_length); raise data.text_length or shorten dmd.negative_prompt"
+            )
+        # Zero-padded to the condition's length, as the pipeline and the data pad every
+        # prompt: Wan's cross-attention has no text mask, so padding tokens count.
+        neg = F.pad(neg, (0, 0, 0, n_text - n_neg)).expand(b, -1, -1)  # [B, L, dim]
         latents = None
         if self.dmd.rollout == "data" or self.dmd.gan:  # the GAN term's real latents
             latents = latents_of(batch, device)  # [B, C, T, H, W]
