@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fastwan.config import Recipe
+from fastwan.data.dataset import pad_text
 
 __all__ = [
     "GRID_FILE",
@@ -122,15 +123,6 @@ def make_grid(
 def _slug(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     return slug[:limit].rstrip("_") or "prompt"
-
-
-def _pad_text(emb: torch.Tensor, length: int) -> torch.Tensor:
-    """``[L_i, dim]`` -> ``[length, dim]``: truncated or zero-padded (the Wan pipeline's
-    padding is zeros, and so is the training data's after its mask)."""
-    out = emb.new_zeros(length, emb.shape[-1])
-    n = min(length, emb.shape[0])
-    out[:n] = emb[:n]
-    return out
 
 
 @dataclass
@@ -243,9 +235,15 @@ class Validator:
         self.images = images
         self.vae = vae
         self.prompts = prompts
-        self.cond = torch.stack([_pad_text(e.detach().float(), text_length) for e in embeddings])
+        # Zero padding, as the Wan pipeline and the training data (after its mask) have it.
+        self.cond = torch.stack(
+            [
+                pad_text(e.detach().float(), text_length, f"validation prompt {i}")[0]
+                for i, e in enumerate(embeddings)
+            ]
+        )
         self.uncond = (
-            _pad_text(negative_embedding.detach().float(), text_length)[None]
+            pad_text(negative_embedding.detach().float(), text_length, "negative prompt")[0][None]
             if negative_embedding is not None and guidance_scale != 1.0
             else None
         )  # [1, L, dim]
