@@ -476,3 +476,17 @@ def test_a_renamed_image_to_video_folder_matches_its_own_preset(tmp_path, shippe
     assert ident.preset.expand_timesteps and ident.task == "ti2v"
     twin = shutil.copytree(WEIGHTS_DIR / text_to_video, tmp_path / "my-t2v-model")
     assert identify_folder(twin)[1].matched == f"{text_to_video} (matched by its architecture)"
+
+
+def test_the_effective_preset_states_the_folders_task_not_the_presets(tmp_path):
+    # an image-to-video folder sampled with its text-to-video twin's preset (same
+    # architecture) is still image-to-video: identity.task and identity.preset.task agree
+    import shutil
+
+    from fastwan.toy.assets import WEIGHTS_DIR
+
+    folder = shutil.copytree(WEIGHTS_DIR / "toy-i2v-teacher", tmp_path / "my-model")
+    _, ident = identify_folder(folder, preset="toy-teacher")
+    assert ident.task == ident.preset.task == "ti2v"
+    _, ident = identify_folder(WEIGHTS_DIR / "toy-teacher", preset="toy-i2v-teacher")
+    assert ident.task == ident.preset.task == "t2v"

@@ -361,13 +361,15 @@ def identify(
     )
     name = base.name if base is not None else path.name or "wan"
     fields = {f.name for f in dataclasses.fields(WanPreset)}
+    task = task_of(index, tconfig)  # the folder's files, not a matched preset's default
     effective = WanPreset(
         name=name,
         hub_id=base.hub_id if base is not None else "",
         bundled=base.bundled if base is not None else False,
         aliases=base.aliases if base is not None else (),
         **arch,
-        **{k: v for k, v in values.items() if k in fields},
+        task=task,
+        **{k: v for k, v in values.items() if k in fields and k != "task"},
     )
     patch = tuple(int(x) for x in tconfig.get("patch_size", (1, 2, 2)))
     identity = ModelIdentity(
@@ -378,7 +380,7 @@ def identify(
         rope_max_seq_len=int(tconfig.get("rope_max_seq_len", 1024)),
         patch_size=patch,  # type: ignore[arg-type]
         pipeline_class=pipeline_class,
-        task=task_of(index, tconfig),
+        task=task,
     )
     logger.info(
         "%s: %s; sampling settings and their sources:\n%s",
