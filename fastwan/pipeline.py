@@ -291,6 +291,14 @@ class VideoGenerator:
         return self.identity.task
 
     @property
+    def takes_last_image(self) -> bool:
+        """Whether this is a first-last-frame model (Wan2.1 FLF2V: image cross-attention
+        whose position table holds two images, transformer config ``pos_embed_seq_len``): it
+        takes ``last_image=`` beside ``image=``, and needs both."""
+        config = self.transformer.config
+        return config.get("image_dim") is not None and bool(config.get("pos_embed_seq_len"))
+
+    @property
     def sampling_sources(self) -> dict[str, str]:
         """Sampling setting -> the file, preset or default its value came from."""
         return dict(self.components.sampling_sources)
@@ -996,13 +1004,13 @@ class VideoGenerator:
                 "needs a Wan2.1 I2V / FLF2V checkpoint"
             )
         clip = self.transformer.config.get("image_dim") is not None
-        if last_image is not None and clip and not self.transformer.config.get("pos_embed_seq_len"):
+        if last_image is not None and clip and not self.takes_last_image:
             raise ValueError(
                 f"last_image: {name!r} is an image-to-video model of the first frame; a last "
                 "frame needs a first-last-frame (FLF2V) checkpoint, whose transformer config "
                 "sets pos_embed_seq_len"
             )
-        if last_image is None and clip and self.transformer.config.get("pos_embed_seq_len"):
+        if last_image is None and self.takes_last_image:
             # diffusers fails deep inside (a position-embedding shape mismatch) here
             raise ValueError(
                 f"last_image: {name!r} is a first-last-frame (FLF2V) model (its transformer "

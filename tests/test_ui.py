@@ -961,6 +961,67 @@ def test_a_wan21_i2v_student_has_no_text_to_video_tab(tmp_path):
         i2v.generate(*gen_args(prompt=PROMPT, resolution=i2v.options.resolution_labels[0]))
 
 
+def _png(tmp_path, name: str, seed: int, h: int = 32, w: int = 48):
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_first_last_frame_student_takes_both_frames_on_the_page_and_the_api(tmp_path):
+    from _tiny_wan import build_tiny_wan_i2v
+    from gradio_client import handle_file
+
+    folder = build_tiny_wan_i2v(tmp_path / "flf2v", flf2v=True)
+    flf = FastWanUI(
+        LazyModel("student", str(folder), loader(None)),
+        LazyModel("teacher", str(folder), loader(None)),
+        max_pixels=32 * 48,
+        max_frames=5,
+        max_sequence_length=16,
+        output_dir=tmp_path / "v",
+    )
+    assert flf.takes_image and flf.takes_last_image
+    ids = {c["props"].get("elem_id") for c in ui_app.build_app(flf).get_config_file()["components"]}
+    assert {"image", "last-image", "compare-image", "compare-last-image"} <= ids
+    first, last, other = (_png(tmp_path, n, i) for i, n in enumerate(("first", "last", "other")))
+    args = gen_args(steps=2, attention="dense", resolution="48x32", num_frames=5)
+    res = flf.image_to_video(first, *args, last_image=last)
+    assert res.setup.endswith("from the images") and (res.num_frames, res.height) == (5, 32)
+    moved = flf.image_to_video(first, *args, last_image=other)
+    # the last frame reaches the model: another last frame, another video
+    diff = np.abs(read_video(res.path)[0].astype(np.float32) - read_video(moved.path)[0])
+    assert diff.mean() > 1.0
+    with pytest.raises(ValueError, match="last_image: .* first-last-frame model; upload the last"):
+        flf.image_to_video(first, *args)
+    with pytest.raises(ValueError, match="last_image: upload the first frame too"):
+        flf.generate(*args, last_image=last)
+    pair = flf.compare(*args[:4], 2, *args[4:], image=first, last_image=last)
+    assert pair.student.setup.endswith("from the images")
+    with served(flf) as client:
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        names = [p["parameter_name"] for p in endpoints["/image_to_video"]["parameters"]]
+        assert names == ["image", "last_image", *GEN_FIELDS]
+        names = [p["parameter_name"] for p in endpoints["/compare"]["parameters"]]
+        assert names[-2:] == ["image", "last_image"]
+        api = [str(a) for a in args]
+        *_, status = client.predict(
+            handle_file(str(first)), handle_file(str(last)), *api, api_name="/image_to_video"
+        )
+        assert status.startswith("Generated 5 frames at 48x32") and "from the images" in status
+        with pytest.raises(Exception, match="last_image: .* upload the last frame"):
+            client.predict(handle_file(str(first)), None, *api, api_name="/image_to_video")
+
+
+def test_a_first_frame_model_refuses_a_last_frame(i2v_ui, tmp_path):
+    path, _, prompt = toy_first_frame(tmp_path)
+    assert not i2v_ui.takes_last_image
+    with pytest.raises(ValueError, match="last_image: .*takes the first frame only"):
+        i2v_ui.image_to_video(path, *i2v_args(prompt, num_frames=8), last_image=path)
+
+
 # --------------------------------------------------------------------------- LoRA
 @pytest.fixture(scope="module")
 def lora_ui(model_dir, tmp_path_factory):

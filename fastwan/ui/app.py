@@ -442,6 +442,12 @@ class FastWanUI:
         then has an image-to-video tab and the compare tab takes an image."""
         return self.student_model.task != "t2v"
 
+    @property
+    def takes_last_image(self) -> bool:
+        """Whether the student is a first-last-frame model (Wan2.1 FLF2V): the image inputs
+        then come in pairs, first and last frame, both required."""
+        return self.student_model.takes_last_image
+
     def resolution_for_image(self, image: Any) -> str:
         """The offered resolution nearest ``image``'s aspect ratio (then nearest the size
         the model picks for it, :meth:`VideoGenerator.default_size_for_image`): its label."""
@@ -472,11 +478,13 @@ class FastWanUI:
         image: Any = None,
         lora: Any = None,
         lora_scale: Any = None,
+        last_image: Any = None,
     ) -> VideoResult:
         """Generate one video with the student (from ``image``, its first frame, when given:
-        a path, PIL image or array; with ``lora`` at ``lora_scale``, one of the LoRAs the UI
-        was started with, or ``"none"``); ValueError on any invalid input."""
-        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image)
+        a path, PIL image or array, and ``last_image``, its last, for a first-last-frame
+        model; with ``lora`` at ``lora_scale``, one of the LoRAs the UI was started with, or
+        ``"none"``); ValueError on any invalid input."""
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image, last_image)
         args["lora"] = self._lora_choice(lora, lora_scale)
         mode, sp = check_sparsity(attention, sparsity)
         model = self.student.get()
@@ -491,8 +499,9 @@ class FastWanUI:
         callback: Callable[[dict], None] | None = None,
         **lora: Any,
     ) -> VideoResult:
-        """:meth:`generate` (``values`` in its order, ``lora`` / ``lora_scale`` by name)
-        from ``image``, which is required."""
+        """:meth:`generate` (``values`` in its order, ``lora`` / ``lora_scale`` and
+        ``last_image`` by name) from ``image``, which is required (and so is ``last_image``
+        for a first-last-frame model)."""
         if image is None:
             raise ValueError("image: upload the first frame of the video (image to video)")
         return self.generate(*values, callback=callback, image=image, **lora)
@@ -512,13 +521,15 @@ class FastWanUI:
         image: Any = None,
         lora: Any = None,
         lora_scale: Any = None,
+        last_image: Any = None,
     ) -> CompareResult:
         """Teacher (its own attention and sampler, ``teacher_steps``; 0 = its default) and
         student on the same prompt, seed and size (and ``image``, the first frame, when
-        given: both must be image-to-video models); the student with ``lora``."""
+        given: both must be image-to-video models; ``last_image`` for first-last-frame
+        ones); the student with ``lora``."""
         if self.teacher is None:
             raise ValueError(self.teacher_unavailable)
-        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image)
+        args = self._check(prompt, negative_prompt, seed, resolution, num_frames, image, last_image)
         args["lora"] = self._lora_choice(lora, lora_scale)
         mode, sp = check_sparsity(attention, sparsity)
         student = self.student.get()
@@ -560,13 +571,21 @@ class FastWanUI:
         return lora, check_lora_scale(lora_scale)
 
     def _check(
-        self, prompt, negative_prompt, seed, resolution, num_frames, image=None
+        self, prompt, negative_prompt, seed, resolution, num_frames, image=None, last_image=None
     ) -> dict[str, Any]:
         from fastwan.models.image_encoder import load_image
 
+        if last_image is not None and image is None:
+            raise ValueError("last_image: upload the first frame too (image)")
+        if image is not None and last_image is None and self.takes_last_image:
+            raise ValueError(
+                f"last_image: {self.student_model.preset.name!r} is a first-last-frame model; "
+                "upload the last frame of the video too"
+            )
         height, width = self.options.parse_resolution(resolution)
         return dict(
             image=load_image(image, "image") if image is not None else None,
+            last_image=load_image(last_image, "last_image") if last_image is not None else None,
             prompt=check_prompt(prompt),
             negative_prompt=check_prompt(negative_prompt, "negative_prompt", required=False),
             seed=check_seed(seed),
@@ -605,6 +624,7 @@ class FastWanUI:
                 num_frames=args["num_frames"],
                 seed=args["seed"],
                 image=args["image"],
+                last_image=args["last_image"],
                 callback=callback,
                 **kwargs,
             )
@@ -615,7 +635,7 @@ class FastWanUI:
         if args.get("lora") is not None:
             setup += f", LoRA {args['lora'][0]} x{args['lora'][1]:g}"
         if args["image"] is not None:
-            setup += ", from the image"
+            setup += ", from the images" if args["last_image"] is not None else ", from the image"
         return VideoResult(path, args["seed"], dict(out.timings), h, w, f, out.fps, setup)
 
     def _keep(self, path: Path) -> None:
@@ -737,22 +757,22 @@ def _progress_callback(progress: Any, label: str) -> Callable[[dict], None] | No
     return on_step
 
 
-def uploaded_image(value: Any) -> Path | None:
-    """The image the page or an API client sent (Gradio's file payload ``{"path": ...}`` or
-    its path): the upload's path, which must lie in Gradio's upload folder (no other file is
-    read); ``None`` when there is none."""
+def uploaded_image(value: Any, field: str = "image") -> Path | None:
+    """The image the page or an API client sent as ``field`` (Gradio's file payload
+    ``{"path": ...}`` or its path): the upload's path, which must lie in Gradio's upload
+    folder (no other file is read); ``None`` when there is none."""
     from gradio.utils import get_upload_folder
 
     if value is None or value == "":
         return None
     path = value.get("path") if isinstance(value, dict) else value
     if not isinstance(path, str) or not path:
-        raise ValueError(f"image must be an uploaded image file, got {_shown(value)}")
+        raise ValueError(f"{field} must be an uploaded image file, got {_shown(value)}")
     root = Path(get_upload_folder()).resolve()
     resolved = Path(path).resolve()
     if not resolved.is_relative_to(root):
         raise ValueError(
-            "image: not an uploaded file; upload the image (the UI reads only its own uploads)"
+            f"{field}: not an uploaded file; upload the image (the UI reads only its own uploads)"
         )
     return resolved
 
@@ -769,13 +789,24 @@ def run_generate(ui: FastWanUI, *values: Any, progress: Any = None, **lora: Any)
 
 
 def run_image_to_video(
-    ui: FastWanUI, image: Any, *values: Any, progress: Any = None, **lora: Any
+    ui: FastWanUI,
+    image: Any,
+    *values: Any,
+    progress: Any = None,
+    last_image: Any = None,
+    **lora: Any,
 ) -> tuple:
-    """Event adapter of Image to video (``image``: the upload, :func:`uploaded_image`; then
-    Generate's values): what :func:`run_generate` returns."""
+    """Event adapter of Image to video (``image`` and ``last_image``: uploads,
+    :func:`uploaded_image`; then Generate's values): what :func:`run_generate` returns."""
     try:
         callback = _progress_callback(progress, "denoising")
-        res = ui.image_to_video(uploaded_image(image), *values, callback=callback, **lora)
+        res = ui.image_to_video(
+            uploaded_image(image),
+            *values,
+            callback=callback,
+            last_image=uploaded_image(last_image, "last_image"),
+            **lora,
+        )
     except Exception as err:  # noqa: BLE001
         raise _user_error(err) from err
     return _generated(res)
@@ -790,13 +821,24 @@ def _generated(res: VideoResult) -> tuple:
 
 
 def run_compare(
-    ui: FastWanUI, *values: Any, progress: Any = None, image: Any = None, **lora: Any
+    ui: FastWanUI,
+    *values: Any,
+    progress: Any = None,
+    image: Any = None,
+    last_image: Any = None,
+    **lora: Any,
 ) -> tuple:
     """Event adapter of Compare: ``(teacher video, student video, seed used, table, status)``;
     a failure is a ``gr.Error`` as in :func:`run_generate`."""
     try:
         callback = _progress_callback(progress, "denoising")
-        res = ui.compare(*values, callback=callback, image=uploaded_image(image), **lora)
+        res = ui.compare(
+            *values,
+            callback=callback,
+            image=uploaded_image(image),
+            last_image=uploaded_image(last_image, "last_image"),
+            **lora,
+        )
     except Exception as err:  # noqa: BLE001
         raise _user_error(err) from err
     pace = (
@@ -904,6 +946,8 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
     mode, sparsity = ui.default_attention
     teacher_note = "" if ui.teacher is not None else f"\n\n*{ui.teacher_unavailable}*"
     takes_image = ui.takes_image
+    takes_last = ui.takes_last_image
+    image_names = ["image", "last_image"] if takes_last else ["image"]
 
     with gr.Blocks(title="fastwan", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         kind = "few-step DMD" if model.preset.few_step else "multi-step"
@@ -1007,6 +1051,12 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                             label="First frame", type="filepath", sources=["upload"],
                             elem_id="image",
                         )  # fmt: skip
+                        last_image = None
+                        if takes_last:  # a first-last-frame model needs both ends
+                            last_image = gr.Image(
+                                label="Last frame", type="filepath", sources=["upload"],
+                                elem_id="last-image",
+                            )  # fmt: skip
                         image_btn = gr.Button(
                             "Generate from image", variant="primary", elem_id="generate-image"
                         )
@@ -1027,11 +1077,16 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                         maximum=1000,
                         elem_id="teacher-steps",
                     )
-                    compare_image = None
+                    compare_image = compare_last = None
                     if takes_image:
                         compare_image = gr.Image(
                             label="First frame (optional: compare image to video)",
                             type="filepath", sources=["upload"], elem_id="compare-image",
+                        )  # fmt: skip
+                    if takes_last:
+                        compare_last = gr.Image(
+                            label="Last frame (with the first frame)",
+                            type="filepath", sources=["upload"], elem_id="compare-last-image",
                         )  # fmt: skip
                     compare_btn = gr.Button("Compare", variant="primary", elem_id="compare")
                     with gr.Row():
@@ -1051,7 +1106,7 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
             tail += [lora_in, lora_scale_in]
         gen_names = [*GENERATE_FIELDS, *ui.lora_fields]
         compare_names = [*GENERATE_FIELDS[:4], "teacher_steps", *GENERATE_FIELDS[4:]]
-        compare_names += [*ui.lora_fields, *(["image"] if takes_image else [])]
+        compare_names += [*ui.lora_fields, *(image_names if takes_image else [])]
 
         tracker = gr.Progress()  # Gradio hands a live one to a handler defaulting to it
         errors = _LastErrors()
@@ -1071,9 +1126,14 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
         )
         on_image_to_video = _event_handler(
             "on_image_to_video",
-            ["image", *gen_names],
+            [*image_names, *gen_names],
             lambda v, p: run_image_to_video(
-                ui, v["image"], *gen_values(v), progress=p, **lora_kwargs(v)
+                ui,
+                v["image"],
+                *gen_values(v),
+                progress=p,
+                last_image=v.get("last_image"),
+                **lora_kwargs(v),
             ),
             errors,
             tracker,
@@ -1086,6 +1146,7 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
                 *[v[k] for k in compare_names[:9]],
                 progress=p,
                 image=v.get("image"),
+                last_image=v.get("last_image"),
                 **lora_kwargs(v),
             ),
             errors,
@@ -1132,12 +1193,13 @@ def build_app(ui: FastWanUI, *, queue_size: int = 16) -> gr.Blocks:
         wire(
             generate_btn, on_generate, common + tail, generate_out, on_generate_failure, "generate"
         )
-        compare_in = common + [teacher_steps] + tail + ([compare_image] if takes_image else [])
+        compare_images = [c for c in (compare_image, compare_last) if c is not None]
+        compare_in = common + [teacher_steps] + tail + compare_images
         compare_out = [teacher_video, student_video, seed_used, compare_table, status]
         wire(compare_btn, on_compare, compare_in, compare_out, on_compare_failure, "compare")
         if takes_image:
             image_out = [image_video, seed_used, image_timings, status]
-            image_in = [image] + common + tail
+            image_in = [c for c in (image, last_image) if c is not None] + common + tail
             on_failure = on_generate_failure
             wire(image_btn, on_image_to_video, image_in, image_out, on_failure, "image_to_video")
             for source in (image, compare_image):
