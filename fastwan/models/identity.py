@@ -369,7 +369,7 @@ def identify(
         aliases=base.aliases if base is not None else (),
         **arch,
         task=task,
-        **{k: v for k, v in values.items() if k in fields and k != "task"},
+        **{k: v for k, v in values.items() if k in fields},
     )
     patch = tuple(int(x) for x in tconfig.get("patch_size", (1, 2, 2)))
     identity = ModelIdentity(
